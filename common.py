@@ -1,0 +1,430 @@
+"""The small shared core of the experiment scripts.
+
+Init, the regularizers and interventions the paper compares (L2, ER, L2-ER, continual backprop, Shrink &
+Perturb), plasticity metrics (effective rank, dead units, parameter norm), and run plumbing (errors, run
+directories, atomic files, checkpoints, sweeps, progress). Everything numerical is pure and jittable.
+"""
+import itertools
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------
+def fail(message):
+    """Stop with a one-line error on stderr and exit status 1 (no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Init (paper App. G.1: Kaiming-uniform weights, zero biases)
+# ----------------------------------------------------------------------------------------------------------
+def kaiming_bound(fan_in):
+    """Bound of He/Kaiming-uniform init for ReLU: U(-b, b) with b = sqrt(6 / fan_in)."""
+    return math.sqrt(6.0 / fan_in)
+
+
+def dense_init(key, fan_in, fan_out):
+    """Dense layer {"w": [fan_in, fan_out], "b": [fan_out]}: Kaiming-uniform weights, zero bias."""
+    bound = kaiming_bound(fan_in)
+    return {"w": jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -bound, bound),
+            "b": jnp.zeros(fan_out, jnp.float32)}
+
+
+def conv_init(key, kh, kw, cin, cout):
+    """Conv layer {"w": [kh, kw, cin, cout] (HWIO), "b": [cout]}: Kaiming-uniform with fan_in = kh*kw*cin."""
+    bound = kaiming_bound(kh * kw * cin)
+    return {"w": jax.random.uniform(key, (kh, kw, cin, cout), jnp.float32, -bound, bound),
+            "b": jnp.zeros(cout, jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Effective rank (Roy & Vetterli 2007) and the ER regularizer (paper App. D)
+# ----------------------------------------------------------------------------------------------------------
+def singular_values(features):
+    """Singular values of a [n, d] matrix, as square roots of the eigenvalues of the smaller Gram matrix.
+
+    Same values as `jnp.linalg.svd`, much cheaper on a GPU for n << d (REFERENCE.md), and differentiable:
+    eigenvalues below the numerical-rank tolerance (max eigenvalue x max(n, d) x machine eps) count as
+    exact zeros, which keeps sqrt's infinite slope at 0 out of the gradient.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be a [n, d] matrix, got shape {features.shape}")
+    n, d = features.shape
+    gram = features @ features.T if n <= d else features.T @ features
+    eigenvalues = jnp.linalg.eigvalsh(gram)
+    tolerance = jnp.max(eigenvalues) * max(n, d) * jnp.finfo(features.dtype).eps
+    positive = eigenvalues > tolerance
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, eigenvalues, 1.0)), 0.0)
+
+
+def effective_rank(features):
+    """Effective rank of a [n, d] feature matrix: exp of the entropy of p = s / sum(s) over its singular
+    values s (not squared, as the authors' code). 0 for an all-zero matrix. Differentiable."""
+    s = singular_values(features)
+    total = jnp.sum(s)
+    p = s / jnp.where(total > 0, total, 1.0)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return jnp.where(total > 0, jnp.exp(entropy), 0.0)
+
+
+def er_ascent(params, features_fn, inputs, er_lr):
+    """One ER step as the authors apply it (REFERENCE.md): plain gradient ascent, outside the optimizer
+    (no momentum, no decay), on the mean over layers of the effective rank of `features_fn(params, inputs)`
+    (a list of [n, d] matrices). Returns `(new_params, mean_effective_rank)` (the rank before the step)."""
+    def mean_rank(p):
+        ranks = [effective_rank(f) for f in features_fn(p, inputs)]
+        return sum(ranks) / len(ranks)
+
+    value, grads = jax.value_and_grad(mean_rank)(params)
+    return jax.tree.map(lambda p, g: p + er_lr * g, params, grads), value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizers with coupled L2 (REFERENCE.md: weight decay is added to the gradient before the optimizer)
+# ----------------------------------------------------------------------------------------------------------
+def sgd(lr, weight_decay=0.0, momentum=0.0):
+    """SGD on `grad + weight_decay * params`; `lr` and `weight_decay` may be traced scalars,
+    `momentum` is a Python float (0 = plain SGD, no optimizer state)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(lr, momentum=momentum if momentum else None))
+
+
+def adam(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0):
+    """Adam on `grad + weight_decay * params` (coupled L2, not AdamW)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr, b1=b1, b2=b2, eps=eps))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shrink & Perturb (Ash & Adams 2020): the shrink is weight decay (agent snp-l2), the perturb is below
+# ----------------------------------------------------------------------------------------------------------
+def shrink_perturb(params, key, perturb_scale):
+    """Add N(0, perturb_scale^2) noise to every parameter."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [x + perturb_scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continual backprop (Dohare et al. 2024; the rules in REFERENCE.md), one hidden layer at a time
+# ----------------------------------------------------------------------------------------------------------
+class CBPState(NamedTuple):
+    utility: jax.Array  # [units] running average (decay_rate) of the contribution utility
+    age: jax.Array      # [units] int32 steps since the unit was (re)initialized
+    pending: jax.Array  # scalar: accumulated fractional number of units to replace
+
+
+def cbp_init(num_units):
+    return CBPState(jnp.zeros(num_units, jnp.float32), jnp.zeros(num_units, jnp.int32), jnp.zeros((), jnp.float32))
+
+
+def cbp_max_replace(replacement_rate, num_units):
+    """Static bound on units replaced in one step: pending < 1 before a step adds rate x eligible."""
+    return max(1, min(num_units, int(math.floor(1.0 + replacement_rate * num_units))))
+
+
+def cbp_select(state, activations, w_out, *, replacement_rate, decay_rate, maturity_threshold, max_replace,
+               out_unit_axis=0):
+    """Update ages and utilities of one hidden layer and choose the units to replace this step.
+
+    Utility of unit j: running average of mean|activation_j| x mean|outgoing weights of j|, bias-corrected
+    by 1 - decay_rate^age. Units older than `maturity_threshold` are eligible; replacement_rate x #eligible
+    accumulates in `pending`, and its integer part is replaced now: the eligible units of lowest corrected
+    utility. `activations` is [..., units]; `w_out` holds the unit axis at `out_unit_axis`.
+    Returns `(new_state, idx [max_replace], valid [max_replace])`: units `idx[valid]` are to be replaced
+    (`cbp_replace`); their utility and age are already reset to 0.
+    """
+    num_units = state.utility.shape[0]
+    mean_activation = jnp.mean(jnp.abs(activations.reshape(-1, num_units)), axis=0)
+    out_axis = out_unit_axis % w_out.ndim
+    mean_out_weight = jnp.mean(jnp.abs(w_out), axis=tuple(a for a in range(w_out.ndim) if a != out_axis))
+    age = state.age + 1
+    utility = decay_rate * state.utility + (1 - decay_rate) * mean_activation * mean_out_weight
+    corrected = utility / (1 - decay_rate ** age.astype(utility.dtype))
+    eligible = age > maturity_threshold
+    num_eligible = jnp.sum(eligible)
+    pending = state.pending + replacement_rate * num_eligible
+    count = jnp.minimum(jnp.floor(pending), jnp.minimum(num_eligible, max_replace)).astype(jnp.int32)
+    pending = pending - count
+    _, idx = jax.lax.top_k(-jnp.where(eligible, corrected, jnp.inf), max_replace)
+    valid = jnp.arange(max_replace) < count
+    utility = utility.at[idx].set(jnp.where(valid, 0.0, utility[idx]))
+    age = age.at[idx].set(jnp.where(valid, 0, age[idx]))
+    return CBPState(utility, age, pending), idx.astype(jnp.int32), valid
+
+
+def cbp_replace(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0):
+    """Re-initialize units `idx[valid]` of one hidden layer: fresh incoming weights from the init
+    distribution, bias 0, outgoing weights 0 (so the network's output is unchanged).
+
+    `w_in` has the unit axis last (dense [in, units] or conv HWIO); `w_out` has it at `out_unit_axis`
+    (dense [units, out]: 0; conv HWIO: 2; a dense layer after a flatten, reshaped to [h, w, c, out]: 2).
+    Returns `(w_in, b_in, w_out, keep_in, keep_b, keep_out)`: the keep_* masks (1 = untouched, 0 = replaced)
+    have the parameters' shapes, to zero the replaced entries of optimizer state (`mask_opt_state`).
+    """
+    bound = kaiming_bound(math.prod(w_in.shape[:-1]))
+    fresh = jax.random.uniform(key, w_in.shape[:-1] + idx.shape, w_in.dtype, -bound, bound)
+    w_in = w_in.at[..., idx].set(jnp.where(valid, fresh, w_in[..., idx]))
+    b_in = b_in.at[idx].set(jnp.where(valid, 0.0, b_in[idx]))
+    out_axis = out_unit_axis % w_out.ndim
+    moved = jnp.moveaxis(w_out, out_axis, 0)
+    valid_rows = valid.reshape((-1,) + (1,) * (moved.ndim - 1))
+    w_out = jnp.moveaxis(moved.at[idx].set(jnp.where(valid_rows, 0.0, moved[idx])), 0, out_axis)
+
+    keep_units = jnp.ones(b_in.shape, w_in.dtype).at[idx].set(jnp.where(valid, 0.0, 1.0))
+    keep_in = jnp.broadcast_to(keep_units, w_in.shape)
+    out_shape = [1] * w_out.ndim
+    out_shape[out_axis] = keep_units.shape[0]
+    keep_out = jnp.broadcast_to(keep_units.reshape(out_shape), w_out.shape)
+    return w_in, b_in, w_out, keep_in, keep_units, keep_out
+
+
+def mask_opt_state(optimizer, opt_state, keep_masks):
+    """Multiply every params-shaped part of an optax state (momentum, Adam moments) by `keep_masks`,
+    a params-shaped tree of 0/1 masks; counts and other scalars are left alone."""
+    return optax.tree_utils.tree_map_params(optimizer, lambda s, m: s * m, opt_state, keep_masks,
+                                            transform_non_params=lambda s: s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plasticity metrics
+# ----------------------------------------------------------------------------------------------------------
+def dead_units(activations):
+    """Number of units (last axis) whose post-ReLU output is exactly 0 on every input (paper Def. 6.1)."""
+    num_units = activations.shape[-1]
+    return jnp.sum(jnp.all(activations.reshape(-1, num_units) == 0, axis=0))
+
+
+def param_norm(params):
+    """Global L2 norm of all parameters."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sweeps and seeds: a run trains config x seed "members" together; member m = (config m // S, seed m % S)
+# ----------------------------------------------------------------------------------------------------------
+def sweep(**values):
+    """Cartesian product of the given value tuples: one dict per config, in row-major order."""
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+
+
+def stack_members(configs, seeds):
+    """Config index and seed of every member, flattened config-major: two int arrays of length C*S."""
+    return np.repeat(np.arange(len(configs)), len(seeds)), np.tile(np.asarray(seeds), len(configs))
+
+
+def shard_members(tree):
+    """Spread the leading (member) axis of every leaf over the local devices, when there are several and
+    the axis divides evenly; otherwise return the tree unchanged."""
+    devices = jax.local_devices()
+    leading = {x.shape[0] for x in jax.tree.leaves(tree)}
+    if len(devices) < 2 or len(leading) != 1 or leading.pop() % len(devices):
+        return tree
+    mesh = jax.sharding.Mesh(np.array(devices), ("members",))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("members")))
+
+
+def report_diverged(finite, configs, seeds, where, known=None):
+    """Warn (one line each) about members whose values are no longer finite; the others go on.
+
+    `finite` is [C, S] bool; members already in `known` ([C, S] bool) are not reported again.
+    Returns the updated [C, S] mask of diverged members.
+    """
+    diverged = ~np.asarray(finite, bool)
+    known = np.zeros_like(diverged) if known is None else np.asarray(known, bool)
+    for c, s in zip(*np.nonzero(diverged & ~known)):
+        print(f"warning: config {configs[c]} seed {seeds[s]} diverged (non-finite values) at {where}; "
+              f"its metrics are NaN from here, the other members continue", file=sys.stderr, flush=True)
+    return diverged | known
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run output: every file is written to a temporary name in the same folder, then renamed over the target
+# ----------------------------------------------------------------------------------------------------------
+def make_run_dir(script, agent, out_dir=None):
+    """`out_dir` if given, else `runs/<script>__<agent>__<UTC timestamp>` (created)."""
+    if out_dir is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out_dir = Path("runs") / f"{script}__{agent}__{stamp}"
+        suffix = 1
+        while out_dir.exists():
+            suffix += 1
+            out_dir = Path("runs") / f"{script}__{agent}__{stamp}-{suffix}"
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _atomic_write(path, write):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz(path, **arrays):
+    """Write a compressed .npz atomically."""
+    _atomic_write(path, lambda f: np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def save_json(path, obj):
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_config(run_dir, args, configs, seeds):
+    """Write config.json: the script, every Args field, the config axis, the seeds and provenance."""
+    script = Path(sys.modules[type(args).__module__].__file__).stem
+    save_json(Path(run_dir) / "config.json", {
+        "script": script,
+        "agent": getattr(args, "agent", None),
+        "args": asdict(args) if is_dataclass(args) else dict(vars(args)),
+        "configs": list(configs),
+        "seeds": [int(s) for s in seeds],
+        "git_commit": git_commit(),
+        "jax_version": jax.__version__,
+        "device_kind": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+class _PRNGKeys(NamedTuple):
+    """Pickle-able stand-in for a typed PRNG key array."""
+    impl: str
+    data: np.ndarray
+
+
+def save_checkpoint(run_dir, state):
+    """Pickle `state` (a pytree of arrays, typed PRNG keys and Python values) to checkpoint.pkl atomically."""
+    def to_host(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return _PRNGKeys(str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)))
+        return np.asarray(x) if isinstance(x, jax.Array) else x
+
+    host_state = jax.tree.map(to_host, state)
+    _atomic_write(Path(run_dir) / "checkpoint.pkl", lambda f: pickle.dump(host_state, f))
+
+
+def load_checkpoint(run_dir):
+    """The state saved by `save_checkpoint`, with arrays back on the device; None if there is none."""
+    path = Path(run_dir) / "checkpoint.pkl"
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        host_state = pickle.load(f)
+
+    def to_device(x):
+        if isinstance(x, _PRNGKeys):
+            return jax.random.wrap_key_data(jnp.asarray(x.data), impl=x.impl)
+        return jnp.asarray(x) if isinstance(x, np.ndarray) else x
+
+    return jax.tree.map(to_device, host_state, is_leaf=lambda x: isinstance(x, _PRNGKeys))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------------------
+class Progress:
+    """One line per update: `task 12/800 | online_acc 0.912 | 45,210 steps/s | ETA 1h02m`.
+
+    steps/s is measured over the last chunk; the ETA uses the mean time per unit, leaving out the first
+    chunk (compilation) once there are others.
+    """
+
+    def __init__(self, total_units, unit_name="task", start_units=0):
+        self.total, self.unit_name = total_units, unit_name
+        self.start_units = self.done = start_units
+        self.last_time = time.perf_counter()
+        self.first_chunk_end = None  # (time, units) after the first (compiling) chunk
+
+    def update(self, done_units, new_steps, **shown):
+        now = time.perf_counter()
+        rate = new_steps / max(now - self.last_time, 1e-9)
+        if self.first_chunk_end is None:
+            self.first_chunk_end = (now, done_units)
+            per_unit = (now - self.last_time) / max(done_units - self.start_units, 1)
+        else:
+            t0, u0 = self.first_chunk_end
+            per_unit = (now - t0) / max(done_units - u0, 1)
+        self.last_time, self.done = now, done_units
+        eta = _format_seconds(per_unit * (self.total - done_units))
+        metrics = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in shown.items())
+        print(f"{self.unit_name} {done_units}/{self.total}{metrics} | {rate:,.0f} steps/s | ETA {eta}", flush=True)
+
+
+def _format_seconds(seconds):
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets: tensorflow-datasets only to prepare, then one cached .npz that loads without it
+# ----------------------------------------------------------------------------------------------------------
+def tfds_arrays(name, data_dir, manual_dir, splits, missing_hint):
+    """Prepare tfds dataset `name` (offline from `manual_dir` when given) and return
+    {split: (images uint8, labels int64)}. Any failure stops with `missing_hint` on one line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        fail(f"tensorflow-datasets is needed to prepare {name} (pip install -r requirements.txt); {missing_hint}")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir else None
+        builder.download_and_prepare(download_config=config)
+        arrays = {}
+        for split in splits:
+            images, labels = [], []
+            for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(10000)):
+                images.append(batch["image"])
+                labels.append(batch["label"])
+            arrays[split] = (np.concatenate(images), np.concatenate(labels).astype(np.int64))
+        return arrays
+    except Exception as e:  # tfds raises many kinds (network, missing manual files, corrupt archives)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"could not prepare {name}: {reason[:200]}. {missing_hint}")
+
+
+def load_cached(cache_path, build_fn):
+    """Load the arrays cached at `cache_path` (.npz), or build them with `build_fn() -> dict` and cache them."""
+    cache_path = Path(cache_path)
+    if cache_path.exists():
+        with np.load(cache_path) as data:
+            return {k: data[k] for k in data.files}
+    arrays = build_fn()
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    save_npz(cache_path, **arrays)
+    return arrays

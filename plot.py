@@ -1,0 +1,501 @@
+"""Draw the paper's figures from run directories.
+
+    python plot.py runs/pmnist__bp__* runs/pmnist__l2_er__* --smooth 11 --tasks 50 300 790
+
+Reads what every experiment script writes (config.json, metrics.npz and, when spectra were taken,
+hessian.npz; format in the README) and writes one PNG per figure and per benchmark script:
+- performance_<script>.png   mean over seeds with a 95% t-interval band (Fig. 3)
+- units_rank_<script>.png    dead units and effective rank over tasks (Fig. 6)
+- hessian_<script>.png       Hessian spectral density at task init and end, log y (Figs. 10, 12, 13)
+- curvature_<script>.png     accuracy vs normalized eps-rank at task init with a least-squares line (Figs. 2, 7)
+Runs of several agents and scripts can be mixed: runs of one script share its figures.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+
+import common  # noqa: E402
+import hessian  # noqa: E402
+
+
+@dataclass
+class Args:
+    run_dirs: tyro.conf.Positional[Annotated[tuple[Path, ...], tyro.conf.arg(metavar="RUN_DIR [RUN_DIR ...]")]]
+    """run directories written by pmnist.py, imagenet.py, cifar.py or ant_ppo.py (several may be mixed)"""
+    out: Path | None = None
+    """folder for the PNGs; default: the run directory itself, or the common parent folder of several"""
+    smooth: int | None = None
+    """Savitzky-Golay window (odd number of tasks/updates) applied to every seed's curve before averaging; default: no smoothing"""
+    polyorder: int = 2
+    """polynomial order of the Savitzky-Golay filter"""
+    tasks: tuple[int, ...] | None = None
+    """0-based task indices whose Hessian spectra are drawn (nearest measured task is used); default: first, middle and last measured"""
+    eps: float = 0.1
+    """epsilon of the epsilon-rank (fraction of spectral mass with |eigenvalue| > eps) in the curvature figure (paper: 0.1)"""
+    hessian_seed: int | None = None
+    """seed (as in config.json) whose spectrum is drawn; default: the probes of all finite seeds pooled"""
+
+
+# script -> (primary metric key, y label, name of the metric's time axis)   (paper Fig. 3)
+PRIMARY = {
+    "pmnist": ("online_acc", "online accuracy", "task"),
+    "imagenet": ("test_acc", "test accuracy", "task"),
+    "cifar": ("test_acc", "test accuracy", "task"),
+    "ant_ppo": ("episodic_return", "episodic return", "update"),
+}
+# what one Hessian measurement index means: a task, or a friction phase for Ant (REFERENCE.md)
+HESSIAN_UNIT = {"ant_ppo": "phase"}
+PLOTTED = {key for key, _, _ in PRIMARY.values()} | {"dead_units", "effective_rank"}
+HESSIAN_KEYS = ("tasks", "init_nodes", "init_weights", "end_nodes", "end_weights")
+
+
+def notice(msg):
+    print(f"notice: {msg}", flush=True)
+
+
+def one_line(err):
+    return " ".join(str(err).split())
+
+
+# ---------------------------------------------------------------- statistics (numpy only)
+def _t_two_sided_cdf(t, df):
+    """P(|T| <= t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 1:
+        if df == 1:
+            return 2.0 * theta / math.pi
+        term = total = math.cos(theta)
+        for j in range(1, df - 3, 2):
+            term *= c2 * (j + 1) / (j + 2)
+            total += term
+        return 2.0 / math.pi * (theta + s * total)
+    term = total = 1.0
+    for j in range(0, df - 3, 2):
+        term *= c2 * (j + 1) / (j + 2)
+        total += term
+    return s * total
+
+
+def t_quantile(p, df):
+    """Two-sided critical value: t with P(|T| <= t) = p for Student's t with integer df >= 1 (bisection)."""
+    lo, hi = 0.0, 1.0
+    while _t_two_sided_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _t_two_sided_cdf(mid, df) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def savgol(y, window, polyorder):
+    """Savitzky-Golay smoothing of a 1-D series (Savitzky & Golay 1964): least-squares polynomial of
+    `polyorder` on each `window` (odd) neighbourhood, evaluated at its centre; the first and last
+    window//2 points take the polynomial fitted to the first / last window. Non-finite entries split the
+    series into segments smoothed separately (window shrunk to the segment; too short: left as is)."""
+    y = np.asarray(y, dtype=np.float64)
+    out = y.copy()
+    finite = np.isfinite(y)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], finite.astype(np.int8), [0]])))
+    for start, stop in zip(edges[::2], edges[1::2]):
+        n = stop - start
+        w = min(window, n if n % 2 else n - 1)
+        if w > polyorder:
+            out[start:stop] = _savgol_segment(y[start:stop], w, polyorder)
+    return out
+
+
+def _savgol_segment(y, window, polyorder):
+    half = window // 2
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    vander = x[:, None] ** np.arange(polyorder + 1)  # [window, polyorder+1]
+    proj = np.linalg.pinv(vander)  # polynomial coefficients from a window of data
+    out = np.empty_like(y)
+    out[half : len(y) - half] = np.convolve(y, proj[0][::-1], mode="valid")
+    out[:half] = vander[:half] @ (proj @ y[:window])
+    out[len(y) - half :] = vander[half + 1 :] @ (proj @ y[-window:])
+    return out
+
+
+def mean_ci(values, level=0.95):
+    """Per column of values [seeds, T]: mean over the finite seeds, the half-width of the two-sided
+    t-interval t_{(1+level)/2, n-1} * sd / sqrt(n) (NaN where fewer than 2 finite seeds), and n."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    n = finite.sum(axis=0)
+    filled = np.where(finite, values, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = filled.sum(axis=0) / n
+        sd = np.sqrt(np.where(finite, (filled - mean) ** 2, 0.0).sum(axis=0) / (n - 1))
+        crit_of = {int(k): t_quantile(level, int(k) - 1) for k in np.unique(n) if k >= 2}
+        crit = np.array([crit_of.get(int(k), np.nan) for k in n])
+        half = crit * sd / np.sqrt(n)
+    return mean, half, n
+
+
+def line_fit(x, y):
+    """Least-squares line y = slope * x + intercept and its R^2 = 1 - SS_res / SS_tot."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xm, ym = x.mean(), y.mean()
+    sxx, syy = ((x - xm) ** 2).sum(), ((y - ym) ** 2).sum()
+    if len(x) < 2 or sxx == 0 or syy == 0:
+        return np.nan, np.nan, np.nan
+    slope = ((x - xm) * (y - ym)).sum() / sxx
+    intercept = ym - slope * xm
+    r2 = 1.0 - ((y - slope * x - intercept) ** 2).sum() / syy
+    return slope, intercept, r2
+
+
+# ---------------------------------------------------------------- run directories
+@dataclass
+class Run:
+    path: Path
+    script: str
+    agent: str
+    configs: list
+    seeds: list
+    metrics: dict
+    hessian: dict | None
+    labels: list  # one legend label per config
+    colors: list  # one line colour per config
+
+
+def load_run(path):
+    path = Path(path)
+    if not path.is_dir():
+        common.fail(f"{path}: not a directory")
+    if not (path / "config.json").is_file():
+        common.fail(f"{path}: not a run directory (no config.json)")
+    if not (path / "metrics.npz").is_file():
+        common.fail(f"{path}: no metrics.npz (a run writes it after its first task)")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        script, agent = str(cfg["script"]), str(cfg["agent"])
+        configs, seeds = [dict(c) for c in cfg["configs"]], [int(s) for s in cfg["seeds"]]
+    except (ValueError, KeyError, TypeError) as e:
+        common.fail(f"{path}/config.json: not a run config ({type(e).__name__}: {one_line(e)})")
+    if not configs or not seeds:
+        common.fail(f"{path}/config.json: empty 'configs' or 'seeds'")
+    try:
+        with np.load(path / "metrics.npz") as f:
+            metrics = {k: f[k] for k in f.files}
+    except Exception as e:  # a truncated or foreign file
+        common.fail(f"{path}/metrics.npz: unreadable ({type(e).__name__}: {one_line(e)})")
+    shape = (len(configs), len(seeds))
+    for key in PLOTTED & metrics.keys():
+        arr = metrics[key]
+        if arr.shape[:2] != shape:
+            common.fail(f"{path}/metrics.npz: '{key}' has shape {arr.shape}, expected leading {shape} (configs, seeds)")
+    hess = None
+    if (path / "hessian.npz").is_file():
+        try:
+            with np.load(path / "hessian.npz") as f:
+                hess = {k: f[k] for k in f.files}
+        except Exception as e:  # a truncated or foreign file: the other figures can still be drawn
+            notice(f"{path.name}: hessian.npz unreadable ({type(e).__name__}: {one_line(e)}); spectra skipped")
+            return Run(path, script, agent, configs, seeds, metrics, None, [], [])
+        missing = [k for k in HESSIAN_KEYS if k not in hess]
+        bad = [k for k in HESSIAN_KEYS[1:] if k in hess and hess[k].shape[:3] != (*shape, len(hess["tasks"]))]
+        if missing or bad:
+            notice(f"{path.name}: hessian.npz lacks {missing} or has misshapen {bad}; spectra skipped")
+            hess = None
+    return Run(path, script, agent, configs, seeds, metrics, hess, [], [])
+
+
+def set_labels(runs):
+    """Agent name, plus the config values that vary when a run has several configs; lines that would
+    still share a label get every config value, then the run directory's name. Also fixes each line's
+    colour (the same in every figure of a script; RESET, the CIFAR baseline, in black as in the paper)."""
+    for run in runs:
+        varying = [k for k in run.configs[0] if len({repr(c.get(k)) for c in run.configs}) > 1]
+        run.labels = [" ".join([run.agent] + [f"{k}={c.get(k):g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}"
+                                               for k in varying]) for c in run.configs]
+    for script in {r.script for r in runs}:
+        group = [r for r in runs if r.script == script]
+        for fallback in ("all", "dir"):
+            seen = [lab for r in group for lab in r.labels]
+            for run in group:
+                for c, lab in enumerate(run.labels):
+                    if seen.count(lab) > 1:
+                        extra = ", ".join(f"{k}={v}" for k, v in run.configs[c].items()) if fallback == "all" else run.path.name
+                        run.labels[c] = f"{lab} [{extra}]"
+        index = 0
+        for run in group:
+            run.colors = []
+            for _ in run.configs:
+                run.colors.append("black" if run.agent.lower() == "reset" else plt.get_cmap("tab10")(index % 10))
+                index += run.agent.lower() != "reset"
+
+
+def line_style(run, c):
+    return dict(color=run.colors[c], linestyle="--" if run.agent.lower() == "reset" else "-")
+
+
+def report_nonfinite(run, c, values, what, axis_name):
+    """One line naming the seeds excluded somewhere because their value was not finite."""
+    bad = ~np.isfinite(values)  # [S, T]
+    if bad.any():
+        seeds = [run.seeds[s] for s in np.flatnonzero(bad.any(axis=1))]
+        notice(f"{run.path.name} [{run.labels[c]}]: {what} not finite for seeds {seeds} at "
+               f"{int(bad.any(axis=0).sum())} of {values.shape[1]} {axis_name}s; excluded there from mean and CI")
+
+
+def draw_curve(ax, values, label, style, args):
+    """Mean over seeds and 95% band; values [S, T], each seed smoothed first when asked."""
+    if args.smooth:
+        values = np.stack([savgol(v, args.smooth, args.polyorder) for v in values])
+    mean, half, _ = mean_ci(values)
+    x = np.arange(values.shape[1])
+    ax.plot(x, mean, label=label, lw=1.2, **style)
+    ax.fill_between(x, mean - half, mean + half, alpha=0.2, color=style["color"], lw=0)
+
+
+def save(fig, out, name):
+    path = out / name
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def smooth_note(args):
+    return f" (Savitzky-Golay window {args.smooth}, order {args.polyorder})" if args.smooth else ""
+
+
+# ---------------------------------------------------------------- figures
+def plot_performance(script, runs, out, args):
+    """Fig. 3: the benchmark's primary metric, mean over seeds with a 95% confidence band."""
+    if script not in PRIMARY:
+        notice(f"{script}: no primary metric known; performance figure skipped")
+        return []
+    key, ylabel, unit = PRIMARY[script]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for run in runs:
+        if key not in run.metrics:
+            notice(f"{run.path.name}: no '{key}' in metrics.npz; left out of performance_{script}.png")
+            continue
+        if run.metrics[key].ndim != 3:
+            notice(f"{run.path.name}: '{key}' has shape {run.metrics[key].shape}, not [config, seed, {unit}]; left out")
+            continue
+        for c in range(len(run.configs)):
+            values = run.metrics[key][c].astype(np.float64)
+            report_nonfinite(run, c, values, key, unit)
+            draw_curve(ax, values, run.labels[c], line_style(run, c), args)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        notice(f"{script}: no run has '{key}'; performance figure skipped")
+        return []
+    ax.set(xlabel=unit, ylabel=ylabel, title=f"{script}: {ylabel}, mean and 95% CI over seeds{smooth_note(args)}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return [save(fig, out, f"performance_{script}.png")]
+
+
+def plot_units_rank(script, runs, out, args):
+    """Fig. 6: dead units (sum over hidden layers) and effective rank (mean over layers) over tasks."""
+    panels = [("dead_units", "dead units (sum over hidden layers)", np.sum),
+              ("effective_rank", "effective rank (mean over layers)", np.mean)]
+    unit = PRIMARY.get(script, (None, None, "task"))[2]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    drawn = 0
+    for ax, (key, ylabel, reduce) in zip(axes, panels):
+        n_lines = 0
+        for run in runs:
+            if key not in run.metrics:
+                notice(f"{run.path.name}: no '{key}' in metrics.npz; left out of units_rank_{script}.png")
+                continue
+            for c in range(len(run.configs)):
+                arr = run.metrics[key][c].astype(np.float64)
+                values = reduce(arr, axis=-1) if arr.ndim == 3 else arr  # [S, T, L] -> [S, T]
+                report_nonfinite(run, c, values, key, unit)
+                draw_curve(ax, values, run.labels[c], line_style(run, c), args)
+                n_lines += 1
+        if n_lines:
+            ax.set(xlabel=unit, ylabel=ylabel)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, f"no '{key}' in these runs", ha="center", va="center", transform=ax.transAxes)
+        drawn += n_lines
+    if not drawn:
+        plt.close(fig)
+        notice(f"{script}: no run has dead_units or effective_rank; units/rank figure skipped")
+        return []
+    fig.suptitle(f"{script}: dead units and effective rank, mean and 95% CI over seeds{smooth_note(args)}")
+    return [save(fig, out, f"units_rank_{script}.png")]
+
+
+def finite_seeds(h, c, k, args, run):
+    """Seed indices whose init and end spectra at measurement k are finite (and match --hessian-seed)."""
+    chosen = range(len(run.seeds))
+    if args.hessian_seed is not None:
+        chosen = [s for s in chosen if run.seeds[s] == args.hessian_seed]
+    return [s for s in chosen
+            if all(np.isfinite(h[key][c, s, k]).all() for key in HESSIAN_KEYS[1:])]
+
+
+def plot_hessian(script, runs, out, args):
+    """Figs. 10, 12, 13: spectral density (hessian.density) at task init and end, log-scaled y."""
+    unit = HESSIAN_UNIT.get(script, "task")
+    rows = []
+    for run in runs:
+        if run.hessian is None:
+            notice(f"{run.path.name}: no hessian.npz; left out of hessian_{script}.png")
+            continue
+        if args.hessian_seed is not None and args.hessian_seed not in run.seeds:
+            notice(f"{run.path.name}: seed {args.hessian_seed} not in this run; left out of hessian_{script}.png")
+            continue
+        measured = np.asarray(run.hessian["tasks"]).astype(int)
+        if measured.size == 0:
+            notice(f"{run.path.name}: hessian.npz holds no measurement yet; left out of hessian_{script}.png")
+            continue
+        wanted = args.tasks if args.tasks else sorted({measured[0], measured[len(measured) // 2], measured[-1]})
+        ks = []
+        for t in wanted:
+            k = int(np.argmin(np.abs(measured - t)))
+            if measured[k] != t:
+                notice(f"{run.path.name}: {unit} {t} not measured; nearest measured {unit} {measured[k]} drawn")
+            ks.append((t, k))
+        rows += [(run, c, ks) for c in range(len(run.configs))]
+    if not rows:
+        notice(f"{script}: no run has a usable hessian.npz; Hessian figure skipped")
+        return []
+    ncols = max(len(ks) for _, _, ks in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4.2 * ncols, 2.8 * len(rows)), squeeze=False)
+    for i, (run, c, ks) in enumerate(rows):
+        h = run.hessian
+        for j, (t, k) in enumerate(ks):
+            ax = axes[i, j]
+            seeds = finite_seeds(h, c, k, args, run)
+            title = f"{run.labels[c]}: {unit} {int(h['tasks'][k])}"
+            ax.set_title(title if int(h["tasks"][k]) == t else f"{title} (asked {t})", fontsize=9)
+            if not seeds:
+                ax.text(0.5, 0.5, "no finite spectrum", ha="center", va="center", transform=ax.transAxes)
+                continue
+            expected = len(run.seeds) if args.hessian_seed is None else 1
+            if len(seeds) < expected:
+                ax.text(0.02, 0.95, f"{len(seeds)} of {expected} seeds finite", transform=ax.transAxes, va="top", fontsize=7)
+            peak_min = np.inf
+            for when, color in (("init", "tab:blue"), ("end", "tab:orange")):
+                nodes = h[f"{when}_nodes"][c, seeds, k]  # [S', probes, iters]: pool seeds as probes
+                weights = h[f"{when}_weights"][c, seeds, k]
+                grid, dens = hessian.density(nodes.reshape(-1, nodes.shape[-1]), weights.reshape(-1, weights.shape[-1]))
+                grid, dens = np.asarray(grid), np.asarray(dens)
+                peak_min = min(peak_min, dens.max())
+                ax.plot(grid, dens, color=color, lw=1.0, label=when)
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=max(peak_min * 1e-8, np.finfo(np.float32).tiny))
+            ax.tick_params(labelsize=7)
+            if i == len(rows) - 1:
+                ax.set_xlabel("eigenvalue")
+            if j == 0:
+                ax.set_ylabel("density")
+        for j in range(len(ks), ncols):
+            axes[i, j].axis("off")
+    drawn = [ax for ax in axes.flat if ax.lines]
+    if drawn:
+        drawn[0].legend(fontsize=7, loc="upper right")
+    who = "all finite seeds pooled" if args.hessian_seed is None else f"seed {args.hessian_seed}"
+    fig.suptitle(f"{script}: Hessian spectral density at {unit} init and end ({who})")
+    fig.tight_layout()
+    return [save(fig, out, f"hessian_{script}.png")]
+
+
+def plot_curvature(script, runs, out, args):
+    """Figs. 2, 7: per measured task, accuracy against normalized eps-rank of the Hessian at that task's
+    init (parameters after task t-1 on task t's data), each averaged over the seeds where both are finite;
+    one least-squares line through all points. Returns (written files, R^2)."""
+    if script not in PRIMARY or PRIMARY[script][2] != "task":
+        notice(f"{script}: no per-task accuracy; curvature figure skipped")
+        return [], None
+    key = PRIMARY[script][0]
+    eps_rank = jax.vmap(lambda n, w: hessian.epsilon_rank(n, w, args.eps))  # over seeds x measurements
+    groups = []
+    for run in runs:
+        if run.hessian is None or key not in run.metrics:
+            notice(f"{run.path.name}: needs hessian.npz and '{key}'; left out of curvature_{script}.png")
+            continue
+        h, acc = run.hessian, run.metrics[key]
+        for c in range(len(run.configs)):
+            nodes, weights = h["init_nodes"][c], h["init_weights"][c]  # [S, K, probes, iters]
+            ranks = np.asarray(eps_rank(nodes.reshape(-1, *nodes.shape[2:]), weights.reshape(-1, *weights.shape[2:])))
+            ranks = ranks.reshape(nodes.shape[:2])  # [S, K]
+            xs, ys = [], []
+            for k, t in enumerate(np.asarray(h["tasks"]).astype(int)):
+                if t >= acc.shape[2]:
+                    continue  # spectrum taken, accuracy of that task not saved yet
+                x, y = ranks[:, k], acc[c, :, t].astype(np.float64)  # [S] each
+                ok = np.isfinite(x) & np.isfinite(y)
+                if ok.any():
+                    xs.append(x[ok].mean())
+                    ys.append(y[ok].mean())
+            if xs:
+                groups.append((run, c, np.array(xs), np.array(ys)))
+    if not groups:
+        notice(f"{script}: no run has both hessian.npz and '{key}'; curvature figure skipped")
+        return [], None
+    x_all = np.concatenate([g[2] for g in groups])
+    y_all = np.concatenate([g[3] for g in groups])
+    slope, intercept, r2 = line_fit(x_all, y_all)
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for run, c, xs, ys in groups:
+        ax.scatter(xs, ys, s=14, label=run.labels[c], color=run.colors[c])
+    if np.isfinite(r2):
+        grid = np.linspace(x_all.min(), x_all.max(), 2)
+        ax.plot(grid, slope * grid + intercept, "k:", lw=1.5, label="least-squares fit")
+        print(f"curvature vs accuracy [{script}], eps={args.eps:g}: R^2 = {r2:.4f} "
+              f"(slope {slope:.4g}, intercept {intercept:.4g}, {len(x_all)} points)", flush=True)
+    else:
+        notice(f"{script}: curvature fit undefined (fewer than 2 points, or no spread); no line drawn")
+    ax.text(0.03, 0.95, f"$R^2$ = {r2:.3f}", transform=ax.transAxes, va="top", fontsize=11)
+    ax.set(xlabel=f"normalized $\\epsilon$-rank of H at task init ($\\epsilon$ = {args.eps:g})",
+           ylabel=PRIMARY[script][1], title=f"{script}: curvature vs accuracy (mean over seeds per task)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return [save(fig, out, f"curvature_{script}.png")], float(r2)
+
+
+def main(args):
+    """Writes the figures; returns (list of written PNG paths, {script: R^2 of the curvature fit})."""
+    if not args.run_dirs:
+        common.fail("give at least one run directory")
+    if args.smooth is not None and (args.smooth % 2 == 0 or args.smooth <= args.polyorder):
+        common.fail(f"--smooth must be an odd window larger than --polyorder ({args.polyorder}), got {args.smooth}")
+    runs = [load_run(p) for p in args.run_dirs]
+    set_labels(runs)
+    if args.out is not None:
+        out = Path(args.out)
+    elif len(runs) == 1:
+        out = runs[0].path
+    else:
+        out = Path(os.path.commonpath([r.path.resolve() for r in runs]))
+    out.mkdir(parents=True, exist_ok=True)
+    written, r2 = [], {}
+    for script in dict.fromkeys(r.script for r in runs):  # first-seen order
+        group = [r for r in runs if r.script == script]
+        written += plot_performance(script, group, out, args)
+        written += plot_units_rank(script, group, out, args)
+        written += plot_hessian(script, group, out, args)
+        files, value = plot_curvature(script, group, out, args)
+        written += files
+        if value is not None:
+            r2[script] = value
+    return written, r2
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

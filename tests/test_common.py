@@ -1,0 +1,321 @@
+"""common.py: effective rank, ER, optimizers, Shrink & Perturb, continual backprop, metrics, run plumbing."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def svd_effective_rank(features):
+    s = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+# ---------------------------------------------------------------------------------------------- effective rank
+@pytest.mark.parametrize("shape", [(100, 30), (30, 100)])
+def test_effective_rank_matches_svd_route_full_rank(shape):
+    features = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_allclose(float(common.effective_rank(features)), svd_effective_rank(features), rtol=1e-4)
+
+
+def test_effective_rank_matches_svd_route_rank_deficient_and_dead_columns():
+    def cases(dtype):
+        k1, k2 = jax.random.split(jax.random.key(1))
+        low_rank = jax.random.normal(k1, (100, 3), dtype) @ jax.random.normal(k2, (3, 40), dtype)  # rank 3
+        relu = jax.nn.relu(jax.random.normal(k2, (50, 80), dtype)).at[:, :30].set(0.0)  # 30 dead columns
+        return low_rank, relu
+
+    with jax.enable_x64(True):
+        for features in cases(jnp.float64):
+            np.testing.assert_allclose(float(common.effective_rank(features)), svd_effective_rank(features), rtol=1e-9)
+    low_rank, relu = cases(jnp.float32)  # float32 agrees closely too
+    for features in (low_rank, relu):
+        np.testing.assert_allclose(float(common.effective_rank(features)), svd_effective_rank(features), rtol=1e-3)
+    assert float(common.effective_rank(low_rank)) <= 3.0 + 1e-4
+
+
+def test_effective_rank_known_values_and_gradient():
+    # k orthogonal columns of equal norm: all nonzero singular values equal -> effective rank exactly k.
+    features = jnp.zeros((10, 6)).at[jnp.arange(4), jnp.arange(4)].set(2.0)
+    np.testing.assert_allclose(float(common.effective_rank(features)), 4.0, rtol=1e-6)
+    assert float(common.effective_rank(jnp.zeros((5, 3)))) == 0.0
+    with jax.enable_x64(True):
+        full = jax.random.normal(jax.random.key(2), (12, 5), jnp.float64)
+        svd_route = lambda f: jnp.exp(-jnp.sum((s := jnp.linalg.svd(f, compute_uv=False) / jnp.sum(
+            jnp.linalg.svd(f, compute_uv=False))) * jnp.log(s)))
+        np.testing.assert_allclose(jax.grad(common.effective_rank)(full), jax.grad(svd_route)(full), rtol=1e-7)
+        deficient = full.at[:, 3:].set(0.0)
+        assert np.all(np.isfinite(jax.grad(common.effective_rank)(deficient)))
+    with pytest.raises(ValueError, match="matrix"):
+        common.effective_rank(jnp.ones(5))
+
+
+def test_er_ascent_raises_effective_rank():
+    params = {"w": jax.random.normal(jax.random.key(3), (8, 16)) * 0.3}
+    inputs = jax.random.normal(jax.random.key(4), (64, 8))
+    features_fn = lambda p, x: [jax.nn.relu(x @ p["w"]), x @ p["w"]]
+    new_params, before = common.er_ascent(params, features_fn, inputs, 1e-2)
+    _, after = common.er_ascent(new_params, features_fn, inputs, 1e-2)
+    expected_before = np.mean([svd_effective_rank(f) for f in features_fn(params, inputs)])
+    np.testing.assert_allclose(float(before), expected_before, rtol=1e-4)
+    assert float(after) > float(before)
+
+
+# ---------------------------------------------------------------------------------------------- optimizers
+def test_sgd_adds_weight_decay_to_the_gradient_before_the_step():
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([0.5, 0.5])}
+    opt = common.sgd(0.1, weight_decay=0.01)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * (grads["w"] + 0.01 * params["w"]), rtol=1e-6)
+    opt = common.adam(1e-3, weight_decay=0.1)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    # Adam's first step moves every coordinate by ~lr in the direction of -(g + wd * p)
+    np.testing.assert_allclose(updates["w"], -1e-3 * np.sign(grads["w"] + 0.1 * params["w"]), rtol=1e-4)
+
+
+def test_shrink_perturb_noise_scale():
+    params = {"a": jnp.zeros((200, 100)), "b": jnp.ones(50_000)}
+    noisy = common.shrink_perturb(params, jax.random.key(5), 0.01)
+    np.testing.assert_allclose(float(jnp.std(noisy["a"])), 0.01, rtol=0.03)
+    np.testing.assert_allclose(float(jnp.std(noisy["b"] - 1.0)), 0.01, rtol=0.03)
+    assert abs(float(jnp.mean(noisy["a"]))) < 1e-3
+    same = common.shrink_perturb(params, jax.random.key(5), 0.0)
+    assert all(jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------------- continual backprop
+def test_cbp_replaces_lowest_utility_eligible_units():
+    state = common.CBPState(jnp.zeros(6), jnp.array([200, 200, 200, 200, 5, 200], jnp.int32), jnp.array(1.5))
+    activations = jnp.array([[3.0, 1.0, 2.0, 0.5, 0.1, 4.0]])
+    out_magnitude = jnp.array([1.0, 0.5, 0.2, 4.0, 1.0, 0.05])
+    w_out = jnp.stack([out_magnitude, -out_magnitude], axis=1)  # [units, out]: mean |w| per unit = magnitude
+    # contributions: [3, .5, .4, 2, .1 (immature), .2]; 5 eligible x 0.1 + 1.5 pending = 2 replacements
+    new_state, idx, valid = common.cbp_select(state, activations, w_out, replacement_rate=0.1, decay_rate=0.99,
+                                              maturity_threshold=100, max_replace=3)
+    assert sorted(np.asarray(idx)[np.asarray(valid)].tolist()) == [2, 5]
+    assert int(valid.sum()) == 2
+    np.testing.assert_allclose(float(new_state.pending), 0.0, atol=1e-6)
+    contribution = np.array([3.0, 0.5, 0.4, 2.0, 0.1, 0.2])
+    expected_utility = np.where(np.isin(np.arange(6), [2, 5]), 0.0, 0.01 * contribution)
+    np.testing.assert_allclose(new_state.utility, expected_utility, rtol=1e-5)
+    np.testing.assert_array_equal(new_state.age, [201, 201, 0, 201, 6, 0])
+
+
+def test_cbp_ranks_by_bias_corrected_utility_and_accumulates_fractions():
+    # Raw utility says unit 0 is lowest, but its young age inflates its bias-corrected utility above unit 1's.
+    state = common.CBPState(jnp.array([0.010, 0.012, 1.0]), jnp.array([100, 1000, 1000], jnp.int32), jnp.array(0.9))
+    zeros = jnp.zeros((1, 3))
+    _, idx, valid = common.cbp_select(state, zeros, jnp.ones((3, 2)), replacement_rate=0.05, decay_rate=0.99,
+                                      maturity_threshold=50, max_replace=1)
+    assert np.asarray(idx)[np.asarray(valid)].tolist() == [1]
+    # 0.3 per step with 1 eligible unit: replacements happen at steps 4, 7, 10 (floor of 1.2, 2.1, 3.0).
+    state = common.CBPState(jnp.zeros(1), jnp.full(1, 10, jnp.int32), jnp.array(0.0))
+    counts = []
+    for _ in range(10):
+        state, idx, valid = common.cbp_select(state, jnp.ones((1, 1)), jnp.ones((1, 1)), replacement_rate=0.3,
+                                              decay_rate=0.99, maturity_threshold=-1, max_replace=1)
+        counts.append(int(valid.sum()))
+    assert counts == [0, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert common.cbp_max_replace(1e-6, 1000) == 1 and common.cbp_max_replace(0.01, 1000) == 11
+
+
+def test_cbp_replacement_leaves_the_network_output_unchanged():
+    k = jax.random.split(jax.random.key(6), 4)
+    l1, l2 = common.dense_init(k[0], 5, 8), common.dense_init(k[1], 8, 3)
+    l1["b"] = l1["b"] + 0.3
+    l2["w"] = l2["w"].at[jnp.array([1, 6])].set(0.0)  # the units to replace contribute nothing (utility 0)
+    x = jax.random.normal(k[2], (7, 5))
+    net = lambda a, b: jax.nn.relu(x @ a["w"] + a["b"]) @ b["w"] + b["b"]
+    idx, valid = jnp.array([6, 1, 3], jnp.int32), jnp.array([True, True, False])
+    w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(k[3], l1["w"], l1["b"], l2["w"], idx, valid)
+    np.testing.assert_allclose(net({"w": w_in, "b": b_in}, {"w": w_out, "b": l2["b"]}), net(l1, l2), rtol=1e-6)
+    replaced = np.array([1, 6])
+    kept = np.setdiff1d(np.arange(8), replaced)
+    assert not np.any(np.asarray(w_in[:, replaced]) == np.asarray(l1["w"][:, replaced]))
+    assert np.all(np.abs(w_in[:, replaced]) <= common.kaiming_bound(5))
+    np.testing.assert_array_equal(w_in[:, kept], l1["w"][:, kept])
+    np.testing.assert_array_equal(b_in[replaced], 0.0)
+    np.testing.assert_array_equal(b_in[kept], l1["b"][kept])
+    np.testing.assert_array_equal(w_out[replaced], 0.0)
+    np.testing.assert_array_equal(w_out[kept], l2["w"][kept])
+    # Fresh incoming weights never reach the output: any other draw gives the same network function.
+    other = common.cbp_replace(jax.random.key(99), l1["w"], l1["b"], l2["w"], idx, valid)
+    np.testing.assert_allclose(net({"w": other[0], "b": other[1]}, {"w": other[2], "b": l2["b"]}), net(l1, l2), rtol=1e-6)
+    np.testing.assert_array_equal(keep_b, np.isin(np.arange(8), kept).astype(np.float32))
+    assert keep_in.shape == w_in.shape and keep_out.shape == w_out.shape
+    np.testing.assert_array_equal(keep_in[:, replaced], 0.0)
+    np.testing.assert_array_equal(keep_out[replaced], 0.0)
+
+
+def test_cbp_conv_channels_and_the_conv_to_dense_boundary():
+    k = jax.random.split(jax.random.key(7), 5)
+    c1, c2 = common.conv_init(k[0], 3, 3, 2, 4), common.conv_init(k[1], 3, 3, 4, 5)
+    dense = common.dense_init(k[2], 4 * 4 * 5, 3)
+    x = jax.random.normal(k[3], (2, 8, 8, 2))
+    conv = lambda v, p: jax.nn.relu(jax.lax.conv_general_dilated(
+        v, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["b"])
+
+    def net(c1, c2, dense):
+        h = conv(conv(x, c1), c2)[:, ::2, ::2, :]  # [2, 4, 4, 5]
+        return h.reshape(2, -1) @ dense["w"] + dense["b"]
+
+    # The channels to replace contribute nothing yet (zero outgoing weights), so the output must not move.
+    c2["w"] = c2["w"].at[:, :, jnp.array([0, 2]), :].set(0.0)
+    dense["w"] = dense["w"].reshape(4, 4, 5, 3).at[:, :, 4, :].set(0.0).reshape(80, 3)
+    idx, valid = jnp.array([2, 0], jnp.int32), jnp.array([True, True])
+    # conv -> conv: channels of c1 are input channels (axis 2) of c2
+    w1, b1, w2, *_ = common.cbp_replace(k[4], c1["w"], c1["b"], c2["w"], idx, valid, out_unit_axis=2)
+    np.testing.assert_allclose(net({"w": w1, "b": b1}, c2 | {"w": w2}, dense), net(c1, c2, dense), rtol=1e-5)
+    np.testing.assert_array_equal(w2[:, :, [0, 2], :], 0.0)
+    np.testing.assert_array_equal(w2[:, :, [1, 3], :], c2["w"][:, :, [1, 3], :])
+    assert not np.allclose(w1[..., [0, 2]], c1["w"][..., [0, 2]])
+    # conv -> dense after a flatten: reshape the dense weights to [h, w, c, out], unit axis 2
+    w_c2, b_c2, w_d, _, _, keep_out = common.cbp_replace(k[4], c2["w"], c2["b"], dense["w"].reshape(4, 4, 5, 3),
+                                                         jnp.array([4], jnp.int32), jnp.array([True]), out_unit_axis=2)
+    new = net(c1, {"w": w_c2, "b": b_c2}, {"w": w_d.reshape(80, 3), "b": dense["b"]})
+    np.testing.assert_allclose(new, net(c1, c2, dense), rtol=1e-5)
+    dense["w"] = dense["w"] + 1.0  # nonzero everywhere: the replacement must zero exactly channel 4's rows
+    w_d = common.cbp_replace(k[4], c2["w"], c2["b"], dense["w"].reshape(4, 4, 5, 3), jnp.array([4], jnp.int32),
+                             jnp.array([True]), out_unit_axis=2)[2].reshape(80, 3)
+    rows = np.arange(80).reshape(4, 4, 5)[:, :, 4].ravel()  # flattened rows that belong to channel 4
+    np.testing.assert_array_equal(w_d[rows], 0.0)
+    assert np.all(np.delete(np.asarray(w_d), rows, axis=0) != 0)
+    assert np.count_nonzero(np.asarray(keep_out) == 0) == rows.size * 3
+
+
+def test_mask_opt_state_zeroes_momentum_and_adam_moments():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    keep = {"w": jnp.ones((3, 2)).at[1].set(0.0), "b": jnp.array([0.0, 1.0])}
+    for opt in (common.sgd(0.1, momentum=0.9), common.adam(1e-3)):
+        _, state = opt.update(grads, opt.init(params), params)
+        masked = common.mask_opt_state(opt, state, keep)
+        arrays = [x for x in jax.tree.leaves(masked) if x.shape == (3, 2)]
+        assert arrays and all(np.all(np.asarray(x)[1] == 0) and np.all(np.asarray(x)[[0, 2]] != 0) for x in arrays)
+        biases = [x for x in jax.tree.leaves(masked) if x.shape == (2,)]
+        assert biases and all(x[0] == 0 and x[1] != 0 for x in biases)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_dead_units_and_param_norm():
+    acts = jnp.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0.0, 0.5, 0.0, 0.0]])
+    assert int(common.dead_units(acts)) == 2
+    assert int(common.dead_units(jnp.zeros((2, 3, 3, 5)).at[0, 1, 1, 4].set(1.0))) == 4  # conv: by channel
+    np.testing.assert_allclose(float(common.param_norm({"a": jnp.array([3.0]), "b": [jnp.array([4.0])]})), 5.0)
+
+
+def test_inits_are_kaiming_uniform():
+    layer = common.dense_init(jax.random.key(8), 600, 400)
+    bound = np.sqrt(6 / 600)
+    assert layer["w"].shape == (600, 400) and np.all(layer["b"] == 0)
+    assert np.abs(layer["w"]).max() <= bound and np.abs(layer["w"]).max() > 0.99 * bound
+    np.testing.assert_allclose(float(jnp.std(layer["w"])), bound / np.sqrt(3), rtol=0.02)
+    conv = common.conv_init(jax.random.key(9), 5, 5, 3, 32)
+    assert conv["w"].shape == (5, 5, 3, 32) and np.abs(conv["w"]).max() <= np.sqrt(6 / 75)
+
+
+# ---------------------------------------------------------------------------------------------- run plumbing
+@dataclass
+class FakeArgs:
+    agent: str = "l2-er"
+    lr: tuple = (0.01,)
+
+
+def test_run_dir_config_npz_and_checkpoint_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = common.make_run_dir("pmnist", "bp")
+    assert run_dir.parent == Path("runs") and run_dir.name.startswith("pmnist__bp__")
+    assert common.make_run_dir("pmnist", "bp") != run_dir  # same second: a distinct folder
+    common.save_config(run_dir, FakeArgs(), [{"lr": 0.01}], [3, 4])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["script"] == "test_common" and config["agent"] == "l2-er"
+    assert config["args"] == {"agent": "l2-er", "lr": [0.01]} and config["seeds"] == [3, 4]
+    assert {"git_commit", "jax_version", "device_kind"} <= config.keys()
+
+    common.save_npz(run_dir / "metrics.npz", online_acc=np.ones((1, 2, 3)))
+    with np.load(run_dir / "metrics.npz") as m:
+        assert m["online_acc"].shape == (1, 2, 3)
+
+    assert common.load_checkpoint(run_dir) is None
+    state = {"keys": jax.random.split(jax.random.key(3), 2), "cbp": common.cbp_init(4), "task": 7,
+             "w": jnp.arange(6.0).reshape(2, 3)}
+    common.save_checkpoint(run_dir, state)
+    loaded = common.load_checkpoint(run_dir)
+    assert loaded["task"] == 7 and isinstance(loaded["cbp"], common.CBPState)
+    np.testing.assert_array_equal(loaded["w"], state["w"])
+    np.testing.assert_array_equal(jax.random.key_data(loaded["keys"]), jax.random.key_data(state["keys"]))
+    np.testing.assert_array_equal(jax.random.uniform(loaded["keys"][1], (3,)), jax.random.uniform(state["keys"][1], (3,)))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pkl", "config.json", "metrics.npz"]
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    common.save_npz(tmp_path / "m.npz", a=np.zeros(2))
+
+    class Unsaveable:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        common.save_npz(tmp_path / "m.npz", a=Unsaveable())
+    with np.load(tmp_path / "m.npz") as m:
+        np.testing.assert_array_equal(m["a"], np.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+
+
+def test_fail_sweep_members_and_diverged(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.fail("no data in /x")
+    assert str(exit_info.value.code) == "error: no data in /x"
+    configs = common.sweep(lr=(0.1, 0.01), weight_decay=(0.0,))
+    assert configs == [{"lr": 0.1, "weight_decay": 0.0}, {"lr": 0.01, "weight_decay": 0.0}]
+    config_index, seeds = common.stack_members(configs, [5, 6, 7])
+    np.testing.assert_array_equal(config_index, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(seeds, [5, 6, 7, 5, 6, 7])
+    finite = np.array([[True, False, True], [True, True, True]])
+    known = common.report_diverged(finite, configs, [5, 6, 7], "task 3")
+    assert "seed 6 diverged" in capsys.readouterr().err
+    again = common.report_diverged(finite, configs, [5, 6, 7], "task 4", known=known)
+    assert capsys.readouterr().err == "" and again.tolist() == known.tolist() == (~finite).tolist()
+
+
+def test_progress_line(capsys):
+    progress = common.Progress(10, "task")
+    progress.update(1, 5000, online_acc=0.9123)
+    progress.update(2, 5000)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("task 1/10 | online_acc 0.9123 | ") and "steps/s | ETA " in lines[0]
+    assert lines[1].startswith("task 2/10 | ")
+
+
+def test_load_cached_builds_once(tmp_path):
+    calls = []
+    build = lambda: calls.append(1) or {"x": np.arange(3, dtype=np.uint8)}
+    first = common.load_cached(tmp_path / "c" / "cache.npz", build)
+    second = common.load_cached(tmp_path / "c" / "cache.npz", build)
+    assert len(calls) == 1 and first["x"].tolist() == second["x"].tolist() == [0, 1, 2]
+
+
+def test_shard_members_over_two_host_devices():
+    code = ("import jax, jax.numpy as jnp, common\n"
+            "x = common.shard_members({'a': jnp.zeros((4, 3))})['a']\n"
+            "print(len(x.sharding.device_set), jax.device_count())\n"
+            "y = common.shard_members({'a': jnp.zeros((3, 3))})['a']\n"
+            "print(len(y.sharding.device_set))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "2", "1"]

@@ -1,0 +1,183 @@
+"""plot.py on small synthetic run directories written in the exact run-output format (README).
+
+Checks: every expected PNG is written (and the skip notices), the 95% band equals hand-computed t-intervals
+(NaN seeds excluded), Savitzky-Golay smoothing equals the hand-computed filter, the curvature R^2 equals a
+hand-computed value, and bad input exits with status 1 and one line.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tyro  # noqa: E402
+
+import plot  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(path, script, agent, configs, seeds, metrics, hessian=None):
+    """A run directory as the experiment scripts write it: config.json, metrics.npz, hessian.npz."""
+    path.mkdir(parents=True)
+    config = {"script": script, "agent": agent, "args": {"agent": agent, "seed": seeds[0], "seeds": len(seeds)},
+              "configs": configs, "seeds": seeds, "git": "synthetic"}
+    (path / "config.json").write_text(json.dumps(config))
+    np.savez_compressed(path / "metrics.npz", diverged=np.zeros((len(configs), len(seeds)), bool), **metrics)
+    if hessian is not None:
+        np.savez_compressed(path / "hessian.npz", **hessian)
+    return path
+
+
+def spectra(x):
+    """Hessian arrays [C=1, S, K, probes=1, iters=2] whose normalized eps-rank (eps=0.1) is x[s, k]:
+    nodes 0 and 1 with weights 1-x and x."""
+    x = np.asarray(x, np.float32)[None, :, :, None]  # [1, S, K, 1]
+    nodes = np.broadcast_to(np.array([0.0, 1.0], np.float32), x.shape[:-1] + (2,)).copy()
+    weights = np.concatenate([1.0 - x, x], axis=-1)
+    return nodes, weights
+
+
+# eps-rank and accuracy per measured task, chosen so that the seed means are
+# x = [0.2, 0.4] (bp), [0.6, 0.8] (l2) and y = [0.5, 0.6], [0.8, 0.9].
+# By hand: mean x 0.5, mean y 0.7, Sxx = 0.2, Syy = 0.1, Sxy = 0.14, R^2 = 0.14^2 / (0.2 * 0.1) = 0.98.
+HAND_R2 = 0.98
+MEASURED = [1, 5]
+
+
+def imagenet_run(root, agent, x_means, y_means, T=8, L=2):
+    seeds = [0, 1]
+    x = np.array([[m - 0.05 for m in x_means], [m + 0.05 for m in x_means]])  # [S, K]
+    acc = np.full((1, 2, T), 0.7)
+    for k, t in enumerate(MEASURED):
+        acc[0, :, t] = [y_means[k] - 0.02, y_means[k] + 0.02]
+    rng = np.random.default_rng(len(agent))
+    metrics = dict(test_acc=acc, dead_units=rng.integers(0, 5, (1, 2, T, L)).astype(np.float32),
+                   effective_rank=rng.uniform(10, 20, (1, 2, T, L)).astype(np.float32))
+    init_nodes, init_weights = spectra(x)
+    end_nodes, end_weights = spectra(np.clip(x + 0.1, 0, 1))
+    hess = dict(tasks=np.array(MEASURED), init_nodes=init_nodes, init_weights=init_weights,
+                end_nodes=end_nodes, end_weights=end_weights)
+    return write_run(root / f"imagenet__{agent}__x", "imagenet", agent, [{"lr": 0.01}], seeds, metrics, hess)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = [imagenet_run(root, "bp", [0.2, 0.4], [0.5, 0.6]), imagenet_run(root, "l2", [0.6, 0.8], [0.8, 0.9])]
+    T, S, L = 6, 3, 2
+    acc = np.linspace(0.3, 0.6, T)[None, None, :] + np.zeros((2, S, T))
+    acc[1, 2, 3:] = np.nan  # one seed of the second config diverges at task 3
+    units = dict(dead_units=np.ones((2, S, T, L)), effective_rank=np.ones((2, S, T, L)))
+    runs.append(write_run(root / "cifar__l2_er__x", "cifar", "l2_er",
+                          [{"lr": 0.01, "er_lr": 1e-3}, {"lr": 0.01, "er_lr": 1e-4}], list(range(S)),
+                          dict(test_acc=acc, **units)))
+    runs.append(write_run(root / "cifar__reset__x", "cifar", "reset", [{"lr": 0.01}], list(range(S)),
+                          dict(test_acc=acc[:1] - 0.1, **{k: v[:1] for k, v in units.items()})))
+    ant_nodes, ant_weights = spectra([[0.3, 0.5], [0.4, 0.6]])
+    ant_nodes[0, 1, 1] = np.nan  # seed 1 diverged before phase 1: its spectrum is left out there
+    ant_hess = dict(tasks=np.array([0, 1]), init_nodes=ant_nodes, init_weights=ant_weights,
+                    end_nodes=ant_nodes, end_weights=ant_weights)
+    runs.append(write_run(root / "ant_ppo__bp__x", "ant_ppo", "bp", [{"lr": 3e-4}], [0, 1],
+                          dict(episodic_return=np.cumsum(np.ones((1, 2, 20)), axis=-1)), ant_hess))
+    out = root / "figures"
+    args = plot.Args(run_dirs=tuple(runs), out=out, smooth=5, tasks=(1, 4))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        written, r2 = plot.main(args)
+    return dict(out=out, written=written, r2=r2, stdout=stdout.getvalue())
+
+
+def test_figures_written(result):
+    names = {"performance_imagenet.png", "units_rank_imagenet.png", "hessian_imagenet.png",
+             "curvature_imagenet.png", "performance_cifar.png", "units_rank_cifar.png", "performance_ant_ppo.png", "hessian_ant_ppo.png"}
+    assert {Path(p).name for p in result["written"]} == names
+    for name in names:
+        assert (result["out"] / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = result["stdout"]
+    assert "ant_ppo__bp__x: no 'dead_units'" in log  # missing metric: one notice, figure skipped
+    assert "cifar: no run has both hessian.npz" in log
+    assert "task 4 not measured; nearest measured task 5 drawn" in log
+    assert "phase 4 not measured; nearest measured phase 1 drawn" in log
+    assert "ant_ppo: no per-task accuracy; curvature figure skipped" in log
+    assert "l2_er er_lr=0.0001]: test_acc not finite for seeds [2] at 3 of 6 tasks" in log
+
+
+def test_r2_matches_hand_computed(result):
+    assert result["r2"] == {"imagenet": pytest.approx(HAND_R2, abs=1e-5)}
+    assert "curvature vs accuracy [imagenet], eps=0.1: R^2 = 0.9800" in result["stdout"]
+    slope, intercept, r2 = plot.line_fit([0.2, 0.4, 0.6, 0.8], [0.5, 0.6, 0.8, 0.9])
+    assert (slope, intercept, r2) == pytest.approx((0.7, 0.35, HAND_R2))  # slope = Sxy / Sxx = 0.14 / 0.2
+
+
+def test_ci_band_matches_hand_computed():
+    # Columns: 4 finite seeds; one NaN seed (excluded); a single finite seed (no band).
+    values = np.array([[0.80, 0.5, 1.0], [0.84, np.nan, np.nan], [0.90, 0.7, np.nan], [0.86, 0.6, np.nan]])
+    # Hand: col 0 mean 0.85, sd = sqrt(0.0052 / 3), t_{0.975,3} = 3.182446305284263 (t table);
+    #       col 1 mean 0.6, sd = 0.1, n = 3, t_{0.975,2} = 4.302652729749464.
+    half0 = 3.182446305284263 * math.sqrt(0.0052 / 3) / 2
+    half1 = 4.302652729749464 * 0.1 / math.sqrt(3)
+    mean, half, n = plot.mean_ci(values)
+    assert mean == pytest.approx([0.85, 0.6, 1.0])
+    assert half[:2] == pytest.approx([half0, half1], rel=1e-9)
+    assert np.isnan(half[2]) and list(n) == [4, 3, 1]
+    assert plot.t_quantile(0.95, 1) == pytest.approx(12.706204736174707, rel=1e-9)
+    # The drawn line and band are these numbers.
+    fig, ax = plt.subplots()
+    plot.draw_curve(ax, values[:, :2], "bp", dict(color="C0"), plot.Args(run_dirs=()))
+    assert ax.lines[0].get_ydata() == pytest.approx([0.85, 0.6])
+    band_y = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band_y.min() == pytest.approx(0.6 - half1) and band_y.max() == pytest.approx(0.85 + half0)
+    plt.close(fig)
+
+
+def test_savgol_matches_hand_computed():
+    y = np.array([1.0, 4.0, 2.0, 8.0, 5.0, 7.0, 3.0, 6.0])
+    got = plot.savgol(y, 5, 2)
+    # Interior: the classic 5-point quadratic weights (-3, 12, 17, 12, -3) / 35.
+    for i in range(2, 6):
+        assert got[i] == pytest.approx(np.dot([-3, 12, 17, 12, -3], y[i - 2 : i + 3]) / 35)
+    # Edges: the quadratic fitted to the first / last 5 points, evaluated there.
+    assert got[:2] == pytest.approx(np.polyval(np.polyfit(np.arange(5), y[:5], 2), [0, 1]))
+    assert got[-2:] == pytest.approx(np.polyval(np.polyfit(np.arange(5), y[-5:], 2), [3, 4]))
+    # A quadratic passes unchanged; NaN splits the series, a 3-point segment (window shrunk to 3) is exact.
+    quad = 0.5 * np.arange(9.0) ** 2 - np.arange(9.0)
+    assert plot.savgol(quad, 7, 2) == pytest.approx(quad)
+    split = np.concatenate([y[:3], [np.nan], y])
+    got = plot.savgol(split, 5, 2)
+    assert got[:3] == pytest.approx(y[:3]) and np.isnan(got[3]) and got[4:] == pytest.approx(plot.savgol(y, 5, 2))
+
+
+def test_cli_parses():
+    args = tyro.cli(plot.Args, args=["a", "b", "--out", "o", "--smooth", "11", "--tasks", "50", "300", "790", "--eps", "0.2"])
+    assert args.run_dirs == (Path("a"), Path("b")) and args.tasks == (50, 300, 790) and args.eps == 0.2
+
+
+def test_bad_input(tmp_path):
+    not_run = tmp_path / "not_a_run"
+    not_run.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in sys.path if p]))
+    proc = subprocess.run([sys.executable, "plot.py", str(not_run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and "not a run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # In-process: a missing dir, a broken config.json, arrays that do not match config.json, a bad window.
+    broken = write_run(tmp_path / "broken", "pmnist", "bp", [{"lr": 0.01}], [0], {"online_acc": np.zeros((1, 1, 3))})
+    (broken / "config.json").write_text("{not json")
+    mismatch = write_run(tmp_path / "mismatch", "pmnist", "bp", [{"lr": 0.01}], [0, 1], {"online_acc": np.zeros((1, 1, 3))})
+    good = write_run(tmp_path / "good", "pmnist", "bp", [{"lr": 0.01}], [0], {"online_acc": np.zeros((1, 1, 3))})
+    for args in [plot.Args(run_dirs=(tmp_path / "missing",)), plot.Args(run_dirs=(broken,)),
+                 plot.Args(run_dirs=(mismatch,)), plot.Args(run_dirs=(good,), smooth=4), plot.Args(run_dirs=())]:
+        with pytest.raises(SystemExit) as e:
+            plot.main(args)
+        assert e.value.code not in (0, None)
