@@ -25,13 +25,16 @@ def svd_effective_rank(features):
 
 
 # ---------------------------------------------------------------------------------------------- effective rank
-@pytest.mark.parametrize("shape", [(100, 30), (30, 100)])
-def test_effective_rank_matches_svd_route_full_rank(shape):
-    features = jax.random.normal(jax.random.key(0), shape)
-    np.testing.assert_allclose(float(common.effective_rank(features)), svd_effective_rank(features), rtol=1e-4)
+@pytest.mark.parametrize("shape", [(100, 30), (30, 100), (100, 1000)])
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_effective_rank_matches_svd_route_full_rank(shape, method):
+    features = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+    got = float(common.effective_rank(features, method))
+    np.testing.assert_allclose(got, svd_effective_rank(features), rtol=1e-4)
 
 
-def test_effective_rank_matches_svd_route_rank_deficient_and_dead_columns():
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_effective_rank_rank_deficient_and_dead_columns(method):
     def cases(dtype):
         k1, k2 = jax.random.split(jax.random.key(1))
         low_rank = jax.random.normal(k1, (100, 3), dtype) @ jax.random.normal(k2, (3, 40), dtype)  # rank 3
@@ -40,27 +43,42 @@ def test_effective_rank_matches_svd_route_rank_deficient_and_dead_columns():
 
     with jax.enable_x64(True):
         for features in cases(jnp.float64):
-            np.testing.assert_allclose(float(common.effective_rank(features)), svd_effective_rank(features), rtol=1e-9)
+            got = float(common.effective_rank(features, method))
+            np.testing.assert_allclose(got, svd_effective_rank(features), rtol=1e-9)
     low_rank, relu = cases(jnp.float32)  # float32 agrees closely too
     for features in (low_rank, relu):
-        np.testing.assert_allclose(float(common.effective_rank(features)), svd_effective_rank(features), rtol=1e-3)
-    assert float(common.effective_rank(low_rank)) <= 3.0 + 1e-4
+        np.testing.assert_allclose(float(common.effective_rank(features, method)), svd_effective_rank(features),
+                                   rtol=1e-3)
+    assert float(common.effective_rank(low_rank, method)) <= 3.0 + 1e-3
+
+
+def test_svd_route_keeps_small_singular_values_of_a_tall_matrix():
+    # Like ReLU features of 2,000 inputs: singular values spread over three decades. The metric must see the
+    # small ones (the Gram route drops those under its noise level and says so in its docstring).
+    k1, k2 = jax.random.split(jax.random.key(2))
+    u, _ = jnp.linalg.qr(jax.random.normal(k1, (2000, 300)))
+    v, _ = jnp.linalg.qr(jax.random.normal(k2, (300, 300)))
+    features = (u * jnp.logspace(0.0, -3.0, 300)) @ v.T
+    np.testing.assert_allclose(float(common.effective_rank(features)), svd_effective_rank(features), rtol=1e-4)
+    assert float(common.effective_rank(features, "gram")) < float(common.effective_rank(features))
 
 
 def test_effective_rank_known_values_and_gradient():
     # k orthogonal columns of equal norm: all nonzero singular values equal -> effective rank exactly k.
     features = jnp.zeros((10, 6)).at[jnp.arange(4), jnp.arange(4)].set(2.0)
-    np.testing.assert_allclose(float(common.effective_rank(features)), 4.0, rtol=1e-6)
-    assert float(common.effective_rank(jnp.zeros((5, 3)))) == 0.0
+    for method in ("svd", "gram"):
+        np.testing.assert_allclose(float(common.effective_rank(features, method)), 4.0, rtol=1e-6)
+        assert float(common.effective_rank(jnp.zeros((5, 3)), method)) == 0.0
     with jax.enable_x64(True):
         full = jax.random.normal(jax.random.key(2), (12, 5), jnp.float64)
-        svd_route = lambda f: jnp.exp(-jnp.sum((s := jnp.linalg.svd(f, compute_uv=False) / jnp.sum(
-            jnp.linalg.svd(f, compute_uv=False))) * jnp.log(s)))
-        np.testing.assert_allclose(jax.grad(common.effective_rank)(full), jax.grad(svd_route)(full), rtol=1e-7)
+        gram_rank = lambda f: common.effective_rank(f, "gram")
+        np.testing.assert_allclose(jax.grad(gram_rank)(full), jax.grad(common.effective_rank)(full), rtol=1e-7)
         deficient = full.at[:, 3:].set(0.0)
-        assert np.all(np.isfinite(jax.grad(common.effective_rank)(deficient)))
+        assert np.all(np.isfinite(jax.grad(gram_rank)(deficient)))
     with pytest.raises(ValueError, match="matrix"):
         common.effective_rank(jnp.ones(5))
+    with pytest.raises(ValueError, match="method"):
+        common.effective_rank(jnp.ones((2, 2)), "qr")
 
 
 def test_er_ascent_raises_effective_rank():

@@ -1,0 +1,309 @@
+"""Tests for imagenet.py on tiny data written in the real ImageNet32 on-disk format (no real ImageNet here).
+
+All training runs share one tiny shape (4 classes, 6 train + 1 test images per class, batch 4, 2 epochs of
+3 minibatches) so that the jitted functions compile once per agent family.
+"""
+import io
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import common
+import imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4
+# Images per class in each batch file; files are listed here in the order they are written into the zip.
+FILE_COUNTS = {10: 4, 2: 3, 1: 3}  # class order = batch 1, 2, 10 -> 10 images per class
+MARKER = 250  # R value at (row 0, column 1) of every image: catches a row/column swap
+TINY = dict(tasks=2, epochs=2, batch_size=4, train_per_class=6, test_per_class=1)
+CBP_TINY = dict(replacement_rate=0.1, maturity_threshold=1)  # replacements happen within a few steps
+
+
+def image_code(c, k):
+    """R value of the k-th image (file order) of class c; G = 100 + code, B = 200 + code."""
+    return 10 * c + k
+
+
+def batch_files():
+    """{batch number: npz bytes} in the official layout: 'data' uint8 [N, 3072] as R plane, G plane, B plane
+    (each 32x32 row-major), 'labels' 1-based, classes interleaved."""
+    rng = np.random.default_rng(0)
+    seen = np.zeros(NUM_CLASSES, int)
+    files = {}
+    for number in sorted(FILE_COUNTS):
+        labels = np.repeat(np.arange(NUM_CLASSES), FILE_COUNTS[number])
+        rng.shuffle(labels)
+        data = np.zeros((len(labels), 3, 32, 32), np.uint8)
+        for i, c in enumerate(labels):
+            code = image_code(c, seen[c])
+            seen[c] += 1
+            data[i] = np.array([code, 100 + code, 200 + code])[:, None, None]
+            data[i, 0, 0, 1] = MARKER
+        buf = io.BytesIO()
+        np.savez(buf, data=data.reshape(len(labels), 3072), labels=(labels + 1).tolist())
+        files[number] = buf.getvalue()
+    return files
+
+
+@pytest.fixture(scope="module")
+def manual_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("manual")
+    files = batch_files()
+    with zipfile.ZipFile(folder / imagenet.TRAIN_ZIP, "w") as zf:
+        for number in FILE_COUNTS:  # out of numeric order on purpose
+            zf.writestr(f"Imagenet32_train_npz/train_data_batch_{number}.npz", files[number])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(manual_dir, tmp_path_factory):
+    """The cache, built through the script's own loader from the fake zip."""
+    folder = tmp_path_factory.mktemp("data")
+    imagenet.load_images(imagenet.Args(data_dir=str(folder), manual_dir=str(manual_dir), **TINY))
+    return folder
+
+
+def run(data_dir, out_dir, **kw):
+    args = imagenet.Args(**{**TINY, "data_dir": str(data_dir), "out_dir": str(out_dir), **kw})
+    run_dir = imagenet.main(args)
+    with np.load(run_dir / "metrics.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def checkpoint(run_dir):
+    with open(Path(run_dir) / "checkpoint.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+def test_cache_from_zip_keeps_first_images_in_file_order(data_dir):
+    images = np.load(imagenet.cache_path(data_dir, 7))
+    assert images.dtype == np.uint8 and images.shape == (NUM_CLASSES, 7, 32, 32, 3)
+    for c in range(NUM_CLASSES):  # label c + 1 in the files -> class c
+        for k in range(7):  # batch 1's 3 images, batch 2's 3, then the first of batch 10
+            code = image_code(c, k)
+            assert images[c, k, 1, 0].tolist() == [code, 100 + code, 200 + code]  # RGB order
+            assert images[c, k, 0, 1, 0] == MARKER  # (row 0, column 1): HWC, not HW swapped
+            assert (images[c, k, 5:, :, 2] == 200 + code).all()
+
+
+def test_cache_from_extracted_files_matches_zip(data_dir, tmp_path):
+    for number, raw in batch_files().items():
+        (tmp_path / f"train_data_batch_{number}.npz").write_bytes(raw)
+    path = tmp_path / "cache.npy"
+    imagenet.build_cache(tmp_path, path, 7)
+    np.testing.assert_array_equal(np.load(path), np.load(imagenet.cache_path(data_dir, 7)))
+
+
+def test_too_few_images_per_class_fails(manual_dir, tmp_path):
+    with pytest.raises(SystemExit, match="has 10 training images"):
+        imagenet.build_cache(manual_dir, tmp_path / "cache.npy", 11)
+    assert not (tmp_path / "cache.npy").exists()
+
+
+def test_task_split_labels_and_wrapping(data_dir):
+    images = np.load(imagenet.cache_path(data_dir, 7), mmap_mode="r")
+    orders = imagenet.class_orders([0, 5], NUM_CLASSES)
+    assert sorted(orders[0]) == list(range(NUM_CLASSES)) and not np.array_equal(orders[0], orders[1])
+    for task in (0, 1, 2):  # 4 classes: task 2 wraps around to the first pair
+        x_train, y_train, x_test, y_test = imagenet.task_data(images, orders, task, 6)
+        assert x_train.shape == (2, 12, 32, 32, 3) and x_test.shape == (2, 2, 32, 32, 3)
+        np.testing.assert_array_equal(y_train, [0] * 6 + [1] * 6)
+        np.testing.assert_array_equal(y_test, [0, 1])
+        for s, order in enumerate(orders):
+            first, second = order[(2 * task) % 4], order[(2 * task + 1) % 4]
+            assert [x[1, 0, 0] for x in x_train[s]] == [image_code(first, k) for k in range(6)] + \
+                [image_code(second, k) for k in range(6)]
+            assert [x[1, 0, 0] for x in x_test[s]] == [image_code(first, 6), image_code(second, 6)]
+
+
+def test_missing_data_is_one_line_exit_1(tmp_path):
+    proc = subprocess.run([sys.executable, "imagenet.py", "--data-dir", str(tmp_path), "--tasks", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and imagenet.TRAIN_ZIP in lines[0] and str(tmp_path) in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Network and CBP at the conv -> dense boundary
+# ---------------------------------------------------------------------------------------------------------
+forward = jax.jit(imagenet.forward, static_argnums=2)  # eager op-by-op dispatch is slow on CPU
+
+
+def test_network_shapes_and_im2col_equals_xla():
+    # The same compiled initializer as a one-member bp run.
+    params = jax.tree.map(lambda a: a[0], imagenet.init_members(0.9, False, jnp.zeros(1, jnp.int32))["params"])
+    assert params["fc1"]["w"].shape == (512, 128)  # VALID padding: 2 x 2 x 128 after the third pool
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    logits, acts = forward(params, x, "xla")
+    assert logits.shape == (4, 2)
+    assert [a.shape[1:] for a in acts] == [(14, 14, 32), (6, 6, 64), (2, 2, 128), (128,), (128,)]
+    logits2, acts2 = forward(params, x, "im2col")
+    np.testing.assert_allclose(logits2, logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(acts, acts2):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_cbp_conv_to_dense_boundary_replaces_the_right_rows():
+    j = 37  # conv3 channel made the least useful
+    args = imagenet.Args(agent="cbp", replacement_rate=1e-3, maturity_threshold=10, **TINY)
+    _, spec, _ = imagenet.resolve(args)
+    opt = imagenet.optimizer(spec, {"lr": 0.1, "weight_decay": 0.0})
+    # The same compiled initializer as a one-member cbp run.
+    members = imagenet.init_members(spec.momentum, True, jnp.zeros(1, jnp.int32))
+    member = jax.tree.map(lambda a: a[0], members)
+    member["opt_state"] = jax.tree.map(jnp.ones_like, member["opt_state"])  # momentum all ones
+    states = list(member["cbp"])
+    # conv3: every unit mature, the accumulated count about to reach 1; other layers too young to replace.
+    states[2] = common.CBPState(jnp.ones(128).at[j].set(0.0), jnp.full(128, 50, jnp.int32), jnp.float32(0.99))
+    member["cbp"] = states
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    _, acts = forward(member["params"], x, "xla")
+    acts[2] = acts[2].at[..., j].set(0.0)
+    new = jax.jit(lambda m, a, k: imagenet.cbp_update(spec, opt, m, a, k))(member, acts, jax.random.key(2))
+    old_p, new_p = member["params"], new["params"]
+
+    rows = np.array([h * 256 + w * 128 + j for h in range(2) for w in range(2)])  # flatten order (h, w, c)
+    others = np.setdiff1d(np.arange(512), rows)
+    np.testing.assert_array_equal(new_p["fc1"]["w"][rows], 0.0)
+    np.testing.assert_array_equal(new_p["fc1"]["w"][others], old_p["fc1"]["w"][others])
+    assert not np.allclose(new_p["conv3"]["w"][..., j], old_p["conv3"]["w"][..., j])
+    bound = common.kaiming_bound(3 * 3 * 64)
+    assert np.abs(new_p["conv3"]["w"][..., j]).max() <= bound
+    keep = np.arange(128) != j
+    np.testing.assert_array_equal(new_p["conv3"]["w"][..., keep], old_p["conv3"]["w"][..., keep])
+    assert new_p["conv3"]["b"][j] == 0.0
+    for name in ("conv1", "conv2", "fc2", "out"):
+        jax.tree.map(np.testing.assert_array_equal, new_p[name], old_p[name])
+    # The replaced unit's age and utility restart; momentum of exactly the touched weights is zeroed.
+    assert new["cbp"][2].age[j] == 0 and new["cbp"][2].utility[j] == 0.0
+    assert all(int(new["cbp"][layer].age.min()) == 1 for layer in (0, 1, 3, 4))
+    momentum = new["opt_state"][1][0].trace
+    assert float(jnp.sum(momentum["fc1"]["w"] == 0)) == 4 * 128
+    np.testing.assert_array_equal(momentum["fc1"]["w"][rows], 0.0)
+    np.testing.assert_array_equal(momentum["conv3"]["w"][..., j], 0.0)
+    assert float(jnp.sum(momentum["conv3"]["w"] == 0)) == 3 * 3 * 64 and momentum["conv3"]["b"][j] == 0.0
+    assert float(jnp.sum(momentum["conv2"]["w"] == 0)) == 0
+    # Zero outgoing weights: the new unit does not change the output; the old unit's contribution is gone.
+    without_j = {**old_p, "fc1": {"w": old_p["fc1"]["w"].at[rows].set(0.0), "b": old_p["fc1"]["b"]}}
+    np.testing.assert_allclose(forward(new_p, x, "xla")[0], forward(without_j, x, "xla")[0], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("agent", imagenet.AGENTS)
+def test_every_agent_runs(agent, data_dir, tmp_path):
+    extra = CBP_TINY if agent == "cbp" else {}
+    if agent == "bp":  # also the GPU default convolutions (CPU runs default to im2col)
+        extra = dict(hessian_every=1, lanczos_iters=4, conv_impl="xla")
+    m = run(data_dir, tmp_path, agent=agent, **extra)
+    assert set(m) == {"test_acc", "train_acc", "dead_units", "effective_rank", "param_norm", "diverged"}
+    for key in ("test_acc", "train_acc", "param_norm"):
+        assert m[key].shape == (1, 1, 2) and np.isfinite(m[key]).all()
+    assert ((m["test_acc"] >= 0) & (m["test_acc"] <= 1)).all()
+    assert m["dead_units"].shape == m["effective_rank"].shape == (1, 1, 2, 2)
+    assert ((m["dead_units"] >= 0) & (m["dead_units"] <= 128)).all()
+    assert ((m["effective_rank"] > 1) & (m["effective_rank"] <= 128)).all()
+    assert m["diverged"].shape == (1, 1) and not m["diverged"].any()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["agent"] == agent and config["configs"] == [
+        {k: v for k, v in imagenet.AGENT_DEFAULTS[agent].items() if k in ("lr", "weight_decay", "er_lr")}]
+    if agent == "bp":
+        with np.load(tmp_path / "hessian.npz") as h:
+            assert h["tasks"].tolist() == [0, 1]
+            for phase in ("init", "end"):
+                assert h[f"{phase}_nodes"].shape == h[f"{phase}_weights"].shape == (1, 1, 2, 1, 4)
+                np.testing.assert_allclose(h[f"{phase}_weights"].sum(-1), 1.0, atol=1e-5)
+            # Task 1's init spectrum is measured at task 0's final parameters, on task 1's data.
+            assert not np.allclose(h["init_nodes"][0, 0, 1], h["end_nodes"][0, 0, 0])
+    if agent == "cbp":  # some units were replaced: their ages restarted below the 12 steps trained
+        ages = [np.asarray(s.age) for s in checkpoint(tmp_path)["members"]["cbp"]]
+        assert min(a.min() for a in ages) < 12
+
+
+def test_regularizers_act(data_dir, tmp_path):
+    """Same seed, lr and data; runs reuse the compilations of the agent runs above."""
+    def norms(name, **kw):
+        return run(data_dir, tmp_path / name, **kw)["param_norm"][0, 0]
+
+    bp = norms("bp", agent="bp")
+    assert (norms("l2", agent="l2", weight_decay=(1.0,)) < bp).all()  # weight decay shrinks
+    snp = norms("snp", agent="snp")
+    assert not np.array_equal(snp, bp) and np.allclose(snp, bp, rtol=1e-2)  # small noise
+    no_er = run(data_dir, tmp_path / "no_er", agent="l2-er", er_lr=(0.0,))
+    l2 = run(data_dir, tmp_path / "l2_same", agent="l2", lr=(1e-3,))  # l2-er's lr and weight decay
+    for key in ("test_acc", "train_acc", "dead_units", "effective_rank", "param_norm"):
+        np.testing.assert_array_equal(no_er[key], l2[key], err_msg=key)  # ER step of size 0 is a no-op
+    with_er = run(data_dir, tmp_path / "er_on", agent="l2-er", er_lr=(0.01,))
+    assert with_er["effective_rank"].mean() > l2["effective_rank"].mean() + 0.1  # ER raises the rank
+
+
+def test_learns_separable_classes(tmp_path):
+    """Classes that differ in mean brightness under pixel noise: 6 SGD steps per task must do better than
+    chance (0.5) on average over 12 tasks (the head is kept, so later tasks must undo earlier mappings)."""
+    rng = np.random.default_rng(0)
+    level = rng.permutation(6)[:, None, None, None, None] * 25 + 60
+    images = np.clip(level + rng.normal(0, 30, (6, 7, 32, 32, 3)), 0, 255).astype(np.uint8)
+    np.save(imagenet.cache_path(tmp_path, 7), images)
+    m = run(tmp_path, tmp_path / "run", agent="bp", lr=(0.003,), tasks=12, conv_impl="xla")
+    # 144 final-epoch training predictions: chance gives 0.5 +- 0.04.
+    assert m["train_acc"].mean() > 0.65 and m["test_acc"].mean() > 0.65, m
+
+
+def test_seeds_and_configs_together_equal_alone(data_dir, tmp_path):
+    # l2-er: per-member lr, weight decay and ER step size, per-member shuffles, ER through vmap.
+    together = run(data_dir, tmp_path / "together", agent="l2-er", weight_decay=(1e-3, 1e-1), seed=0, seeds=2)
+    alone = run(data_dir, tmp_path / "alone", agent="l2-er", weight_decay=(1e-1,), seed=1)
+    for key in ("test_acc", "train_acc", "dead_units", "effective_rank", "param_norm"):
+        assert together[key].shape[:3] == (2, 2, 2)
+        # Batched and single kernels round differently; the effective rank (an entropy of singular values)
+        # amplifies that most.
+        tol = 1e-4 if key == "effective_rank" else 1e-5
+        np.testing.assert_allclose(together[key][1, 1], alone[key][0, 0], rtol=tol, atol=tol, err_msg=key)
+    # Configs are kept apart, and so are seeds.
+    assert not np.allclose(together["param_norm"][0, 1], together["param_norm"][1, 1])
+    assert not np.allclose(together["param_norm"][1, 0], together["param_norm"][1, 1])
+
+
+def test_map_over_seeds_equals_alone(data_dir, tmp_path):
+    mapped = run(data_dir, tmp_path / "map", agent="bp", seed=0, seeds=2, seed_batching="map")
+    alone = run(data_dir, tmp_path / "alone", agent="bp", seed=1)  # vmap over one member
+    for key in ("test_acc", "train_acc", "dead_units", "effective_rank", "param_norm"):
+        np.testing.assert_allclose(mapped[key][0, 1], alone[key][0, 0], rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path):
+    full = run(data_dir, tmp_path / "full", agent="cbp", **CBP_TINY)
+    run(data_dir, tmp_path / "cut", agent="cbp", **{**CBP_TINY, "tasks": 1})
+    resumed = run(data_dir, tmp_path / "cut", agent="cbp", resume=True, **CBP_TINY)
+    assert set(full) == set(resumed)
+    for key in full:
+        np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
+    jax.tree.map(np.testing.assert_array_equal, checkpoint(tmp_path / "cut")["members"],
+                 checkpoint(tmp_path / "full")["members"])
+    with pytest.raises(SystemExit, match="flags differ.*lr"):
+        run(data_dir, tmp_path / "cut", agent="cbp", resume=True, lr=(0.5,), tasks=3, **CBP_TINY)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(agent="bp", er_lr=(1e-3,)), "does not apply"),
+    (dict(batch_size=5), "must divide the 12 training images"),
+    (dict(agent="er", er_every=2), "must divide the 3 minibatches"),
+    (dict(tasks=0), "must be >= 1"),
+])
+def test_bad_flags_fail_cleanly(bad, message):
+    with pytest.raises(SystemExit, match=message):
+        imagenet.resolve(imagenet.Args(**{**TINY, **bad}))
