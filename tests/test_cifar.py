@@ -1,0 +1,358 @@
+"""cifar.py: the CIFAR-100 loader on small archives in the official formats, the ResNet's BatchNorm and masked
+logits, continual backprop by channel, every agent end to end on a tiny network, RESET, seed modes, resume."""
+import io
+import pickle
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cifar
+import common
+
+TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 2
+# One tiny configuration for every end-to-end run, so all of them share compiled programs.
+TINY = dict(tasks=2, epochs=1, width=4, dense_width=16, batch_size=10, eval_batch=100, feature_samples=100,
+            checkpoint_minutes=1e9)
+KEYS = ("test_acc", "test_loss", "train_acc", "train_loss", "param_norm", "effective_rank", "dead_units")
+
+
+def official_arrays(seed=0):
+    """Random CIFAR-100-shaped data as the archives store it: uint8 [N, 3072] channel-first rows."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        y = np.tile(np.arange(100), n)
+        out[split] = (rng.integers(0, 256, (len(y), 3072), dtype=np.uint8), y)
+    return out
+
+
+def write_archive(path, arrays, fmt):
+    with tarfile.open(path, "w:gz") as tar:
+        for split, (x, y) in arrays.items():
+            if fmt == "python":
+                blob = pickle.dumps({b"filenames": [b"x.png"] * len(y), b"fine_labels": [int(v) for v in y],
+                                     b"coarse_labels": [int(v) // 5 for v in y], b"data": x})
+                name = f"cifar-100-python/{split}"
+            else:  # records: coarse label byte, fine label byte, 3072 pixel bytes
+                records = np.concatenate([(y // 5)[:, None], y[:, None], x], axis=1).astype(np.uint8)
+                blob, name = records.tobytes(), f"cifar-100-binary/{split}.bin"
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    return official_arrays()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, arrays):
+    """A prepared cache built from a python-format archive: what every end-to-end run below loads."""
+    manual = tmp_path_factory.mktemp("manual")
+    write_archive(manual / "cifar-100-python.tar.gz", arrays, "python")
+    data = tmp_path_factory.mktemp("data")
+    cifar.load_cifar100(data, manual)
+    return data
+
+
+def run(tmp_path, name, data_dir, **kw):
+    args = cifar.Args(**{**TINY, **kw}, data_dir=str(data_dir), out_dir=str(tmp_path / name))
+    run_dir = cifar.main(args)
+    with np.load(run_dir / "metrics.npz") as m:
+        return {k: m[k] for k in m.files}
+
+
+# ------------------------------------------------------------------------------------------------------ loader
+@pytest.mark.parametrize("fmt, archive", [("python", "cifar-100-python.tar.gz"),
+                                          ("binary", "cifar-100-binary.tar.gz")])
+def test_loader_reads_official_archive_and_caches(tmp_path, arrays, fmt, archive):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    write_archive(manual / archive, arrays, fmt)
+    data = cifar.load_cifar100(tmp_path / "data", manual)
+    for split, (x, y) in arrays.items():
+        images = data[f"x_{split}"]
+        assert images.shape == (100 * (TRAIN_PER_CLASS if split == "train" else TEST_PER_CLASS), 32, 32, 3)
+        assert images.dtype == np.uint8
+        np.testing.assert_array_equal(data[f"y_{split}"], y)
+        # pixel (row 5, col 7) of channel c is byte c*1024 + 5*32 + 7 of the record
+        for c in range(3):
+            np.testing.assert_array_equal(images[:, 5, 7, c], x[:, c * 1024 + 5 * 32 + 7])
+    assert (tmp_path / "data" / "cifar100.npz").exists()
+    (manual / archive).unlink()  # later runs read the cache only
+    cached = cifar.load_cifar100(tmp_path / "data", None)
+    for k in data:
+        np.testing.assert_array_equal(cached[k], data[k])
+
+
+def test_loader_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cifar.load_cifar100(tmp_path / "data", tmp_path / "empty")
+    assert "cifar-100-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cifar-100-python.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(SystemExit) as e:
+        cifar.load_cifar100(tmp_path / "data", tmp_path / "bad")
+    assert "could not read" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "unbalanced").mkdir()
+    x, y = official_arrays()["train"]
+    write_archive(tmp_path / "unbalanced" / "cifar-100-python.tar.gz", {"train": (x[1:], y[1:]), "test": (x, y)},
+                  "python")
+    with pytest.raises(SystemExit, match="same number"):
+        cifar.load_cifar100(tmp_path / "data2", tmp_path / "unbalanced")
+    assert not (tmp_path / "data2" / "cifar100.npz").exists()  # nothing cached from bad data
+    with pytest.raises(SystemExit, match="does not apply"):
+        cifar.main(cifar.Args(agent="bp", er_lr=(0.1,), data_dir=str(tmp_path)))
+    with pytest.raises(SystemExit, match="tasks"):
+        cifar.main(cifar.Args(tasks=21, data_dir=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------ network, BN, masking
+forward = jax.jit(cifar.forward, static_argnames="train")
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    params, stats = jax.jit(cifar.init_net, static_argnums=(1, 2))(jax.random.key(0), 4, 16)
+    x = jax.random.uniform(jax.random.key(1), (6, 32, 32, 3))
+    return params, stats, x
+
+
+def test_resnet_shapes_and_init(tiny_net):
+    params, stats, x = tiny_net
+    logits, new_stats, acts = forward(params, stats, x, True)
+    assert logits.shape == (6, 100)
+    assert [a.shape[1:] for a in acts["blocks"]] == ([(32, 32, 4)] * 2 + [(16, 16, 8)] * 2 + [(8, 8, 16)] * 2
+                                                     + [(4, 4, 32)] * 2)
+    assert [a.shape for a in acts["dense"]] == [(6, 16), (6, 16)]
+    assert ["skip" in b for b in params["blocks"]] == [False, False, True, False, True, False, True, False]
+    w = params["blocks"][2]["a"]["conv"]["w"]  # 3x3x4 -> 8: Kaiming-uniform bound sqrt(6 / 36)
+    assert float(jnp.max(jnp.abs(w))) <= np.sqrt(6 / 36) and float(jnp.std(w)) > 0.8 * np.sqrt(6 / 36) / np.sqrt(3)
+    assert float(jnp.max(jnp.abs(params["blocks"][2]["a"]["conv"]["b"]))) == 0.0
+
+
+def test_batchnorm_eval_uses_running_statistics(tiny_net):
+    params, stats, x = tiny_net
+    h = jax.random.normal(jax.random.key(2), (5, 3, 3, 4))
+    p = {"scale": jnp.array([1.0, 2.0, 0.5, 1.0]), "bias": jnp.array([0.0, 1.0, -1.0, 0.5])}
+    s = {"mean": jnp.array([0.1, -0.2, 0.3, 0.0]), "var": jnp.array([1.0, 4.0, 0.25, 2.0])}
+    y, s_eval = cifar.batch_norm(p, s, h, train=False)
+    np.testing.assert_allclose(y, (h - s["mean"]) / np.sqrt(s["var"] + 1e-5) * p["scale"] + p["bias"],
+                               rtol=1e-5, atol=1e-6)
+    assert s_eval is s
+    y, s_train = cifar.batch_norm(p, s, h, train=True)
+    mean, var = h.mean((0, 1, 2)), h.var((0, 1, 2))
+    np.testing.assert_allclose(y, (h - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s_train["mean"], 0.9 * s["mean"] + 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s_train["var"], 0.9 * s["var"] + 0.1 * var * 45 / 44, rtol=1e-5)
+    # Whole network: in eval mode an image's output depends on the running statistics, not on the other
+    # images of the batch; in train mode it depends on the batch.
+    _, trained_stats, _ = forward(params, stats, x, True)
+    other = x.at[2:].set(jax.random.uniform(jax.random.key(5), (4, 32, 32, 3)))
+    full = forward(params, trained_stats, x, False)[0]
+    np.testing.assert_allclose(forward(params, trained_stats, other, False)[0][:2], full[:2], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(forward(params, stats, x, False)[0], full, atol=1e-3)
+    train_logits = forward(params, stats, x, True)[0]
+    assert not np.allclose(forward(params, stats, other, True)[0][:2], train_logits[:2], atol=1e-3)
+
+
+def test_masked_logits_ignore_unseen_classes():
+    logits = jax.random.normal(jax.random.key(0), (6, 100))
+    labels = jnp.array([3, 0, 4, 1, 2, 3])
+    seen = jnp.arange(100) < 5
+    loss, correct = cifar.masked_loss_acc(logits.at[:, 50].set(1e4).at[:, 7].set(1e3), labels, seen)
+    np.testing.assert_allclose(loss, -jax.nn.log_softmax(logits[:, :5])[jnp.arange(6), labels], rtol=1e-5)
+    np.testing.assert_array_equal(correct, (jnp.argmax(logits[:, :5], 1) == labels).astype(jnp.float32))
+    grad = jax.jit(jax.grad(lambda z: jnp.sum(cifar.masked_loss_acc(z, labels, seen)[0])))(logits)
+    assert float(jnp.max(jnp.abs(grad[:, 5:]))) == 0.0 and float(jnp.min(jnp.abs(grad[:, :5]))) > 0.0
+
+
+# -------------------------------------------------------------------------------------------- end to end
+# CBP's end-to-end settings: every unit eligible at once, about one replacement per 32 units per step. (A rate
+# that replaces many units per step compiles much more slowly: the replacement loops are unrolled.)
+CBP = dict(replacement_rate=0.03, maturity_threshold=0)
+
+
+def static_for(**kw):
+    """The Static that main() builds for TINY (its compiled programs are then shared with these tests)."""
+    base = dict(width=4, dense_width=16, batch_size=10, momentum=0.9, classes_per_task=5, use_er=False, er_batch=5,
+                use_cbp=False, replacement_rate=0.0, decay_rate=0.99, maturity_threshold=100, use_snp=False,
+                feature_samples=100, eval_batch=100)
+    return cifar.Static(**{**base, **kw})
+
+
+def rule_free(static):
+    """main()'s settings for the programs that do not depend on the update rule (init, evaluation)."""
+    return static._replace(use_er=False, er_batch=0, use_snp=False, replacement_rate=0.0, decay_rate=0.0,
+                           maturity_threshold=0)
+
+
+def one_member(seed=0):
+    return cifar.Member(seed=jnp.array([seed], jnp.int32), lr=jnp.array([0.01]), weight_decay=jnp.array([0.0]),
+                        class_rank=jnp.asarray(np.argsort(np.random.default_rng(seed).permutation(100)))[None],
+                        er_lr=jnp.array([0.0]), perturb_scale=jnp.array([0.0]))
+
+
+@pytest.fixture(scope="module")
+def bp_alone(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("alone")
+    return [run(out, f"seed{s}", agent="bp", seed=s, data_dir=data_dir) for s in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def agent_runs(tmp_path_factory, data_dir, bp_alone):
+    out = tmp_path_factory.mktemp("agents")
+    results = {"bp": bp_alone[0]}
+    for agent in cifar.AGENTS[1:]:
+        extra = CBP if agent == "cbp" else {}
+        if agent == "l2":
+            extra = {"hessian_every": 1, "hessian_samples": 20, "hessian_batch": 10, "lanczos_iters": 4}
+        results[agent] = run(out, agent, agent=agent, data_dir=data_dir, **extra)
+    with np.load(out / "l2" / "hessian.npz") as h:
+        results["l2-hessian"] = {k: h[k] for k in h.files}
+    return results
+
+
+def test_every_agent_runs(agent_runs):
+    results = agent_runs
+    for agent in cifar.AGENTS:
+        m = results[agent]
+        assert m["test_acc"].shape == (1, 1, 2) and m["dead_units"].shape == (1, 1, 2, 2)
+        for k in KEYS:
+            assert np.all(np.isfinite(m[k])), (agent, k)
+        assert np.all((0 <= m["test_acc"]) & (m["test_acc"] <= 1)) and not m["diverged"].any()
+        assert m["class_order"].shape == (1, 1, 100)
+    h = results["l2-hessian"]  # spectra at init and end of both tasks, weights summing to 1 per probe
+    assert h["init_nodes"].shape == h["end_weights"].shape == (1, 1, 2, 1, 4)
+    np.testing.assert_array_equal(h["tasks"], [0, 1])
+    np.testing.assert_allclose(h["end_weights"].sum(-1), 1.0, rtol=1e-4)
+    assert np.all(np.isfinite(h["init_nodes"])) and not np.allclose(h["init_nodes"], h["end_nodes"])
+    # The regularizers change the results; RESET differs from BP only from the second task on.
+    for agent in ("l2", "er", "cbp", "snp"):
+        assert not np.allclose(results[agent]["param_norm"], results["bp"]["param_norm"]), agent
+    for k in KEYS:
+        np.testing.assert_array_equal(results["reset"][k][:, :, 0], results["bp"][k][:, :, 0], err_msg=k)
+
+
+def test_cbp_replaces_channels_with_their_batchnorm_and_optimizer_state(data_dir):
+    """Train step by step with the end-to-end CBP settings and check every unit right after its replacement."""
+    static = static_for(use_cbp=True, **CBP)
+    run_fn = lambda fn: cifar.member_runner(fn, mode="sequential", static=static)
+    init = cifar.member_runner(cifar.begin_task, mode="sequential", static=rule_free(static))
+    member = one_member()
+    data = {k: jnp.asarray(v) for k, v in cifar.load_cifar100(data_dir, None).items()}
+    sizes = cifar.cbp_layer_sizes(static)
+    state = init(None, member, jnp.int32(0))
+    seen_replaced = np.zeros(len(sizes), int)
+    for step in range(10):  # the 4-unit layers reach their first replacement (0.03 x 4 x 9 >= 1) at step 9
+        before = jax.tree.map(lambda v: np.asarray(v[0]), state)
+        state = run_fn(cifar.train_chunk)(state, member, data, *map(jnp.int32, (0, step, 1, 1)))
+        after = jax.tree.map(lambda v: np.asarray(v[0]), state)
+        p, s, mom = after["params"], after["stats"], after["opt"][1][0].trace
+        chosen = [np.flatnonzero(c.age == 0) for c in after["cbp"]]
+        expected = [int(np.floor(0.03 * n * (step + 1))) - int(np.floor(0.03 * n * step)) for n in sizes]
+        assert [len(c) for c in chosen] == expected, step
+        seen_replaced += [len(c) for c in chosen]
+        for i, replaced in enumerate(chosen[:8]):
+            if not len(replaced):
+                continue
+            a, b = p["blocks"][i]["a"], p["blocks"][i]["b"]
+            np.testing.assert_array_equal(b["conv"]["w"][:, :, replaced], 0.0)  # outgoing weights
+            fresh = a["conv"]["w"][..., replaced]  # new incoming weights from the init distribution
+            assert not np.allclose(fresh, before["params"]["blocks"][i]["a"]["conv"]["w"][..., replaced])
+            assert np.max(np.abs(fresh)) <= np.sqrt(6 / np.prod(fresh.shape[:3]))
+            np.testing.assert_array_equal(a["conv"]["b"][replaced], 0.0)
+            np.testing.assert_array_equal(a["bn"]["scale"][replaced], 1.0)
+            np.testing.assert_array_equal(a["bn"]["bias"][replaced], 0.0)
+            np.testing.assert_array_equal(s["blocks"][i]["a"]["mean"][replaced], 0.0)
+            np.testing.assert_array_equal(s["blocks"][i]["a"]["var"][replaced], 1.0)
+            m = mom["blocks"][i]
+            for leaf in (m["a"]["conv"]["b"], m["a"]["bn"]["scale"], m["a"]["bn"]["bias"], m["a"]["conv"]["w"].T,
+                         np.moveaxis(m["b"]["conv"]["w"], 2, 0)):
+                np.testing.assert_array_equal(leaf[replaced], 0.0)
+            kept = np.setdiff1d(np.arange(sizes[i]), replaced)  # the other channels' statistics went on
+            assert np.all(s["blocks"][i]["a"]["mean"][kept] != before["stats"]["blocks"][i]["a"]["mean"][kept])
+        for name, nxt, replaced in (("dense1", "dense2", chosen[8]), ("dense2", "head", chosen[9])):
+            np.testing.assert_array_equal(p[name]["b"][replaced], 0.0)
+            np.testing.assert_array_equal(mom[nxt]["w"][replaced], 0.0)
+            np.testing.assert_array_equal(mom[name]["w"][:, replaced], 0.0)
+            np.testing.assert_array_equal(mom[name]["b"][replaced], 0.0)
+        np.testing.assert_array_equal(p["head"]["w"][chosen[9]], 0.0)
+        # dense1's outgoing weights, except into dense2 units replaced (fresh incoming weights) in the same step
+        rest = np.setdiff1d(np.arange(16), chosen[9])
+        np.testing.assert_array_equal(p["dense2"]["w"][np.ix_(chosen[8], rest)], 0.0)
+    assert np.all(seen_replaced >= 1)
+
+
+def test_reset_reinitializes_everything(data_dir, agent_runs):
+    static, member = static_for(), one_member()
+    data = {k: jnp.asarray(v) for k, v in cifar.load_cifar100(data_dir, None).items()}
+    train = cifar.member_runner(cifar.train_chunk, mode="sequential", static=static)
+    init, evaluate = (cifar.member_runner(fn, mode="sequential", static=rule_free(static))
+                      for fn in (cifar.begin_task, cifar.evaluate))
+    first = init(None, member, jnp.int32(0))
+    fresh = init(None, member, jnp.int32(1))
+    trained = train(first, member, data, *map(jnp.int32, (0, 0, 1, 5)))
+    assert float(jnp.max(jnp.abs(trained["opt"][1][0].trace["head"]["w"]))) > 0
+    assert not np.allclose(trained["stats"]["stem"]["mean"], 0.0)
+    assert not np.allclose(fresh["params"]["dense1"]["w"], first["params"]["dense1"]["w"])
+    assert all(float(jnp.max(jnp.abs(v))) == 0 for v in jax.tree.leaves(fresh["opt"]))
+    np.testing.assert_array_equal(fresh["stats"]["stem"]["var"], 1.0)
+    # The reset run's second task equals training task 2 from that fresh network: nothing carried over.
+    fresh_trained = train(fresh, member, data, *map(jnp.int32, (1, 0, 1, 10)))
+    result = evaluate(fresh_trained, member, data, jnp.int32(1))
+    reset = agent_runs["reset"]
+    for k in ("test_acc", "test_loss", "param_norm", "effective_rank", "dead_units"):
+        np.testing.assert_allclose(reset[k][0, 0, 1], result[k][0], rtol=1e-6, err_msg=k)
+    assert not np.allclose(reset["param_norm"][0, 0, 1], agent_runs["bp"]["param_norm"][0, 0, 1])
+
+
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_seeds_together_equal_seeds_alone(tmp_path, data_dir, bp_alone, mode):
+    # Two lr configs x two seeds in one process; config 0 (lr 0.01) must match the single-seed runs.
+    together = run(tmp_path, mode, agent="bp", seeds=2, seed_mode=mode, lr=(0.01, 0.03), data_dir=data_dir)
+    assert together["test_acc"].shape == (2, 2, 2)
+    assert not np.allclose(together["param_norm"][1], together["param_norm"][0])
+    for s in (0, 1):
+        alone = {k: v[0, 0] for k, v in bp_alone[s].items()}
+        if mode == "map":  # the same single-member program inside lax.map: the same numbers
+            for k in KEYS:
+                np.testing.assert_allclose(together[k][0, s], alone[k], rtol=1e-6, err_msg=k)
+            continue
+        # vmap batches the convolutions, which rounds differently (steps agree to ~1e-7). A width-4 net on
+        # random pixels amplifies that over many steps (BatchNorm of near-constant channels), so the first
+        # task is compared tightly and later ones through the parameter norm.
+        for k in ("test_loss", "train_loss", "param_norm", "effective_rank"):
+            np.testing.assert_allclose(together[k][0, s, 0], alone[k][0], rtol=1e-4, err_msg=k)
+        np.testing.assert_array_equal(together["dead_units"][0, s, 0], alone["dead_units"][0])
+        np.testing.assert_allclose(together["param_norm"][0, s], alone["param_norm"], rtol=1e-4)
+
+
+def test_resume_matches_uninterrupted(tmp_path, data_dir, bp_alone, monkeypatch):
+    run(tmp_path, "resumed", agent="bp", tasks=1, data_dir=data_dir)
+    resumed = run(tmp_path, "resumed", agent="bp", resume=True, data_dir=data_dir)
+    for k in KEYS:
+        np.testing.assert_array_equal(resumed[k], bp_alone[0][k], err_msg=k)
+    # Killed in the middle of a task (after a checkpoint at epoch 1 of 2), then resumed.
+    uninterrupted = run(tmp_path, "two-epochs", agent="bp", epochs=2, chunk_epochs=1, data_dir=data_dir)
+    calls = []
+
+    def crash_on_second_update(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common.Progress, "update", crash_on_second_update)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "killed", agent="bp", epochs=2, chunk_epochs=1, checkpoint_minutes=0, data_dir=data_dir)
+    assert common.load_checkpoint(tmp_path / "killed")["epoch"] == 1
+    monkeypatch.undo()
+    resumed = run(tmp_path, "killed", agent="bp", epochs=2, chunk_epochs=1, resume=True, data_dir=data_dir)
+    for k in KEYS:
+        np.testing.assert_array_equal(resumed[k], uninterrupted[k], err_msg=k)
+    with pytest.raises(SystemExit, match="other settings"):
+        run(tmp_path, "killed", agent="bp", epochs=3, resume=True, data_dir=data_dir)
