@@ -328,6 +328,29 @@ def save_config(run_dir, args, configs, seeds):
     })
 
 
+def open_run(script, args, resume_free):
+    """The run directory and, with `args.resume`, the checkpoint to continue (None for a new run).
+
+    A resumed run must repeat the checkpoint's flags (`checkpoint["args"]`, as `asdict(args)` stored them)
+    except those named in `resume_free`; a new run refuses a folder that already holds a checkpoint.
+    """
+    if not args.resume:
+        if args.out_dir is not None and (Path(args.out_dir) / "checkpoint.pkl").exists():
+            fail(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
+        return make_run_dir(script, args.agent, args.out_dir), None
+    if args.out_dir is None:
+        fail("--resume needs --out-dir pointing at the run to continue")
+    run_dir = Path(args.out_dir)
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        fail(f"--resume: no checkpoint.pkl in {run_dir}")
+    saved = checkpoint["args"]
+    changed = sorted(k for k, v in asdict(args).items() if k not in resume_free and saved.get(k) != v)
+    if changed:
+        fail(f"--resume with different settings than the run in {run_dir}: {', '.join(changed)}")
+    return run_dir, checkpoint
+
+
 class _PRNGKeys(NamedTuple):
     """Pickle-able stand-in for a typed PRNG key array."""
     impl: str

@@ -553,25 +553,10 @@ def main(args):
     config_index, member_seeds = common.stack_members(configs, seeds)
     member_seeds = jnp.asarray(member_seeds, jnp.int32)
     hp = common.shard_members(member_hparams(configs, config_index))
-    # The flags as the checkpoint stores them (tuples come back from it as lists).
-    args_record = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
-
-    if args.resume:
-        if args.out_dir is None:
-            common.fail("--resume needs --out-dir pointing at the run to continue")
-        run_dir = Path(args.out_dir)
-        checkpoint = common.load_checkpoint(run_dir)
-        if checkpoint is None:
-            common.fail(f"--resume: no checkpoint.pkl in {run_dir}")
-        saved = checkpoint["args"]
-        changed = sorted(k for k, v in args_record.items() if k not in RESUMABLE and saved.get(k) != v)
-        if changed:
-            common.fail(f"--resume: flags differ from the run in {run_dir}: {', '.join(changed)}")
-        if checkpoint["next_task"] > args.tasks:
-            common.fail(f"--resume: the run already has {checkpoint['next_task']} tasks, --tasks is {args.tasks}")
     images = load_images(args)
-    if not args.resume:
-        run_dir = common.make_run_dir("imagenet", args.agent, args.out_dir)
+    run_dir, checkpoint = common.open_run("imagenet", args, RESUMABLE)
+    if checkpoint is not None and checkpoint["next_task"] > args.tasks:
+        common.fail(f"--resume: the run already has {checkpoint['next_task']} tasks, --tasks is {args.tasks}")
     common.save_config(run_dir, args, configs, seeds)
     orders = class_orders(seeds, images.shape[0])
 
@@ -599,7 +584,7 @@ def main(args):
 
     def checkpoint_now(next_task, members):
         common.save_checkpoint(run_dir, {
-            "next_task": next_task, "members": members, "args": args_record, "diverged": diverged,
+            "next_task": next_task, "members": members, "args": asdict(args), "diverged": diverged,
             "metrics": {k: v[:, :, :next_task] for k, v in metrics.items()},
             "spectra": {k: list(v) for k, v in spectra.items()}})
 

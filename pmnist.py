@@ -451,24 +451,12 @@ def main(args, dataset=None):
     member_seed = jnp.asarray(member_seed, jnp.int32)
     data = {k: jnp.asarray(v, jnp.uint8 if k.endswith("_x") else jnp.int32) for k, v in data.items()}
 
-    args_dict = asdict(args)
-    if args.resume:
-        if args.out_dir is None:
-            common.fail("--resume needs --out-dir pointing at the run to continue")
-        run_dir = Path(args.out_dir)
-        ckpt = common.load_checkpoint(run_dir)
-        if ckpt is None:
-            common.fail(f"no checkpoint.pkl in {run_dir} to resume from")
-        changed = [k for k in args_dict if k not in RESUME_FREE and ckpt["args"].get(k) != args_dict[k]]
-        if changed:
-            common.fail(f"--resume with different settings than the checkpoint: {', '.join(changed)}")
+    run_dir, ckpt = common.open_run("pmnist", args, RESUME_FREE)
+    if ckpt is not None:
         state, done = ckpt["state"], int(ckpt["tasks_done"])
         history, spectra_history, diverged = ckpt["history"], ckpt["spectra"], np.asarray(ckpt["diverged"])
         print(f"resuming {run_dir} after task {done}", flush=True)
     else:
-        if args.out_dir is not None and (Path(args.out_dir) / "checkpoint.pkl").exists():
-            common.fail(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
-        run_dir = common.make_run_dir("pmnist", args.agent, args.out_dir)
         state, done = jax.device_put(init_members(static, member_seed, in_dim)), 0
         history, spectra_history, diverged = {}, {"tasks": []}, np.zeros((num_configs, num_seeds), bool)
     common.save_config(run_dir, args, configs, seeds)
@@ -486,7 +474,7 @@ def main(args, dataset=None):
                             **{k: shaped(np.stack(v, axis=1)) for k, v in spectra_history.items() if k != "tasks"})
 
     def checkpoint():
-        common.save_checkpoint(run_dir, {"args": args_dict, "tasks_done": done, "state": state,
+        common.save_checkpoint(run_dir, {"args": asdict(args), "tasks_done": done, "state": state,
                                          "history": history, "spectra": spectra_history, "diverged": diverged})
 
     progress = common.Progress(args.tasks, "task", start_units=done)

@@ -337,3 +337,30 @@ def test_shard_members_over_two_host_devices():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "2", "1"]
+
+
+@dataclass
+class RunArgs:
+    agent: str = "bp"
+    lr: tuple = (0.01,)
+    tasks: int = 2
+    out_dir: str | None = None
+    resume: bool = False
+
+
+def test_open_run_new_resume_and_refusals(tmp_path):
+    from dataclasses import asdict, replace
+    args = RunArgs(out_dir=str(tmp_path / "run"))
+    run_dir, checkpoint = common.open_run("pmnist", args, resume_free=("tasks", "resume"))
+    assert run_dir == tmp_path / "run" and checkpoint is None
+    common.save_checkpoint(run_dir, {"args": asdict(args), "done": 1})
+    with pytest.raises(SystemExit, match="already holds a run"):
+        common.open_run("pmnist", args, resume_free=("tasks", "resume"))
+    resumed_dir, checkpoint = common.open_run("pmnist", replace(args, resume=True, tasks=5), ("tasks", "resume"))
+    assert resumed_dir == run_dir and checkpoint["done"] == 1
+    with pytest.raises(SystemExit, match="different settings.*lr"):
+        common.open_run("pmnist", replace(args, resume=True, lr=(0.1,)), ("tasks", "resume"))
+    with pytest.raises(SystemExit, match="needs --out-dir"):
+        common.open_run("pmnist", RunArgs(resume=True), ("tasks", "resume"))
+    with pytest.raises(SystemExit, match="no checkpoint.pkl"):
+        common.open_run("pmnist", RunArgs(resume=True, out_dir=str(tmp_path / "none")), ("tasks", "resume"))

@@ -294,7 +294,7 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
         np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
     jax.tree.map(np.testing.assert_array_equal, checkpoint(tmp_path / "cut")["members"],
                  checkpoint(tmp_path / "full")["members"])
-    with pytest.raises(SystemExit, match="flags differ.*lr"):
+    with pytest.raises(SystemExit, match="different settings.*lr"):
         run(data_dir, tmp_path / "cut", agent="cbp", resume=True, lr=(0.5,), tasks=3, **CBP_TINY)
 
 
