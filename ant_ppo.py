@@ -1,0 +1,849 @@
+"""Slippery Ant (paper App. J; Dohare et al. 2024): PPO on MuJoCo MJX while the ground friction changes.
+
+The standard Ant (torso sphere, four two-segment legs, 8 hinge motors) runs in MJX with the Newton solver
+(1 iteration, 4 line-search iterations), timestep 0.01 s and 5 physics steps per env step. Every
+`--change-every` env steps the sliding friction of every geom jumps to a new value, log-uniform in
+[0.02, 2.0] and drawn from the seed (MJX gives a contact the larger of its two geoms' frictions, so setting
+only the floor would change nothing). PPO (Table 8) trains a separate actor (Gaussian, state-independent
+log-std) and critic, each with one ReLU hidden layer, continually, never reset. Agents (Table 7 best values):
+bp, l2 (coupled weight decay), er (effective-rank ascent on the actor and critic hidden layers, once per
+epoch on the rollout's observations), l2-er, cbp (continual backprop with L2, as the paper).
+
+Seeds (and swept configs) train together under one vmap, PureJaxRL style: one update = rollout + GAE + 10
+epochs of minibatch Adam, and a chunk of updates is one `lax.scan` inside one `jax.jit`.
+
+    python ant_ppo.py --agent l2-er --seeds 5      # 10M env steps per seed, 5 friction phases
+"""
+import contextlib
+import io
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import mujoco
+import numpy as np
+import tyro
+
+with contextlib.redirect_stdout(io.StringIO()):  # mjx prints a notice when its optional Warp backend is absent
+    from mujoco import mjx
+
+import common
+import hessian
+
+AGENTS = ("bp", "l2", "er", "l2-er", "cbp")
+# Table 7 best values (fixed learning rate 1e-4 everywhere). The paper gives no best weight decay for CBP+L2
+# ("-"); we use 1e-3, the best weight decay of L2 and L2-ER on the same grid.
+AGENT_DEFAULTS = {
+    "bp": dict(lr=1e-4, weight_decay=0.0, er_lr=0.0, replacement_rate=0.0),
+    "l2": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=0.0),
+    "er": dict(lr=1e-4, weight_decay=0.0, er_lr=1e-7, replacement_rate=0.0),
+    "l2-er": dict(lr=1e-4, weight_decay=1e-3, er_lr=1e-6, replacement_rate=0.0),
+    "cbp": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=1e-7),
+}
+ER_AGENTS = ("er", "l2-er")
+LAYER_NAMES = ("actor_hidden", "critic_hidden")
+
+
+@dataclass
+class Args:
+    agent: Literal["bp", "l2", "er", "l2-er", "cbp"] = "bp"
+    """algorithm: bp, l2, er, l2-er, cbp (CBP with L2, as the paper); defaults are Table 7's best values"""
+    seed: int = 0
+    """base seed; seeds seed .. seed+seeds-1 train together. A seed fixes the init, the env noise and the
+    friction schedule"""
+    seeds: int = 1
+    """number of seeds trained together (the paper: 5)"""
+    lr: tuple[float, ...] | None = None
+    """Adam learning rate(s) (default: the agent's, 1e-4); several values are swept together"""
+    weight_decay: tuple[float, ...] | None = None
+    """coupled L2 weight decay(s) added to the gradient (default: the agent's; 0 for bp and er)"""
+    er_lr: tuple[float, ...] | None = None
+    """effective-rank ascent step size(s) (er: 1e-7, l2-er: 1e-6); only for er and l2-er"""
+    replacement_rate: float | None = None
+    """CBP units replaced per optimizer step, as a fraction of the mature units (default 1e-7); only for cbp"""
+    decay_rate: float = 0.99
+    """CBP running-average decay of the contribution utility (Table 8)"""
+    maturity_threshold: int = 10_000
+    """CBP: optimizer steps a unit must survive before it can be replaced (Table 8)"""
+    beta1: float = 0.9
+    """Adam beta_1 (Table 8)"""
+    beta2: float = 0.999
+    """Adam beta_2 (Table 8)"""
+    adam_eps: float = 1e-5
+    """Adam epsilon (not in the paper; 1e-5 as in PureJaxRL's PPO)"""
+    total_steps: int = 10_000_000
+    """env steps per seed; rounded down to whole updates of --num-steps samples"""
+    num_envs: int = 64
+    """parallel environments per seed; each rolls out num-steps / num-envs steps per update. The paper uses 1
+    (2048-step rollouts), which leaves a GPU idle (1.44 ms per env step on an H100 vs 1.69 ms for 64 envs);
+    64 envs x 32 steps keeps the 2048 samples per update and runs ~25x faster. --num-envs 1 is the paper's
+    exact setting"""
+    num_steps: int = 2048
+    """samples per PPO update (Table 8 num_steps x num_envs)"""
+    update_epochs: int = 10
+    """passes over each update's samples (Table 8)"""
+    num_minibatches: int = 128
+    """minibatches per epoch (Table 8): 2048 / 128 = 16 samples per Adam step"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_eps: float = 0.2
+    """PPO ratio clipping"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 1.0
+    """value loss coefficient"""
+    hidden_size: int = 256
+    """units of the single hidden layer of the actor and of the critic"""
+    normalize_obs: bool = True
+    """normalize observations by running mean and variance over every observation seen (PureJaxRL's
+    continuous-control PPO does this; the paper does not say)"""
+    change_every: int = 2_000_000
+    """env steps (per seed) between friction changes; a multiple of --num-envs, so a change falls exactly on
+    env step k * change_every"""
+    friction_range: tuple[float, float] = (0.02, 2.0)
+    """frictions are log-uniform in this range, one per phase, drawn from the seed"""
+    fixed_friction: float | None = None
+    """use this friction for the whole run instead of the slippery schedule (e.g. 1.0 for a plain Ant)"""
+    episode_length: int = 1000
+    """env steps before a time-out (the value of the last state is bootstrapped)"""
+    hessian_every_phase: bool = False
+    """Hessian spectrum (SLQ) of the PPO loss on a fresh rollout of num-steps samples at the start ("init":
+    the previous phase's final parameters on the new friction) and end of every friction phase"""
+    hessian_iters: int = 100
+    """Lanczos iterations per probe"""
+    hessian_probes: int = 1
+    """Gaussian probes per spectrum"""
+    updates_per_chunk: int = 100
+    """updates per jitted lax.scan call (one progress line each); chunks also end at friction changes"""
+    fast_compile: bool = False
+    """compile without XLA's backend optimizations: about half the compile time, slower steps (for quick
+    CPU checks and the tests)"""
+    checkpoint_minutes: float = 5.0
+    """write checkpoint.pkl after the first chunk that ends this many minutes after the last one"""
+    out_dir: str | None = None
+    """run directory (default: runs/ant_ppo__<agent>__<UTC stamp>/)"""
+    resume: bool = False
+    """continue the run in --out-dir from its checkpoint.pkl (--total-steps may be raised)"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment: the standard Ant. Geometry, joint ranges, gear and contact settings follow the Ant of Gym and
+# Brax (brax/envs/assets/ant.xml, Copyright Google LLC, Apache License 2.0), rewritten here; solver settings
+# are those Brax uses for its MJX Ant.
+# ----------------------------------------------------------------------------------------------------------
+ANT_XML = """
+<mujoco model="ant">
+  <compiler angle="degree" inertiafromgeom="true"/>
+  <option timestep="0.01" solver="Newton" iterations="1" ls_iterations="4">
+    <flag eulerdamp="disable"/>
+  </option>
+  <default>
+    <joint limited="true" armature="1" damping="1"/>
+    <geom contype="1" conaffinity="0" condim="3" density="5.0" friction="1 0.5 0.5" margin="0.01"/>
+  </default>
+  <worldbody>
+    <geom name="floor" type="plane" size="40 40 40" conaffinity="1"/>
+    <body name="torso" pos="0 0 0.75">
+      <freejoint name="root"/>
+      <geom name="torso" type="sphere" size="0.25"/>
+      <body name="front_left_leg">
+        <geom type="capsule" size="0.08" fromto="0 0 0 0.2 0.2 0"/>
+        <body pos="0.2 0.2 0">
+          <joint name="hip_1" type="hinge" axis="0 0 1" range="-30 30"/>
+          <geom type="capsule" size="0.08" fromto="0 0 0 0.2 0.2 0"/>
+          <body pos="0.2 0.2 0">
+            <joint name="ankle_1" type="hinge" axis="-1 1 0" range="30 70"/>
+            <geom type="capsule" size="0.08" fromto="0 0 0 0.4 0.4 0"/>
+          </body>
+        </body>
+      </body>
+      <body name="front_right_leg">
+        <geom type="capsule" size="0.08" fromto="0 0 0 -0.2 0.2 0"/>
+        <body pos="-0.2 0.2 0">
+          <joint name="hip_2" type="hinge" axis="0 0 1" range="-30 30"/>
+          <geom type="capsule" size="0.08" fromto="0 0 0 -0.2 0.2 0"/>
+          <body pos="-0.2 0.2 0">
+            <joint name="ankle_2" type="hinge" axis="1 1 0" range="-70 -30"/>
+            <geom type="capsule" size="0.08" fromto="0 0 0 -0.4 0.4 0"/>
+          </body>
+        </body>
+      </body>
+      <body name="back_left_leg">
+        <geom type="capsule" size="0.08" fromto="0 0 0 -0.2 -0.2 0"/>
+        <body pos="-0.2 -0.2 0">
+          <joint name="hip_3" type="hinge" axis="0 0 1" range="-30 30"/>
+          <geom type="capsule" size="0.08" fromto="0 0 0 -0.2 -0.2 0"/>
+          <body pos="-0.2 -0.2 0">
+            <joint name="ankle_3" type="hinge" axis="-1 1 0" range="-70 -30"/>
+            <geom type="capsule" size="0.08" fromto="0 0 0 -0.4 -0.4 0"/>
+          </body>
+        </body>
+      </body>
+      <body name="back_right_leg">
+        <geom type="capsule" size="0.08" fromto="0 0 0 0.2 -0.2 0"/>
+        <body pos="0.2 -0.2 0">
+          <joint name="hip_4" type="hinge" axis="0 0 1" range="-30 30"/>
+          <geom type="capsule" size="0.08" fromto="0 0 0 0.2 -0.2 0"/>
+          <body pos="0.2 -0.2 0">
+            <joint name="ankle_4" type="hinge" axis="1 1 0" range="30 70"/>
+            <geom type="capsule" size="0.08" fromto="0 0 0 0.4 -0.4 0"/>
+          </body>
+        </body>
+      </body>
+    </body>
+  </worldbody>
+  <actuator>
+    <motor joint="hip_1" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="ankle_1" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="hip_2" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="ankle_2" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="hip_3" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="ankle_3" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="hip_4" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="ankle_4" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+  </actuator>
+</mujoco>
+"""
+SUBSTEPS = 5              # physics steps per env step
+DT = 0.01 * SUBSTEPS      # seconds per env step
+OBS_DIM, ACT_DIM = 27, 8  # qpos without x, y (13) + qvel (14); 8 motors
+HEALTHY_Z = (0.2, 1.0)    # the episode ends when the torso height leaves this interval
+HEALTHY_REWARD, CTRL_COST = 1.0, 0.5
+RESET_NOISE = 0.1         # qpos += U(-0.1, 0.1), qvel = 0.1 N(0, 1) at reset (as Gym / Brax)
+
+
+@lru_cache(maxsize=None)
+def ant_model():
+    """The Ant as (MjModel, MJX model); built once per process."""
+    mj_model = mujoco.MjModel.from_xml_string(ANT_XML)
+    with jax.ensure_compile_time_eval():  # concrete arrays even when first called inside a jit trace
+        return mj_model, mjx.put_model(mj_model)
+
+
+class EnvState(NamedTuple):
+    """Everything an Ant env carries between steps (MJX recomputes the rest of mjx.Data every step)."""
+    qpos: jax.Array       # [15] free joint (x, y, z, quaternion) + 8 hinges
+    qvel: jax.Array       # [14]
+    warmstart: jax.Array  # [14] solver warm start (qacc of the previous step)
+    t: jax.Array          # int32 env steps since the episode began
+    ret: jax.Array        # undiscounted return of the episode so far
+
+
+class StepInfo(NamedTuple):
+    reward: jax.Array
+    terminated: jax.Array   # torso height left HEALTHY_Z (no bootstrap)
+    truncated: jax.Array    # time-out while healthy (bootstrap from final_obs)
+    final_obs: jax.Array    # observation after the step, before any auto-reset
+    episode_return: jax.Array  # return of the episode that ended at this step (meaningful where done)
+
+
+def observe(state):
+    return jnp.concatenate([state.qpos[2:], state.qvel])
+
+
+def env_reset(key):
+    mj_model, _ = ant_model()
+    k_pos, k_vel = jax.random.split(key)
+    qpos = jnp.asarray(mj_model.qpos0, jnp.float32)
+    qpos = qpos + jax.random.uniform(k_pos, qpos.shape, jnp.float32, -RESET_NOISE, RESET_NOISE)
+    qpos = qpos.at[3:7].set(qpos[3:7] / jnp.linalg.norm(qpos[3:7]))  # keep the quaternion a rotation
+    qvel = RESET_NOISE * jax.random.normal(k_vel, (mj_model.nv,), jnp.float32)
+    return EnvState(qpos, qvel, jnp.zeros(mj_model.nv, jnp.float32), jnp.zeros((), jnp.int32),
+                    jnp.zeros((), jnp.float32))
+
+
+def with_friction(model, friction):
+    """The MJX model with the sliding friction of every geom set to `friction` (may be traced)."""
+    return model.replace(geom_friction=model.geom_friction.at[:, 0].set(friction))
+
+
+def env_step(state, action, friction, reset_key, episode_length):
+    """One env step (5 physics steps) of one Ant at the given friction, with auto-reset on done."""
+    _, model = ant_model()
+    model = with_friction(model, friction)
+    action = jnp.clip(action, -1.0, 1.0)
+    data = mjx.make_data(model).replace(qpos=state.qpos, qvel=state.qvel, qacc_warmstart=state.warmstart,
+                                        ctrl=action)
+    data = jax.lax.fori_loop(0, SUBSTEPS, lambda _, d: mjx.step(model, d), data)
+    forward_velocity = (data.qpos[0] - state.qpos[0]) / DT
+    reward = forward_velocity + HEALTHY_REWARD - CTRL_COST * jnp.sum(jnp.square(action))
+    z = data.qpos[2]
+    terminated = ~((z > HEALTHY_Z[0]) & (z < HEALTHY_Z[1]))
+    t = state.t + 1
+    truncated = (t >= episode_length) & ~terminated
+    after = EnvState(data.qpos, data.qvel, data.qacc_warmstart, t, state.ret + reward)
+    done = terminated | truncated
+    fresh = env_reset(reset_key)
+    next_state = jax.tree.map(lambda r, a: jnp.where(done, r, a), fresh, after)
+    return next_state, StepInfo(reward, terminated, truncated, observe(after), after.ret)
+
+
+def phase_friction(friction_key, phase, friction_range, fixed_friction):
+    """Friction of phase `phase` (may be traced): log-uniform in friction_range, a function of the seed's
+    friction key and the phase alone; or the fixed friction."""
+    if fixed_friction is not None:
+        return jnp.float32(fixed_friction)
+    low, high = math.log(friction_range[0]), math.log(friction_range[1])
+    u = jax.random.uniform(jax.random.fold_in(friction_key, phase))
+    return jnp.exp(low + u * (high - low))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Actor-critic (App. J.1): separate networks, one ReLU hidden layer each; Gaussian policy with a
+# state-independent log standard deviation. Zero biases.
+# ----------------------------------------------------------------------------------------------------------
+def init_params(key, hidden):
+    """Kaiming-uniform layers, except the actor's output weights, scaled by 0.01 so the first policy is
+    centred on zero action (as PureJaxRL's PPO, whose head is initialized at scale 0.01): a plain Kaiming
+    head puts most initial action means beyond the [-1, 1] motor range."""
+    k = jax.random.split(key, 4)
+    actor_out = common.dense_init(k[1], hidden, ACT_DIM)
+    return {"actor": {"hidden": common.dense_init(k[0], OBS_DIM, hidden),
+                      "out": {"w": 0.01 * actor_out["w"], "b": actor_out["b"]},
+                      "log_std": jnp.zeros(ACT_DIM, jnp.float32)},
+            "critic": {"hidden": common.dense_init(k[2], OBS_DIM, hidden),
+                       "out": common.dense_init(k[3], hidden, 1)}}
+
+
+def dense(layer, x):
+    return x @ layer["w"] + layer["b"]
+
+
+def actor_apply(actor, obs):
+    """-> (action mean, log std, hidden activations)."""
+    h = jax.nn.relu(dense(actor["hidden"], obs))
+    return dense(actor["out"], h), actor["log_std"], h
+
+
+def critic_apply(critic, obs):
+    """-> (value, hidden activations)."""
+    h = jax.nn.relu(dense(critic["hidden"], obs))
+    return dense(critic["out"], h)[..., 0], h
+
+
+def hidden_features(params, obs):
+    """Post-ReLU hidden features of the actor and the critic: the layers ER, CBP and the metrics act on."""
+    return [actor_apply(params["actor"], obs)[2], critic_apply(params["critic"], obs)[1]]
+
+
+def hidden_ranks(features):
+    """common.effective_rank of each [n, d] feature matrix, one after the other. On a CPU, vmapped (batched)
+    LAPACK eigensolvers that run at the same time can deadlock XLA's thread pool (each waits for work queued
+    behind the other), so each waits for the previous rank."""
+    ranks = []
+    for f in features:
+        if ranks:
+            f, _ = jax.lax.optimization_barrier((f, ranks[-1]))
+        ranks.append(common.effective_rank(f))
+    return jnp.stack(ranks)
+
+
+def er_step(params, obs, er_lr):
+    """ER (App. D, REFERENCE.md): one plain gradient-ascent step, outside the optimizer, on the mean effective
+    rank of the actor's and the critic's hidden features (common.er_ascent, with the ranks serialized)."""
+    grads = jax.grad(lambda p: jnp.mean(hidden_ranks(hidden_features(p, obs))))(params)
+    return jax.tree.map(lambda p, g: p + er_lr * g, params, grads)
+
+
+def gaussian_log_prob(action, mean, log_std):
+    return jnp.sum(-0.5 * jnp.square((action - mean) / jnp.exp(log_std)) - log_std - 0.5 * math.log(2 * math.pi),
+                   axis=-1)
+
+
+class Batch(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    log_prob: jax.Array   # under the policy that acted
+    advantage: jax.Array
+    target: jax.Array     # value target (advantage + value)
+
+
+def ppo_loss(params, batch, static):
+    """Clipped PPO objective + value loss - entropy bonus (advantages normalized over the batch).
+    Returns (loss, (actor hidden, critic hidden))."""
+    mean, log_std, h_actor = actor_apply(params["actor"], batch.obs)
+    ratio = jnp.exp(gaussian_log_prob(batch.action, mean, log_std) - batch.log_prob)
+    adv = (batch.advantage - batch.advantage.mean()) / (batch.advantage.std() + 1e-8)
+    policy_loss = -jnp.mean(jnp.minimum(ratio * adv,
+                                        jnp.clip(ratio, 1 - static.clip_eps, 1 + static.clip_eps) * adv))
+    value, h_critic = critic_apply(params["critic"], batch.obs)
+    value_loss = 0.5 * jnp.mean(jnp.square(value - batch.target))
+    entropy = jnp.sum(log_std + 0.5 * math.log(2 * math.pi * math.e))
+    return policy_loss + static.vf_coef * value_loss - static.ent_coef * entropy, (h_actor, h_critic)
+
+
+def gae(values, rewards, dones, last_value, gamma, lam):
+    """Generalized advantage estimation over a [T, envs] rollout with a reverse lax.scan.
+    `dones[t]` ends the episode after step t (time-outs already carry gamma * V(final obs) in their reward).
+    Returns (advantages, value targets)."""
+    def back(carry, x):
+        next_adv, next_value = carry
+        value, reward, done = x
+        keep = 1.0 - done
+        delta = reward + gamma * next_value * keep - value
+        adv = delta + gamma * lam * keep * next_adv
+        return (adv, value), adv
+
+    _, advantages = jax.lax.scan(back, (jnp.zeros_like(last_value), last_value),
+                                 (values, rewards, dones.astype(values.dtype)), reverse=True)
+    return advantages, advantages + values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Observation normalization: running mean / variance over every observation the policy has seen
+# ----------------------------------------------------------------------------------------------------------
+class ObsStats(NamedTuple):
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+
+def obs_stats_init():
+    return ObsStats(jnp.zeros(OBS_DIM, jnp.float32), jnp.ones(OBS_DIM, jnp.float32), jnp.float32(1e-4))
+
+
+def obs_stats_update(stats, obs):
+    """Merge a batch [n, OBS_DIM] into the running moments (parallel-variance formula)."""
+    n = obs.shape[0]
+    batch_mean, batch_var = obs.mean(0), obs.var(0)
+    total = stats.count + n
+    delta = batch_mean - stats.mean
+    mean = stats.mean + delta * n / total
+    var = (stats.var * stats.count + batch_var * n + jnp.square(delta) * stats.count * n / total) / total
+    return ObsStats(mean, var, total)
+
+
+def normalize(stats, obs):
+    return (obs - stats.mean) / jnp.sqrt(stats.var + 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One member (a config x seed pair): state, rollout, update, Hessian measurement
+# ----------------------------------------------------------------------------------------------------------
+class Static(NamedTuple):
+    """Everything that shapes the compiled program (hashable)."""
+    num_envs: int
+    num_steps: int
+    update_epochs: int
+    num_minibatches: int
+    hidden_size: int
+    gamma: float
+    gae_lambda: float
+    clip_eps: float
+    ent_coef: float
+    vf_coef: float
+    beta1: float
+    beta2: float
+    adam_eps: float
+    normalize_obs: bool
+    use_er: bool
+    use_cbp: bool
+    replacement_rate: float
+    decay_rate: float
+    maturity_threshold: int
+    change_every: int
+    friction_range: tuple
+    fixed_friction: float | None
+    episode_length: int
+    updates_per_chunk: int
+    hessian_iters: int
+    hessian_probes: int
+    fast_compile: bool
+
+
+class Hyper(NamedTuple):
+    """Per-member hyperparameters (traced, so a sweep is one compiled program)."""
+    lr: jax.Array
+    weight_decay: jax.Array
+    er_lr: jax.Array
+
+
+class MemberState(NamedTuple):
+    params: dict
+    opt_state: tuple
+    cbp: tuple             # (actor CBPState, critic CBPState) for cbp, else ()
+    obs_stats: ObsStats
+    env: EnvState          # batched over num_envs
+    steps: jax.Array       # int32 env steps done (per seed)
+    key: jax.Array         # training key (rollout noise, minibatch order, CBP init)
+    friction_key: jax.Array
+    hessian_key: jax.Array
+
+
+class Transition(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array      # env reward, + gamma * V(final obs) on time-outs
+    done: jax.Array
+    episode_return: jax.Array
+    friction: jax.Array
+
+
+def schedule(static, friction_key):
+    """The slippery schedule: friction of the vector step that starts after `s` env steps of this seed."""
+    return lambda s: phase_friction(friction_key, s // static.change_every, static.friction_range,
+                                    static.fixed_friction)
+
+
+def optimizer(static, hyper):
+    return common.adam(hyper.lr, static.beta1, static.beta2, static.adam_eps, hyper.weight_decay)
+
+
+def init_member(static, seed):
+    key = jax.random.key(seed)
+    params = init_params(jax.random.fold_in(key, 0), static.hidden_size)
+    opt_state = common.adam(1.0, static.beta1, static.beta2, static.adam_eps, 0.0).init(params)
+    cbp = (common.cbp_init(static.hidden_size), common.cbp_init(static.hidden_size)) if static.use_cbp else ()
+    env = jax.vmap(env_reset)(jax.random.split(jax.random.fold_in(key, 1), static.num_envs))
+    return MemberState(params, opt_state, cbp, obs_stats_init(), env, jnp.zeros((), jnp.int32),
+                       jax.random.fold_in(key, 2), jax.random.fold_in(key, 3), jax.random.fold_in(key, 4))
+
+
+def rollout(static, params, env, obs_stats, steps, key, friction_of_step):
+    """num_steps / num_envs vector steps of all envs under the current policy. `friction_of_step(s)` gives
+    the friction of a vector step that starts after s env steps. Returns ((env, obs_stats, steps), Transition
+    [T, envs], normalized obs after the last step)."""
+    step_fn = jax.vmap(env_step, in_axes=(0, 0, None, 0, None))
+
+    def one(carry, key_t):
+        env, obs_stats, steps = carry
+        obs = jax.vmap(observe)(env)
+        if static.normalize_obs:
+            obs_stats = obs_stats_update(obs_stats, obs)
+            obs = normalize(obs_stats, obs)
+        k_act, k_reset = jax.random.split(key_t)
+        mean, log_std, _ = actor_apply(params["actor"], obs)
+        action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
+        value, _ = critic_apply(params["critic"], obs)
+        friction = friction_of_step(steps)
+        env, info = step_fn(env, action, friction, jax.random.split(k_reset, static.num_envs),
+                            static.episode_length)
+        final_obs = normalize(obs_stats, info.final_obs) if static.normalize_obs else info.final_obs
+        reward = info.reward + static.gamma * critic_apply(params["critic"], final_obs)[0] * info.truncated
+        transition = Transition(obs, action, gaussian_log_prob(action, mean, log_std), value, reward,
+                                info.terminated | info.truncated, info.episode_return,
+                                jnp.full(static.num_envs, friction))
+        return (env, obs_stats, steps + static.num_envs), transition
+
+    length = static.num_steps // static.num_envs
+    (env, obs_stats, steps), traj = jax.lax.scan(one, (env, obs_stats, steps), jax.random.split(key, length))
+    last_obs = jax.vmap(observe)(env)
+    last_obs = normalize(obs_stats, last_obs) if static.normalize_obs else last_obs
+    return (env, obs_stats, steps), traj, last_obs
+
+
+def make_batch(static, params, traj, last_obs):
+    """Flatten a rollout into [num_steps] samples with GAE advantages and value targets."""
+    last_value, _ = critic_apply(params["critic"], last_obs)
+    advantages, targets = gae(traj.value, traj.reward, traj.done, last_value, static.gamma, static.gae_lambda)
+    flat = lambda x: x.reshape((static.num_steps,) + x.shape[2:])
+    return Batch(flat(traj.obs), flat(traj.action), flat(traj.log_prob), flat(advantages), flat(targets))
+
+
+def cbp_step(static, opt, params, opt_state, cbp, hiddens, key):
+    """Continual backprop on the actor and critic hidden layers after an optimizer step (Dohare et al.):
+    select low-utility mature units from this minibatch's activations, re-initialize them (outgoing weights
+    0) and zero their Adam moments."""
+    max_replace = common.cbp_max_replace(static.replacement_rate, static.hidden_size)
+    params = {net: dict(p) for net, p in params.items()}
+    keep = jax.tree.map(jnp.ones_like, params)
+    new_cbp = []
+    for net, h, state, k in zip(("actor", "critic"), hiddens, cbp, jax.random.split(key, 2)):
+        p = params[net]
+        state, idx, valid = common.cbp_select(state, h, p["out"]["w"], replacement_rate=static.replacement_rate,
+                                              decay_rate=static.decay_rate,
+                                              maturity_threshold=static.maturity_threshold,
+                                              max_replace=max_replace)
+        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+            k, p["hidden"]["w"], p["hidden"]["b"], p["out"]["w"], idx, valid)
+        p["hidden"] = {"w": w_in, "b": b_in}
+        p["out"] = {"w": w_out, "b": p["out"]["b"]}
+        keep[net]["hidden"] = {"w": keep_in, "b": keep_b}
+        keep[net]["out"]["w"] = keep_out
+        new_cbp.append(state)
+    return params, common.mask_opt_state(opt, opt_state, keep), tuple(new_cbp)
+
+
+def update(static, state, hyper):
+    """One PPO update of one member: rollout, GAE, update_epochs x num_minibatches Adam steps (+ CBP after
+    each, + one ER ascent step after each epoch). Returns (new state, metrics of this update)."""
+    opt = optimizer(static, hyper)
+    key, k_roll, k_epochs = jax.random.split(state.key, 3)
+    (env, obs_stats, steps), traj, last_obs = rollout(static, state.params, state.env, state.obs_stats,
+                                                      state.steps, k_roll, schedule(static, state.friction_key))
+    batch = make_batch(static, state.params, traj, last_obs)
+    mb_size = static.num_steps // static.num_minibatches
+
+    def minibatch_step(carry, xs):
+        params, opt_state, cbp = carry
+        mb, k_cbp = xs
+        (loss, hiddens), grads = jax.value_and_grad(lambda p: ppo_loss(p, mb, static), has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+        if static.use_cbp:
+            params, opt_state, cbp = cbp_step(static, opt, params, opt_state, cbp, hiddens, k_cbp)
+        return (params, opt_state, cbp), loss
+
+    def epoch(carry, key_e):
+        k_perm, k_cbp = jax.random.split(key_e)
+        perm = jax.random.permutation(k_perm, static.num_steps)
+        mbs = jax.tree.map(lambda x: x[perm].reshape((static.num_minibatches, mb_size) + x.shape[1:]), batch)
+        carry, losses = jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(k_cbp, static.num_minibatches)))
+        if static.use_er:
+            carry = (er_step(carry[0], batch.obs, hyper.er_lr),) + carry[1:]
+        return carry, losses.mean()
+
+    (params, opt_state, cbp), losses = jax.lax.scan(epoch, (state.params, state.opt_state, state.cbp),
+                                                    jax.random.split(k_epochs, static.update_epochs))
+    feats = hidden_features(params, batch.obs)
+    done = traj.done.astype(jnp.float32)
+    episodes = done.sum()
+    metrics = {
+        "episodic_return": jnp.where(episodes > 0, (traj.episode_return * done).sum() / jnp.maximum(episodes, 1),
+                                     jnp.nan),
+        "episodes": episodes.astype(jnp.int32),
+        "friction": traj.friction[-1, 0],
+        "loss": losses.mean(),
+        "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.int32),
+        "effective_rank": hidden_ranks(feats),
+        "param_norm": common.param_norm(params),
+    }
+    new_state = MemberState(params, opt_state, cbp, obs_stats, env, steps, key, state.friction_key,
+                            state.hessian_key)
+    return new_state, metrics
+
+
+def hessian_member(static, state, phase, which):
+    """SLQ spectrum of the PPO loss (task loss only: no L2 / ER term) at the member's current parameters, on
+    a fresh rollout of num_steps samples at phase `phase`'s friction from a copy of the envs (training is
+    untouched). `which` (0 init, 1 end) only picks the probe key."""
+    key = jax.random.fold_in(jax.random.fold_in(state.hessian_key, phase), which)
+    k_roll, k_slq = jax.random.split(key)
+    friction = phase_friction(state.friction_key, phase, static.friction_range, static.fixed_friction)
+    _, traj, last_obs = rollout(static, state.params, state.env, state.obs_stats, state.steps, k_roll,
+                                lambda s: friction)
+    batch = make_batch(static, state.params, traj, last_obs)
+    return hessian.slq(lambda p: ppo_loss(p, batch, static)[0], state.params, k_slq,
+                       static.hessian_iters, static.hessian_probes)
+
+
+@lru_cache(maxsize=None)
+def build(static):
+    """Jitted functions over all members (leading axis), compiled once per Static."""
+    jit = partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0} if static.fast_compile else None)
+
+    @jit
+    def init(seeds):
+        return jax.vmap(lambda s: init_member(static, s))(seeds)
+
+    # jit-wrapped so that its trace is cached: eval_shape below and the cond reuse one trace.
+    step = jax.jit(jax.vmap(lambda s, h: update(static, s, h)))
+
+    @jit
+    def run_chunk(states, hypers, num_updates):
+        """updates_per_chunk updates of every member; those at index >= num_updates are skipped (so chunks
+        cut at friction changes reuse the same program). Metrics of skipped updates are zeros."""
+        metric_shapes = jax.eval_shape(step, states, hypers)[1]
+
+        def body(states, i):
+            skip = lambda s: (s, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes))
+            return jax.lax.cond(i < num_updates, lambda s: step(s, hypers), skip, states)
+
+        return jax.lax.scan(body, states, jnp.arange(static.updates_per_chunk))
+
+    @jit
+    def measure_hessian(states, phase, which):
+        return jax.vmap(lambda s: hessian_member(static, s, phase, which))(states)
+
+    return init, run_chunk, measure_hessian
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------
+def resolve(args):
+    """Validate the flags and fill in the agent defaults -> (configs, Static)."""
+    if args.agent not in AGENT_DEFAULTS:
+        common.fail(f"unknown agent {args.agent!r}; choose one of {', '.join(AGENTS)}")
+    defaults = AGENT_DEFAULTS[args.agent]
+    if args.er_lr is not None and args.agent not in ER_AGENTS:
+        common.fail(f"--er-lr applies to er and l2-er only, not {args.agent}")
+    if args.replacement_rate is not None and args.agent != "cbp":
+        common.fail(f"--replacement-rate applies to cbp only, not {args.agent}")
+    checks = [
+        (args.seeds >= 1, "--seeds must be >= 1"),
+        (args.num_envs >= 1 and args.num_steps % args.num_envs == 0,
+         f"--num-steps ({args.num_steps}) must be a multiple of --num-envs ({args.num_envs})"),
+        (args.num_minibatches >= 1 and args.num_steps % args.num_minibatches == 0,
+         f"--num-steps ({args.num_steps}) must be a multiple of --num-minibatches ({args.num_minibatches})"),
+        (args.num_steps // max(args.num_minibatches, 1) >= 2, "minibatches need at least 2 samples"),
+        (args.update_epochs >= 1, "--update-epochs must be >= 1"),
+        (args.hidden_size >= 1, "--hidden-size must be >= 1"),
+        (args.num_steps <= args.total_steps < 2**31,
+         f"--total-steps must cover one update ({args.num_steps} samples) and stay below 2^31"),
+        (args.change_every >= 1 and args.change_every % args.num_envs == 0,
+         f"--change-every ({args.change_every}) must be a positive multiple of --num-envs ({args.num_envs})"),
+        (0 < args.friction_range[0] <= args.friction_range[1], "--friction-range needs 0 < low <= high"),
+        (args.fixed_friction is None or args.fixed_friction > 0, "--fixed-friction must be > 0"),
+        (args.episode_length >= 1, "--episode-length must be >= 1"),
+        (args.updates_per_chunk >= 1, "--updates-per-chunk must be >= 1"),
+        (args.hessian_probes >= 1 and args.hessian_iters >= 1, "--hessian-iters and --hessian-probes must be >= 1"),
+        (0 <= args.decay_rate < 1, "--decay-rate must be in [0, 1)"),
+        (args.maturity_threshold >= 0, "--maturity-threshold must be >= 0"),
+        (args.checkpoint_minutes >= 0, "--checkpoint-minutes must be >= 0"),
+        (not args.resume or args.out_dir is not None, "--resume needs --out-dir pointing at the run"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            common.fail(message)
+    num_params = 2 * (OBS_DIM * args.hidden_size + args.hidden_size) + args.hidden_size * (ACT_DIM + 1) + 2 * ACT_DIM + 1
+    if args.hessian_every_phase and args.hessian_iters > num_params:
+        common.fail(f"--hessian-iters ({args.hessian_iters}) exceeds the number of parameters ({num_params})")
+    lrs = args.lr if args.lr is not None else (defaults["lr"],)
+    wds = args.weight_decay if args.weight_decay is not None else (defaults["weight_decay"],)
+    er_lrs = args.er_lr if args.er_lr is not None else (defaults["er_lr"],)
+    rate = args.replacement_rate if args.replacement_rate is not None else defaults["replacement_rate"]
+    if not (lrs and wds and er_lrs):
+        common.fail("--lr, --weight-decay and --er-lr need at least one value when given")
+    if min(lrs) <= 0 or min(wds) < 0 or min(er_lrs) < 0 or not 0 <= rate <= 1:
+        common.fail("need --lr > 0, --weight-decay >= 0, --er-lr >= 0 and 0 <= --replacement-rate <= 1")
+    configs = common.sweep(lr=tuple(lrs), weight_decay=tuple(wds), er_lr=tuple(er_lrs))
+    static = Static(
+        args.num_envs, args.num_steps, args.update_epochs, args.num_minibatches, args.hidden_size, args.gamma,
+        args.gae_lambda, args.clip_eps, args.ent_coef, args.vf_coef, args.beta1, args.beta2, args.adam_eps,
+        args.normalize_obs, args.agent in ER_AGENTS, args.agent == "cbp", float(rate), args.decay_rate,
+        args.maturity_threshold, args.change_every, tuple(args.friction_range), args.fixed_friction,
+        args.episode_length, args.updates_per_chunk, args.hessian_iters, args.hessian_probes, args.fast_compile)
+    return configs, static
+
+
+def chunk_bounds(num_updates, static):
+    """Chunk edges: every updates_per_chunk updates, and at the first update of each friction phase.
+    Returns (edges, {update index: phase that starts there})."""
+    phase_starts = {}
+    k = 1
+    while (u := -(-k * static.change_every // static.num_steps)) < num_updates:
+        phase_starts.setdefault(u, k)  # phases shorter than one update: keep the first
+        k += 1
+    edges = sorted(set(range(0, num_updates, static.updates_per_chunk)) | set(phase_starts) | {num_updates})
+    return edges, phase_starts
+
+
+def nanmean(x, axis=None):
+    """Mean over the finite entries; NaN (without a warning) where there are none."""
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x)
+    count = finite.sum(axis=axis)
+    total = np.where(finite, x, 0.0).sum(axis=axis)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def main(args):
+    configs, static = resolve(args)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    num_c, num_s = len(configs), len(seeds)
+    config_index, member_seeds = common.stack_members(configs, seeds)
+    member_seeds = jnp.asarray(member_seeds, jnp.int32)
+    hypers = Hyper(*(jnp.asarray([configs[c][k] for c in config_index], jnp.float32)
+                     for k in ("lr", "weight_decay", "er_lr")))
+    num_updates = args.total_steps // args.num_steps
+    edges, phase_starts = chunk_bounds(num_updates, static)
+    run_dir = common.make_run_dir("ant_ppo", args.agent, args.out_dir)
+    to_cs = lambda x: np.asarray(x).reshape((num_c, num_s) + np.shape(x)[1:])  # member axis -> [C, S]
+    signature = {"static": static._asdict(), "seeds": seeds, "configs": configs}
+
+    # MJX Ant at friction 0.02-0.03 goes NaN on a GPU under the default (TF32) matmul precision (REFERENCE.md).
+    with jax.default_matmul_precision("highest"):
+        init, run_chunk, measure_hessian = build(static)
+        state_tree = jax.tree.structure(jax.eval_shape(init, member_seeds))
+        checkpoint = common.load_checkpoint(run_dir) if args.resume else None
+        if args.resume and checkpoint is None:
+            common.fail(f"no checkpoint.pkl in {run_dir} to resume from")
+        if checkpoint is None:
+            done, states = 0, init(member_seeds)
+            history, diverged = {}, np.zeros((num_c, num_s), bool)
+            spectra = {"tasks": [], "init": [], "end": []}  # per phase: (nodes, weights), each [C, S, P, I]
+        else:
+            if checkpoint["signature"] != signature:
+                common.fail("--resume: the flags differ from the checkpointed run's (only --total-steps may change)")
+            done = checkpoint["update"]
+            if done > num_updates:
+                common.fail(f"--resume: the run already has {done} updates, more than {num_updates}")
+            states = jax.tree.unflatten(state_tree, checkpoint["states"])
+            history, diverged, spectra = checkpoint["history"], checkpoint["diverged"], checkpoint["spectra"]
+            if len(spectra["end"]) == len(spectra["init"]) > 0 and done < num_updates:
+                spectra["end"].pop()  # measured at the old run's end: the phase goes on now
+        common.save_config(run_dir, args, configs, seeds)
+        states = common.shard_members(states)
+
+        def spectrum(phase, which):
+            return tuple(map(to_cs, measure_hessian(states, jnp.int32(phase), jnp.int32(which))))
+
+        def save_outputs():
+            arrays = {k: np.concatenate(v, axis=2) for k, v in history.items()}
+            common.save_npz(run_dir / "metrics.npz", **arrays, diverged=diverged, layer_names=np.asarray(LAYER_NAMES),
+                            env_steps=args.num_steps * np.arange(1, done + 1))
+            if spectra["tasks"]:
+                # The current phase's "end" is not measured until the phase ends: NaN until then.
+                missing = [tuple(np.full_like(x, np.nan) for x in spectra["init"][0])]
+                ends = spectra["end"] + missing * (len(spectra["init"]) - len(spectra["end"]))
+                stack = lambda pairs, i: np.stack([p[i] for p in pairs], axis=2)  # [C, S, K, probes, iters]
+                common.save_npz(run_dir / "hessian.npz", tasks=np.asarray(spectra["tasks"]),
+                                init_nodes=stack(spectra["init"], 0), init_weights=stack(spectra["init"], 1),
+                                end_nodes=stack(ends, 0), end_weights=stack(ends, 1))
+
+        def save_checkpoint():
+            common.save_checkpoint(run_dir, {"update": done, "states": jax.tree.leaves(states), "history": history,
+                                             "spectra": spectra, "diverged": diverged, "signature": signature})
+
+        print(f"ant_ppo {args.agent}: {num_c} config(s) x {num_s} seed(s), {num_updates} updates of "
+              f"{args.num_steps} samples ({args.num_envs} envs x {args.num_steps // args.num_envs} steps); "
+              f"steps/s below counts the env steps of all members; run dir {run_dir}", flush=True)
+        progress = common.Progress(num_updates, "update", start_units=done)
+        last_checkpoint = time.perf_counter()
+        for start, stop in zip(edges[:-1], edges[1:]):
+            if stop <= done:
+                continue
+            if args.hessian_every_phase and (start == 0 or start in phase_starts):
+                phase = phase_starts.get(start, 0)
+                if start > 0:
+                    spectra["end"].append(spectrum(spectra["tasks"][-1], 1))
+                spectra["tasks"].append(phase)
+                spectra["init"].append(spectrum(phase, 0))
+            states, metrics = run_chunk(states, hypers, jnp.int32(stop - start))
+            for k, v in metrics.items():  # [updates_per_chunk, members, ...] -> [C, S, updates, ...]
+                history.setdefault(k, []).append(to_cs(np.moveaxis(np.asarray(v)[: stop - start], 0, 1)))
+            done = stop
+            finite = to_cs(np.stack([np.isfinite(np.asarray(x)).reshape(len(member_seeds), -1).all(1)
+                                     for x in jax.tree.leaves(states.params)]).all(0))
+            diverged = common.report_diverged(finite, configs, seeds, f"update {done}", known=diverged)
+            progress.update(done, (stop - start) * args.num_steps * len(member_seeds),
+                            phase=(done * args.num_steps - 1) // args.change_every,
+                            episodic_return=float(nanmean(history["episodic_return"][-1])),
+                            friction=float(history["friction"][-1][0, 0, -1]))
+            if args.hessian_every_phase and done == num_updates:
+                spectra["end"].append(spectrum(spectra["tasks"][-1], 1))
+            save_outputs()
+            if done == num_updates or time.perf_counter() - last_checkpoint >= 60 * args.checkpoint_minutes:
+                save_checkpoint()
+                last_checkpoint = time.perf_counter()
+
+    returns = np.concatenate(history["episodic_return"], axis=2)
+    tail = returns[:, :, -max(1, num_updates // 20):]
+    final = nanmean(tail, axis=2)  # [C, S]; NaN where no episode ended in the tail
+    for c, config in enumerate(configs):
+        print(f"final episodic return (mean of the last {tail.shape[2]} updates) {config}: mean over seeds "
+              f"{float(nanmean(final[c])):.1f}, per seed {np.round(final[c], 1).tolist()}", flush=True)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
