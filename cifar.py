@@ -500,7 +500,7 @@ def evaluate(state, member, data, task, static):
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
     return {"test_acc": test_acc, "test_loss": test_loss,
             "dead_units": jnp.stack([common.dead_units(f) for f in feats]),
-            "effective_rank": jnp.stack([common.effective_rank(f) for f in feats]),
+            "effective_rank": common.effective_ranks(feats),
             "param_norm": common.param_norm(params),
             "finite": finite & jnp.isfinite(state["train_loss"])}
 

@@ -94,13 +94,24 @@ def effective_rank(features, method="svd"):
     return jnp.where(total > 0, jnp.exp(entropy), 0.0)
 
 
+def effective_ranks(features_list, method="svd"):
+    """`effective_rank` of each [n, d] matrix in the list, stacked, computed one after another: on a CPU, LAPACK
+    solvers that XLA runs at the same time (independent layers, vmapped members) can deadlock its thread pool,
+    so an optimization barrier makes each wait for the previous result."""
+    ranks = []
+    for features in features_list:
+        if ranks:
+            features, _ = jax.lax.optimization_barrier((features, ranks[-1]))
+        ranks.append(effective_rank(features, method))
+    return jnp.stack(ranks)
+
+
 def er_ascent(params, features_fn, inputs, er_lr):
     """One ER step as the authors apply it (REFERENCE.md): plain gradient ascent, outside the optimizer
     (no momentum, no decay), on the mean over layers of the effective rank of `features_fn(params, inputs)`
     (a list of [n, d] matrices). Returns `(new_params, mean_effective_rank)` (the rank before the step)."""
     def mean_rank(p):
-        ranks = [effective_rank(f, method="gram") for f in features_fn(p, inputs)]
-        return sum(ranks) / len(ranks)
+        return jnp.mean(effective_ranks(features_fn(p, inputs), method="gram"))
 
     value, grads = jax.value_and_grad(mean_rank)(params)
     return jax.tree.map(lambda p, g: p + er_lr * g, params, grads), value

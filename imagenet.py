@@ -426,7 +426,7 @@ def evaluate(net, params, x_train, x_test, y_test):
     feats = [jnp.concatenate([a, b]) for a, b in zip(acts_train, acts_test[3:])]
     return {"test_acc": jnp.mean(jnp.argmax(logits, axis=-1) == y_test),
             "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.float32),
-            "effective_rank": jnp.stack([common.effective_rank(f) for f in feats]),
+            "effective_rank": common.effective_ranks(feats),
             "param_norm": common.param_norm(params)}
 
 

@@ -318,7 +318,7 @@ def train_member(static, state, hp, seed, task, data):
     eval_idx = eval_order[:static.eval_size]
     with jax.default_matmul_precision(PRECISE):
         logits, features = forward(params, test_x[eval_idx][:, perm].astype(jnp.float32) / 255.0)
-        effective_rank = jnp.stack([common.effective_rank(f) for f in features])
+        effective_rank = common.effective_ranks(features)
     leaves_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     metrics = {
         "online_acc": correct / static.steps,

@@ -364,3 +364,12 @@ def test_open_run_new_resume_and_refusals(tmp_path):
         common.open_run("pmnist", RunArgs(resume=True), ("tasks", "resume"))
     with pytest.raises(SystemExit, match="no checkpoint.pkl"):
         common.open_run("pmnist", RunArgs(resume=True, out_dir=str(tmp_path / "none")), ("tasks", "resume"))
+
+
+def test_effective_ranks_stacks_each_layer_and_er_ascent_differentiates_through_them():
+    feats = [jax.random.normal(jax.random.key(10), (40, 8)), jax.nn.relu(jax.random.normal(jax.random.key(11), (40, 30)))]
+    ranks = common.effective_ranks(feats)
+    np.testing.assert_allclose(ranks, [svd_effective_rank(f) for f in feats], rtol=1e-4)
+    batched = jax.vmap(lambda a, b: common.effective_ranks([a, b], "gram"))(jnp.stack([feats[0]] * 3),
+                                                                              jnp.stack([feats[1]] * 3))
+    np.testing.assert_allclose(batched, np.tile(ranks, (3, 1)), rtol=1e-3)
