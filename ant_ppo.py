@@ -14,7 +14,13 @@ epochs of minibatch Adam, and a chunk of updates is one `lax.scan` inside one `j
 
     python ant_ppo.py --agent l2-er --seeds 5      # 10M env steps per seed, 5 friction phases
 """
-import contextlib
+import os
+
+# Before jax loads LAPACK (scipy's OpenBLAS): OpenBLAS's own threads, on top of XLA's, made the CPU's batched
+# eigen/SVD solvers of the rank metrics crawl or stall on a 2-core machine. No effect on GPU runs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import contextlib  # noqa: E402 (after the environment is set)
 import io
 import math
 import time
@@ -80,8 +86,8 @@ class Args:
     num_envs: int = 64
     """parallel environments per seed; each rolls out num-steps / num-envs steps per update. The paper uses 1
     (2048-step rollouts), which leaves a GPU idle (1.44 ms per env step on an H100 vs 1.69 ms for 64 envs);
-    64 envs x 32 steps keeps the 2048 samples per update and runs ~25x faster. --num-envs 1 is the paper's
-    exact setting"""
+    64 envs x 32 steps keeps the 2048 samples per update with 64x fewer sequential physics steps.
+    --num-envs 1 is the paper's exact setting"""
     num_steps: int = 2048
     """samples per PPO update (Table 8 num_steps x num_envs)"""
     update_epochs: int = 10
@@ -122,8 +128,8 @@ class Args:
     updates_per_chunk: int = 100
     """updates per jitted lax.scan call (one progress line each); chunks also end at friction changes"""
     fast_compile: bool = False
-    """compile without XLA's backend optimizations: about half the compile time, slower steps (for quick
-    CPU checks and the tests)"""
+    """compile without XLA's backend optimizations: about half the compile time but much slower steps (only
+    for tiny runs: the tests, quick CPU checks)"""
     checkpoint_minutes: float = 5.0
     """write checkpoint.pkl after the first chunk that ends this many minutes after the last one"""
     out_dir: str | None = None
@@ -330,25 +336,6 @@ def critic_apply(critic, obs):
 def hidden_features(params, obs):
     """Post-ReLU hidden features of the actor and the critic: the layers ER, CBP and the metrics act on."""
     return [actor_apply(params["actor"], obs)[2], critic_apply(params["critic"], obs)[1]]
-
-
-def hidden_ranks(features):
-    """common.effective_rank of each [n, d] feature matrix, one after the other. On a CPU, vmapped (batched)
-    LAPACK eigensolvers that run at the same time can deadlock XLA's thread pool (each waits for work queued
-    behind the other), so each waits for the previous rank."""
-    ranks = []
-    for f in features:
-        if ranks:
-            f, _ = jax.lax.optimization_barrier((f, ranks[-1]))
-        ranks.append(common.effective_rank(f))
-    return jnp.stack(ranks)
-
-
-def er_step(params, obs, er_lr):
-    """ER (App. D, REFERENCE.md): one plain gradient-ascent step, outside the optimizer, on the mean effective
-    rank of the actor's and the critic's hidden features (common.er_ascent, with the ranks serialized)."""
-    grads = jax.grad(lambda p: jnp.mean(hidden_ranks(hidden_features(p, obs))))(params)
-    return jax.tree.map(lambda p, g: p + er_lr * g, params, grads)
 
 
 def gaussian_log_prob(action, mean, log_std):
@@ -598,7 +585,7 @@ def update(static, state, hyper):
         mbs = jax.tree.map(lambda x: x[perm].reshape((static.num_minibatches, mb_size) + x.shape[1:]), batch)
         carry, losses = jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(k_cbp, static.num_minibatches)))
         if static.use_er:
-            carry = (er_step(carry[0], batch.obs, hyper.er_lr),) + carry[1:]
+            carry = (common.er_ascent(carry[0], hidden_features, batch.obs, hyper.er_lr)[0],) + carry[1:]
         return carry, losses.mean()
 
     (params, opt_state, cbp), losses = jax.lax.scan(epoch, (state.params, state.opt_state, state.cbp),
@@ -613,7 +600,7 @@ def update(static, state, hyper):
         "friction": traj.friction[-1, 0],
         "loss": losses.mean(),
         "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.int32),
-        "effective_rank": hidden_ranks(feats),
+        "effective_rank": common.effective_ranks(feats),
         "param_norm": common.param_norm(params),
     }
     new_state = MemberState(params, opt_state, cbp, obs_stats, env, steps, key, state.friction_key,

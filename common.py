@@ -95,13 +95,14 @@ def effective_rank(features, method="svd"):
 
 
 def effective_ranks(features_list, method="svd"):
-    """`effective_rank` of each [n, d] matrix in the list, stacked, computed one after another: on a CPU, LAPACK
-    solvers that XLA runs at the same time (independent layers, vmapped members) can deadlock its thread pool,
-    so an optimization barrier makes each wait for the previous result."""
+    """`effective_rank` of each [n, d] matrix in the list, stacked, computed one after another: on a CPU, batched
+    LAPACK solvers that XLA runs at the same time (independent layers, vmapped members) can deadlock its thread
+    pool. Adding min(previous rank, 0) = 0 to the next features makes each solve wait for the previous one (an
+    optimization barrier does not: XLA drops it before scheduling); stop_gradient keeps the gradient exact."""
     ranks = []
     for features in features_list:
         if ranks:
-            features, _ = jax.lax.optimization_barrier((features, ranks[-1]))
+            features = features + jnp.minimum(jax.lax.stop_gradient(ranks[-1]), 0.0)
         ranks.append(effective_rank(features, method))
     return jnp.stack(ranks)
 

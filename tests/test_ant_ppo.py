@@ -4,12 +4,16 @@ end to end, seeds/configs trained together, resume and the Hessian measurement.
 MJX programs take tens of seconds to compile on a CPU, so every end-to-end run shares one tiny shape
 (4 envs x 16 steps per update, 2 updates, width 16) and one compiled program per agent family.
 """
+import subprocess
+import sys
+from pathlib import Path
+
+import ant_ppo  # first: it sets OPENBLAS_NUM_THREADS before jax loads LAPACK
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 
-import ant_ppo
 import common
 
 TINY = dict(num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2, hidden_size=16, total_steps=128,
@@ -166,6 +170,27 @@ def test_gae_matches_python_loop():
             expected[t, n], next_value = running, values[t, n]
     np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(targets, expected + values, rtol=1e-5, atol=1e-5)
+
+
+def test_vmapped_rank_computations_do_not_stall_on_cpu():
+    """Two seeds at the real width: the ER step and the rank metrics (batched LAPACK calls) once deadlocked
+    XLA's CPU thread pool when they ran concurrently. Run in a fresh process so a regression fails, not hangs."""
+    code = """if True:
+        import jax, jax.numpy as jnp, ant_ppo, common
+        params = jax.vmap(lambda k: ant_ppo.init_params(k, 256))(jax.random.split(jax.random.key(0), 2))
+        obs = jax.random.normal(jax.random.key(1), (2, 2048, 27))
+        def go(p, o):
+            p, _ = common.er_ascent(p, ant_ppo.hidden_features, o, 1e-3)
+            return common.effective_ranks(ant_ppo.hidden_features(p, o))
+        f = jax.jit(jax.vmap(go))
+        for i in range(5):
+            r = f(params, obs + i)
+        print(float(r.sum()))
+    """
+    root = Path(ant_ppo.__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert np.isfinite(float(out.stdout.split()[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------------
