@@ -698,10 +698,8 @@ def resolve(args):
     wds = args.weight_decay if args.weight_decay is not None else (defaults["weight_decay"],)
     er_lrs = args.er_lr if args.er_lr is not None else (defaults["er_lr"],)
     rate = args.replacement_rate if args.replacement_rate is not None else defaults["replacement_rate"]
-    if not (lrs and wds and er_lrs):
-        common.fail("--lr, --weight-decay and --er-lr need at least one value when given")
-    if min(lrs) <= 0 or min(wds) < 0 or min(er_lrs) < 0 or not 0 <= rate <= 1:
-        common.fail("need --lr > 0, --weight-decay >= 0, --er-lr >= 0 and 0 <= --replacement-rate <= 1")
+    if not 0 <= rate <= 1:
+        common.fail(f"--replacement-rate must be in [0, 1], got {rate}")
     configs = common.sweep(lr=tuple(lrs), weight_decay=tuple(wds), er_lr=tuple(er_lrs))
     static = Static(
         args.num_envs, args.num_steps, args.update_epochs, args.num_minibatches, args.hidden_size, args.gamma,

@@ -567,9 +567,6 @@ def resolve_hyperparameters(args):
     for field in ("weight_decay", "er_lr"):
         if field in defaults:
             sweep[field] = getattr(args, field) or (defaults[field],)
-    for name, values in sweep.items():
-        if any(not np.isfinite(v) or v < 0 or (name == "lr" and v == 0) for v in values):
-            common.fail(f"--{name.replace('_', '-')} values must be finite and positive, got {values}")
     replacement_rate, perturb_scale = (getattr(args, k) if getattr(args, k) is not None else defaults.get(k, 0.0)
                                        for k in ("replacement_rate", "perturb_scale"))
     if not 0 <= replacement_rate < 1 or perturb_scale < 0:

@@ -243,7 +243,11 @@ def param_norm(params):
 # Sweeps and seeds: a run trains config x seed "members" together; member m = (config m // S, seed m % S)
 # ----------------------------------------------------------------------------------------------------------
 def sweep(**values):
-    """Cartesian product of the given value tuples: one dict per config, in row-major order."""
+    """Cartesian product of the given value tuples: one dict per config, in row-major order. Every swept
+    hyperparameter (learning rates, weight decay) must be finite and >= 0, and a learning rate `lr` > 0."""
+    for name, vals in values.items():
+        if not vals or any(not np.isfinite(v) or v < 0 or (name == "lr" and v == 0) for v in vals):
+            fail(f"--{name.replace('_', '-')} needs finite values >= 0 (lr > 0), got {tuple(vals)}")
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 

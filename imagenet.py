@@ -511,9 +511,6 @@ def resolve(args):
     for flag in ("weight_decay", "er_lr"):
         if flag in defaults:
             sweep[flag] = getattr(args, flag) or (defaults[flag],)
-    for flag, values in sweep.items():
-        if any(not np.isfinite(v) or v < 0 or (flag == "lr" and v == 0) for v in values):
-            common.fail(f"--{flag.replace('_', '-')} values must be finite and positive, got {values}")
     replacement_rate = args.replacement_rate
     if replacement_rate is None:
         replacement_rate = defaults.get("replacement_rate", 0.0)

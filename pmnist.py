@@ -397,9 +397,6 @@ def resolve(args):
     if agent in USES_WD:
         sweep["weight_decay"] = (tuple(args.weight_decay) if args.weight_decay is not None
                                  else (defaults["weight_decay"],))
-    for name, values in sweep.items():
-        if not values or any(not np.isfinite(v) or v < 0 or (name == "lr" and v == 0) for v in values):
-            common.fail(f"--{name.replace('_', '-')} needs finite values >= 0 (lr > 0), got {values}")
     pick = lambda value, default: default if value is None else value
     er_batch = pick(args.er_batch, ER_BATCH)
     replacement_rate = pick(args.replacement_rate, REPLACEMENT_RATE)

@@ -300,6 +300,9 @@ def test_fail_sweep_members_and_diverged(capsys):
     assert str(exit_info.value.code) == "error: no data in /x"
     configs = common.sweep(lr=(0.1, 0.01), weight_decay=(0.0,))
     assert configs == [{"lr": 0.1, "weight_decay": 0.0}, {"lr": 0.01, "weight_decay": 0.0}]
+    for bad in (dict(lr=(0.0,)), dict(lr=(0.1,), weight_decay=(-1e-3,)), dict(er_lr=(float("nan"),)), dict(lr=())):
+        with pytest.raises(SystemExit, match="needs finite values"):
+            common.sweep(**bad)
     config_index, seeds = common.stack_members(configs, [5, 6, 7])
     np.testing.assert_array_equal(config_index, [0, 0, 0, 1, 1, 1])
     np.testing.assert_array_equal(seeds, [5, 6, 7, 5, 6, 7])
