@@ -24,7 +24,7 @@ import contextlib  # noqa: E402 (after the environment is set)
 import io
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
@@ -51,6 +51,8 @@ AGENT_DEFAULTS = {
     "cbp": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=1e-7),
 }
 ER_AGENTS = ("er", "l2-er")
+# Flags a resumed run may change (--total-steps to run longer); all others must match the checkpoint.
+RESUME_FREE = ("total_steps", "resume", "out_dir", "checkpoint_minutes")
 LAYER_NAMES = ("actor_hidden", "critic_hidden")
 
 
@@ -686,7 +688,6 @@ def resolve(args):
         (0 <= args.decay_rate < 1, "--decay-rate must be in [0, 1)"),
         (args.maturity_threshold >= 0, "--maturity-threshold must be >= 0"),
         (args.checkpoint_minutes >= 0, "--checkpoint-minutes must be >= 0"),
-        (not args.resume or args.out_dir is not None, "--resume needs --out-dir pointing at the run"),
     ]
     for ok, message in checks:
         if not ok:
@@ -741,24 +742,18 @@ def main(args):
                      for k in ("lr", "weight_decay", "er_lr")))
     num_updates = args.total_steps // args.num_steps
     edges, phase_starts = chunk_bounds(num_updates, static)
-    run_dir = common.make_run_dir("ant_ppo", args.agent, args.out_dir)
+    run_dir, checkpoint = common.open_run("ant_ppo", args, RESUME_FREE)
     to_cs = lambda x: np.asarray(x).reshape((num_c, num_s) + np.shape(x)[1:])  # member axis -> [C, S]
-    signature = {"static": static._asdict(), "seeds": seeds, "configs": configs}
 
     # MJX Ant at friction 0.02-0.03 goes NaN on a GPU under the default (TF32) matmul precision (REFERENCE.md).
     with jax.default_matmul_precision("highest"):
         init, run_chunk, measure_hessian = build(static)
         state_tree = jax.tree.structure(jax.eval_shape(init, member_seeds))
-        checkpoint = common.load_checkpoint(run_dir) if args.resume else None
-        if args.resume and checkpoint is None:
-            common.fail(f"no checkpoint.pkl in {run_dir} to resume from")
         if checkpoint is None:
             done, states = 0, init(member_seeds)
             history, diverged = {}, np.zeros((num_c, num_s), bool)
             spectra = {"tasks": [], "init": [], "end": []}  # per phase: (nodes, weights), each [C, S, P, I]
         else:
-            if checkpoint["signature"] != signature:
-                common.fail("--resume: the flags differ from the checkpointed run's (only --total-steps may change)")
             done = checkpoint["update"]
             if done > num_updates:
                 common.fail(f"--resume: the run already has {done} updates, more than {num_updates}")
@@ -787,7 +782,7 @@ def main(args):
 
         def save_checkpoint():
             common.save_checkpoint(run_dir, {"update": done, "states": jax.tree.leaves(states), "history": history,
-                                             "spectra": spectra, "diverged": diverged, "signature": signature})
+                                             "spectra": spectra, "diverged": diverged, "args": asdict(args)})
 
         print(f"ant_ppo {args.agent}: {num_c} config(s) x {num_s} seed(s), {num_updates} updates of "
               f"{args.num_steps} samples ({args.num_envs} envs x {args.num_steps // args.num_envs} steps); "

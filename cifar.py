@@ -16,7 +16,7 @@ import math
 import pickle
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -120,6 +120,9 @@ AGENT_DEFAULTS = {
     "reset": {},
 }
 DEFAULT_LR = 0.01
+# Flags a resumed run may change (speed, memory, paths, more tasks); all others must match the checkpoint.
+RESUME_FREE = ("tasks", "resume", "out_dir", "checkpoint_minutes", "data_dir", "manual_dir", "seed_mode",
+               "chunk_epochs", "eval_batch", "hessian_batch")
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -574,14 +577,6 @@ def resolve_hyperparameters(args):
     return common.sweep(**sweep), replacement_rate, perturb_scale
 
 
-def run_signature(args, configs, seeds):
-    """The settings a resumed run must share with the run it continues (--tasks may grow)."""
-    keep = ("agent", "epochs", "classes_per_task", "batch_size", "momentum", "width", "dense_width", "er_batch",
-            "replacement_rate", "maturity_threshold", "decay_rate", "perturb_scale", "feature_samples",
-            "hessian_every", "hessian_samples", "lanczos_iters", "hessian_probes", "synthetic_data")
-    return {"configs": configs, "seeds": seeds, **{k: getattr(args, k) for k in keep}}
-
-
 def validate(args):
     positive = ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width", "er_batch",
                 "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
@@ -595,8 +590,6 @@ def validate(args):
         common.fail("--hessian-every and --maturity-threshold must be >= 0, --decay-rate in [0, 1)")
     if not 0 <= args.momentum < 1:
         common.fail(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.resume and args.out_dir is None:
-        common.fail("--resume needs --out-dir pointing at the run to continue")
 
 
 def main(args):
@@ -642,7 +635,7 @@ def main(args):
     hessian_tasks = [t for t in range(T) if args.hessian_every and t % args.hessian_every == 0]
     hessian_n = min(args.hessian_samples, train_per_class * args.classes_per_task)
 
-    run_dir = common.make_run_dir("cifar", args.agent, args.out_dir)
+    run_dir, checkpoint = common.open_run("cifar", args, RESUME_FREE)
     layers = 2
     metrics = {k: np.full((C, S, T), np.nan, np.float32) for k in
                ("test_acc", "test_loss", "train_acc", "train_loss", "param_norm")}
@@ -652,12 +645,7 @@ def main(args):
                for phase in ("init", "end") for part in ("nodes", "weights")}
     diverged = np.zeros((C, S), bool)
     start_task, start_epoch = 0, 0
-    if args.resume:
-        checkpoint = common.load_checkpoint(run_dir)
-        if checkpoint is None:
-            common.fail(f"--resume: no checkpoint.pkl in {run_dir}")
-        if checkpoint["run"] != run_signature(args, configs, seeds):
-            common.fail(f"--resume: {run_dir} holds a run with other settings ({checkpoint['run']})")
+    if checkpoint is not None:
         state, start_task, start_epoch = checkpoint["state"], checkpoint["task"], checkpoint["epoch"]
         if start_task > T:
             common.fail(f"--resume: the run already has {start_task} tasks, more than --tasks {T}")
@@ -679,7 +667,7 @@ def main(args):
                             **{name: v[:, :, :k] for name, v in spectra.items()})
 
     def checkpoint_now(task, epoch):
-        common.save_checkpoint(run_dir, {"run": run_signature(args, configs, seeds), "state": state,
+        common.save_checkpoint(run_dir, {"args": asdict(args), "state": state,
                                          "task": task, "epoch": epoch, "metrics": metrics, "spectra": spectra,
                                          "diverged": diverged})
 

@@ -440,9 +440,9 @@ def _format_seconds(seconds):
 # ----------------------------------------------------------------------------------------------------------
 # Datasets: tensorflow-datasets only to prepare, then one cached .npz that loads without it
 # ----------------------------------------------------------------------------------------------------------
-def tfds_arrays(name, data_dir, manual_dir, splits, missing_hint):
-    """Prepare tfds dataset `name` (offline from `manual_dir` when given) and return
-    {split: (images uint8, labels int64)}. Any failure stops with `missing_hint` on one line."""
+def tfds_batches(name, data_dir, manual_dir, split, missing_hint, batch_size=10_000):
+    """Prepare tfds dataset `name` (offline from `manual_dir` when given) and yield its `split` in tfds's order
+    as (images uint8, labels int64) batches. Any failure stops with `missing_hint` on one line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         import tensorflow_datasets as tfds
@@ -452,17 +452,20 @@ def tfds_arrays(name, data_dir, manual_dir, splits, missing_hint):
         builder = tfds.builder(name, data_dir=data_dir)
         config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir else None
         builder.download_and_prepare(download_config=config)
-        arrays = {}
-        for split in splits:
-            images, labels = [], []
-            for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(10000)):
-                images.append(batch["image"])
-                labels.append(batch["label"])
-            arrays[split] = (np.concatenate(images), np.concatenate(labels).astype(np.int64))
-        return arrays
+        for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(batch_size)):
+            yield batch["image"], batch["label"].astype(np.int64)
     except Exception as e:  # tfds raises many kinds (network, missing manual files, corrupt archives)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"could not prepare {name}: {reason[:200]}. {missing_hint}")
+
+
+def tfds_arrays(name, data_dir, manual_dir, splits, missing_hint):
+    """{split: (images uint8, labels int64)}: whole splits of tfds dataset `name` (see tfds_batches)."""
+    arrays = {}
+    for split in splits:
+        images, labels = zip(*tfds_batches(name, data_dir, manual_dir, split, missing_hint))
+        arrays[split] = (np.concatenate(images), np.concatenate(labels))
+    return arrays
 
 
 def load_cached(cache_path, build_fn):

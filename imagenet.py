@@ -9,9 +9,10 @@ Agents (`--agent`, Table 4's best values unless overridden): bp, l2, er, l2-er, 
 All configs of a sweep and all seeds train together in one process; one jitted call trains one task
 (epochs x minibatches in `lax.scan`).
 
-Data: downsampled ImageNet 32x32 (`Imagenet32_train_npz.zip`, the file tensorflow-datasets'
-`imagenet_resized/32x32` is built from). The first time, the first 700 images of every class (in file
-order) are cut out and cached as one uint8 array under `--data-dir`; later runs memory-map that file.
+Data: downsampled ImageNet 32x32, read from the official `Imagenet32_train_npz.zip` in `--manual-dir` (the
+file tensorflow-datasets' `imagenet_resized/32x32` is built from) or, without it, through tensorflow-datasets
+itself. The first time, the first 700 images of every class (in file order; in tfds's order on the tfds
+route) are cut out and cached as one uint8 array under `--data-dir`; later runs memory-map that file.
 """
 import io
 import re
@@ -44,6 +45,7 @@ AGENT_DEFAULTS = {
 }
 
 TRAIN_ZIP = "Imagenet32_train_npz.zip"
+TFDS_NAME, TFDS_CLASSES = "imagenet_resized/32x32", 1000  # the same images through tensorflow-datasets
 BATCH_FILE = re.compile(r"(?:^|/)train_data_batch_(\d+)\.npz$")
 IMAGE_SHAPE = (32, 32, 3)
 # Per-channel mean / std of ImageNet (RGB, pixels in [0, 1]).
@@ -99,9 +101,11 @@ class Args:
     hessian_probes: int = 1
     """random probe vectors per Hessian spectrum"""
     data_dir: str = "data"
-    """folder of the prepared cache (continual_imagenet32_<n>.npy, built on the first run)"""
+    """folder of the prepared cache (continual_imagenet32_<n>.npy, built on the first run) and of
+    tensorflow-datasets' imagenet_resized/32x32 when that route is used"""
     manual_dir: str | None = None
-    """folder holding Imagenet32_train_npz.zip (or its extracted train_data_batch_*.npz) (None: --data-dir)"""
+    """folder holding Imagenet32_train_npz.zip (or its extracted train_data_batch_*.npz) (None: --data-dir);
+    without these files the cache is built through tensorflow-datasets (downloads once, needs network)"""
     out_dir: str | None = None
     """run folder (None: runs/imagenet__<agent>__<UTC time>); with --resume, the run to continue"""
     resume: bool = False
@@ -148,7 +152,8 @@ def cache_path(data_dir, images_per_class):
 def missing_data_message(manual_dir, cache):
     return (f"downsampled ImageNet 32x32 not found: put {TRAIN_ZIP} (image-net.org, 'Downsampled ImageNet "
             f"32x32'; or its extracted train_data_batch_1..10.npz) into {manual_dir} (or pass --manual-dir), "
-            f"or the prepared cache at {cache}")
+            f"or the prepared cache at {cache}, or run once with network access so tensorflow-datasets "
+            f"downloads {TFDS_NAME}")
 
 
 def train_batches(manual_dir):
@@ -183,16 +188,8 @@ def train_batches(manual_dir):
     return names, lambda name: parse(name, name)
 
 
-def build_cache(manual_dir, path, images_per_class):
-    """Cut the first `images_per_class` images of every class (in file order: batch 1, 2, ..., and within a
-    file) out of the ImageNet32 training files and save them as one uint8 array
-    [classes, images_per_class, 32, 32, 3] (HWC, RGB) at `path`; class k holds the file label k + 1."""
-    names, read = train_batches(manual_dir)
-    if not names:
-        common.fail(missing_data_message(manual_dir, path))
-    print(f"building {path} from {manual_dir} (once; needs about 3 GB of memory) ...", flush=True)
-    per_class = {}  # class -> list of [k, 32, 32, 3] chunks, at most images_per_class images in all
-    counts = {}
+def file_chunks(names, read):
+    """(images uint8 [N, 32, 32, 3] HWC, labels 0-based) of each training file, in batch-number order."""
     for name in names:
         print(f"reading {Path(name).name} ...", flush=True)
         data, labels = read(name)
@@ -202,19 +199,37 @@ def build_cache(manual_dir, path, images_per_class):
                         f"and {labels.shape}")
         if len(labels) and labels.min() < 0:
             common.fail(f"{name}: labels must be 1-based (found {labels.min() + 1})")
-        order = np.argsort(labels, kind="stable")  # stable: file order within each class
+        yield data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def build_cache(chunks, path, images_per_class, source, num_classes=None):
+    """Keep the first `images_per_class` images of every class, in the order `chunks` yields them
+    ((images uint8 [N, 32, 32, 3], labels 0-based) pairs), and save them as one uint8 array
+    [classes, images_per_class, 32, 32, 3] (HWC, RGB) at `path`. With `num_classes` known, reading stops as
+    soon as every class is full."""
+    print(f"building {path} from {source} (once) ...", flush=True)
+    per_class = {}  # class -> list of [k, 32, 32, 3] chunks, at most images_per_class images in all
+    counts = {}
+    for images, labels in chunks:
+        if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE or labels.shape != images.shape[:1]:
+            common.fail(f"{source}: expected uint8 images [N, 32, 32, 3] and N labels, got {images.dtype} "
+                        f"{images.shape} and {labels.shape}")
+        order = np.argsort(labels, kind="stable")  # stable: source order within each class
         classes, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
         for c, start, size in zip(classes, starts, sizes):
             take = min(size, images_per_class - counts.get(c, 0))
             if take > 0:
-                rows = data[order[start:start + take]]
-                per_class.setdefault(c, []).append(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                per_class.setdefault(c, []).append(images[order[start:start + take]])
                 counts[c] = counts.get(c, 0) + take
-    num_classes = int(max(counts)) + 1
+        if num_classes and len(counts) == num_classes and min(counts.values()) == images_per_class:
+            break
+    if not counts:
+        common.fail(f"{source} holds no training images")
+    num_classes = num_classes or int(max(counts)) + 1
     short = [c for c in range(num_classes) if counts.get(c, 0) < images_per_class]
     if short:
         common.fail(f"ImageNet32 class {short[0] + 1} has {counts.get(short[0], 0)} training images in "
-                    f"{manual_dir}, {images_per_class} are needed")
+                    f"{source}, {images_per_class} are needed")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
@@ -227,11 +242,20 @@ def build_cache(manual_dir, path, images_per_class):
 
 
 def load_images(args):
-    """The cached [classes, images_per_class, 32, 32, 3] uint8 array (memory-mapped), built if missing."""
+    """The cached [classes, images_per_class, 32, 32, 3] uint8 array (memory-mapped), built if missing: from
+    the ImageNet32 files in --manual-dir when there are any (file order), else through tensorflow-datasets
+    `imagenet_resized/32x32` prepared in --data-dir (tfds's order, so a different 700 images per class)."""
     n = args.train_per_class + args.test_per_class
     path = cache_path(args.data_dir, n)
     if not path.exists():
-        build_cache(Path(args.manual_dir or args.data_dir), path, n)
+        manual_dir = Path(args.manual_dir or args.data_dir)
+        names, read = train_batches(manual_dir)
+        if names:
+            build_cache(file_chunks(names, read), path, n, manual_dir)
+        else:
+            chunks = common.tfds_batches(TFDS_NAME, args.data_dir, None, "train",
+                                         missing_data_message(manual_dir, path))
+            build_cache(chunks, path, n, f"tensorflow-datasets {TFDS_NAME} in {args.data_dir}", TFDS_CLASSES)
     images = np.load(path, mmap_mode="r")
     if images.dtype != np.uint8 or images.shape[1:] != (n,) + IMAGE_SHAPE or images.shape[0] < 2:
         common.fail(f"{path} holds {images.dtype} {images.shape}, expected uint8 [classes>=2, {n}, 32, 32, 3]; "
@@ -480,7 +504,7 @@ def spectrum_members(net, params, x_train, y_train, seeds, task, phase, num_iter
 # ----------------------------------------------------------------------------------------------------------
 METRICS = {"test_acc": (), "train_acc": (), "dead_units": (2,), "effective_rank": (2,), "param_norm": ()}
 # Flags that may differ when a run is resumed.
-RESUMABLE = {"tasks", "resume", "out_dir", "checkpoint_minutes", "data_dir", "manual_dir"}
+RESUME_FREE = {"tasks", "resume", "out_dir", "checkpoint_minutes", "data_dir", "manual_dir"}
 
 
 def resolve(args):
@@ -551,7 +575,7 @@ def main(args):
     member_seeds = jnp.asarray(member_seeds, jnp.int32)
     hp = common.shard_members(member_hparams(configs, config_index))
     images = load_images(args)
-    run_dir, checkpoint = common.open_run("imagenet", args, RESUMABLE)
+    run_dir, checkpoint = common.open_run("imagenet", args, RESUME_FREE)
     if checkpoint is not None and checkpoint["next_task"] > args.tasks:
         common.fail(f"--resume: the run already has {checkpoint['next_task']} tasks, --tasks is {args.tasks}")
     common.save_config(run_dir, args, configs, seeds)

@@ -354,5 +354,7 @@ def test_resume_matches_uninterrupted(tmp_path, data_dir, bp_alone, monkeypatch)
     resumed = run(tmp_path, "killed", agent="bp", epochs=2, chunk_epochs=1, resume=True, data_dir=data_dir)
     for k in KEYS:
         np.testing.assert_array_equal(resumed[k], uninterrupted[k], err_msg=k)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit, match="different settings.*epochs"):
         run(tmp_path, "killed", agent="bp", epochs=3, resume=True, data_dir=data_dir)
+    with pytest.raises(SystemExit, match="already holds a run"):  # a new run never overwrites one
+        run(tmp_path, "killed", agent="bp", data_dir=data_dir)

@@ -101,15 +101,59 @@ def test_cache_from_zip_keeps_first_images_in_file_order(data_dir):
 def test_cache_from_extracted_files_matches_zip(data_dir, tmp_path):
     for number, raw in batch_files().items():
         (tmp_path / f"train_data_batch_{number}.npz").write_bytes(raw)
-    path = tmp_path / "cache.npy"
-    imagenet.build_cache(tmp_path, path, 7)
-    np.testing.assert_array_equal(np.load(path), np.load(imagenet.cache_path(data_dir, 7)))
+    imagenet.load_images(imagenet.Args(data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path), **TINY))
+    np.testing.assert_array_equal(np.load(imagenet.cache_path(tmp_path / "data", 7)),
+                                  np.load(imagenet.cache_path(data_dir, 7)))
 
 
 def test_too_few_images_per_class_fails(manual_dir, tmp_path):
     with pytest.raises(SystemExit, match="has 10 training images"):
-        imagenet.build_cache(manual_dir, tmp_path / "cache.npy", 11)
-    assert not (tmp_path / "cache.npy").exists()
+        imagenet.load_images(imagenet.Args(data_dir=str(tmp_path), manual_dir=str(manual_dir),
+                                           **{**TINY, "train_per_class": 10}))
+    assert not imagenet.cache_path(tmp_path, 11).exists()
+
+
+def test_cache_through_tfds_without_files(tmp_path):
+    """No ImageNet32 files: the cache is built from tensorflow-datasets' imagenet_resized/32x32 (mocked here:
+    1000 classes, 3 images each, shuffled), keeping the first images of every class in tfds's order."""
+    tf = pytest.importorskip("tensorflow")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    per_class = 3
+    labels = np.repeat(np.arange(imagenet.TFDS_CLASSES), per_class)
+    np.random.default_rng(0).shuffle(labels)
+    rank = np.zeros(len(labels), np.uint8)  # position of each image within its class, in tfds order
+    seen = np.zeros(imagenet.TFDS_CLASSES, int)
+    for i, c in enumerate(labels):
+        rank[i], seen[c] = seen[c], seen[c] + 1
+    images = np.zeros((len(labels), 32, 32, 3), np.uint8)
+    images[:, 0, 0] = np.stack([labels % 256, labels // 256, rank], 1)
+    images[:, 0, 1, 0] = MARKER
+
+    def as_dataset(builder, split, **kwargs):
+        assert builder.name == "imagenet_resized" and split == "train"
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        cached = imagenet.load_images(imagenet.Args(data_dir=str(tmp_path), **{**TINY, "train_per_class": 1}))
+    assert cached.shape == (imagenet.TFDS_CLASSES, 2, 32, 32, 3)
+    classes = np.arange(imagenet.TFDS_CLASSES)
+    for k in range(2):
+        np.testing.assert_array_equal(cached[:, k, 0, 0], np.stack([classes % 256, classes // 256,
+                                                                    np.full_like(classes, k)], 1))
+    assert (cached[:, :, 0, 1, 0] == MARKER).all()
+
+
+def test_missing_data_is_one_line_exit_1(tmp_path):
+    """No files, no cache and no tensorflow-datasets (blocked here, so that a machine with network does not
+    start a 3.5 GB download): one line naming the file and the folder, exit 1."""
+    script = ("import runpy, sys; sys.modules['tensorflow_datasets'] = None; "
+              f"sys.argv = ['imagenet.py', '--data-dir', {str(tmp_path)!r}, '--tasks', '1']; "
+              "runpy.run_path('imagenet.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and imagenet.TRAIN_ZIP in lines[0] and str(tmp_path) in lines[0], proc.stderr
+    assert "tensorflow-datasets" in lines[0]
 
 
 def test_task_split_labels_and_wrapping(data_dir):
@@ -126,14 +170,6 @@ def test_task_split_labels_and_wrapping(data_dir):
             assert [x[1, 0, 0] for x in x_train[s]] == [image_code(first, k) for k in range(6)] + \
                 [image_code(second, k) for k in range(6)]
             assert [x[1, 0, 0] for x in x_test[s]] == [image_code(first, 6), image_code(second, 6)]
-
-
-def test_missing_data_is_one_line_exit_1(tmp_path):
-    proc = subprocess.run([sys.executable, "imagenet.py", "--data-dir", str(tmp_path), "--tasks", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and imagenet.TRAIN_ZIP in lines[0] and str(tmp_path) in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
