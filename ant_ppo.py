@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import mujoco
 import numpy as np
-import tyro
 
 with contextlib.redirect_stdout(io.StringIO()):  # mjx prints a notice when its optional Warp backend is absent
     from mujoco import mjx
@@ -826,4 +825,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(common.cli(Args))

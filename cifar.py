@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
 import common
 import hessian
@@ -578,6 +577,8 @@ def resolve_hyperparameters(args):
 
 
 def validate(args):
+    if args.agent not in AGENTS:
+        common.fail(f"unknown agent {args.agent!r}; choose one of {', '.join(AGENTS)}")
     positive = ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width", "er_batch",
                 "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
                 "hessian_batch", "chunk_epochs")
@@ -740,4 +741,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(common.cli(Args))

@@ -665,6 +665,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(Args))
+    main(common.cli(Args))

@@ -519,6 +519,4 @@ def main(args, dataset=None):
 
 
 if __name__ == "__main__":
-    import tyro  # only the command line needs it (machines without tyro can import this module)
-
-    main(tyro.cli(Args))
+    main(common.cli(Args))

@@ -21,7 +21,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 
 import common
 
@@ -325,4 +324,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(common.cli(Args))

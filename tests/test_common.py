@@ -5,6 +5,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -311,6 +312,38 @@ def test_fail_sweep_members_and_diverged(capsys):
     assert "seed 6 diverged" in capsys.readouterr().err
     again = common.report_diverged(finite, configs, [5, 6, 7], "task 4", known=known)
     assert capsys.readouterr().err == "" and again.tolist() == known.tolist() == (~finite).tolist()
+
+
+@dataclass
+class CliArgs:
+    agent: Literal["bp", "l2"] = "bp"
+    """the agent"""
+    steps: int = 1
+    """steps"""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--agent", "nope"], "error: Invalid choice: invalid choice 'nope' for argument '--agent'. Expected one of "
+                          "('bp', 'l2'). (see --help)"),
+    (["--steps", "x"], "error: Value error: Error parsing --steps: invalid literal for int() with base 10: 'x' "
+                       "(see --help)"),
+    (["--bogus"], "error: Unrecognized options: Unrecognized options: --bogus (see --help)"),
+])
+def test_cli_parse_errors_are_one_line(monkeypatch, argv, message):
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(CliArgs)
+    assert exit_info.value.code == message
+    monkeypatch.setattr(sys, "argv", ["script.py", "--agent", "l2", "--steps", "3"])
+    assert common.cli(CliArgs) == CliArgs("l2", 3)
+
+
+def test_cli_unknown_agent_from_the_shell_is_one_line_exit_1():
+    """The same through a real script and a real (non-terminal) stderr: tyro frames errors differently there."""
+    proc = subprocess.run([sys.executable, "pmnist.py", "--agent", "nope"], cwd=Path(common.__file__).parent,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: Invalid choice: invalid choice 'nope' for argument '--agent'")
 
 
 def test_progress_line(capsys):
