@@ -756,6 +756,7 @@ def main(args):
             done = checkpoint["update"]
             if done > num_updates:
                 common.fail(f"--resume: the run already has {done} updates, more than {num_updates}")
+            edges = sorted(set(edges) | {done})  # a longer --total-steps may move the chunk edges off it
             states = jax.tree.unflatten(state_tree, checkpoint["states"])
             history, diverged, spectra = checkpoint["history"], checkpoint["diverged"], checkpoint["spectra"]
             if len(spectra["end"]) == len(spectra["init"]) > 0 and done < num_updates:

@@ -263,6 +263,18 @@ def test_resume_matches_uninterrupted(tmp_path, bp_two_seeds):
         run(tmp_path, "resumed", agent="bp", seeds=2)
 
 
+def test_resume_longer_run_off_the_chunk_edges(tmp_path):
+    """3 updates in chunks of 2 (edges 0, 2, 3), resumed to 5 (edges 0, 2, 4, 5): update 3 is not an edge of the
+    longer run, and the resumed run must still do exactly updates 4 and 5."""
+    longer = dict(agent="bp", updates_per_chunk=2, change_every=640)
+    _, full = run(tmp_path, "full", total_steps=320, **longer)
+    run(tmp_path, "resumed", total_steps=192, **longer)
+    _, resumed = run(tmp_path, "resumed", total_steps=320, resume=True, **longer)
+    for k in METRICS:
+        assert resumed[k].shape[2] == 5, k
+        np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+
+
 @pytest.mark.parametrize("agent", ["er", "l2-er"])
 def test_er_agents_end_to_end(tmp_path, agent):
     _, metrics = run(tmp_path, agent, agent=agent, er_lr=(0.5,))
