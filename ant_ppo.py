@@ -659,8 +659,7 @@ def build(static):
 # ----------------------------------------------------------------------------------------------------------
 def resolve(args):
     """Validate the flags and fill in the agent defaults -> (configs, Static)."""
-    if args.agent not in AGENT_DEFAULTS:
-        common.fail(f"unknown agent {args.agent!r}; choose one of {', '.join(AGENTS)}")
+    common.check_agent(args.agent, AGENTS)
     defaults = AGENT_DEFAULTS[args.agent]
     if args.er_lr is not None and args.agent not in ER_AGENTS:
         common.fail(f"--er-lr applies to er and l2-er only, not {args.agent}")

@@ -577,8 +577,7 @@ def resolve_hyperparameters(args):
 
 
 def validate(args):
-    if args.agent not in AGENTS:
-        common.fail(f"unknown agent {args.agent!r}; choose one of {', '.join(AGENTS)}")
+    common.check_agent(args.agent, AGENTS)
     positive = ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width", "er_batch",
                 "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
                 "hessian_batch", "chunk_epochs")

@@ -37,6 +37,12 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+def check_agent(agent, agents):
+    """Stop with one line unless `agent` is one of `agents` (the scripts' main() can be called without tyro)."""
+    if agent not in agents:
+        fail(f"unknown agent {agent!r}; choose one of {', '.join(agents)}")
+
+
 def cli(args_class):
     """Parse the command line into `args_class` with tyro (--help as usual). A parse error (an unknown agent or
     flag, a malformed value) stops with one `error:` line and exit status 1 instead of tyro's framed message."""

@@ -509,8 +509,7 @@ RESUME_FREE = {"tasks", "resume", "out_dir", "checkpoint_minutes", "data_dir", "
 
 def resolve(args):
     """Validate the flags; return (configs, spec, steps per task)."""
-    if args.agent not in AGENTS:
-        common.fail(f"unknown agent {args.agent!r}; choose one of {', '.join(AGENTS)}")
+    common.check_agent(args.agent, AGENTS)
     defaults = AGENT_DEFAULTS[args.agent]
     for flag in ("weight_decay", "er_lr", "replacement_rate", "perturb_scale"):
         if getattr(args, flag) is not None and flag not in defaults:

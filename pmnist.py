@@ -374,8 +374,7 @@ def compiled_spectra(samples, iters, probes):
 def resolve(args):
     """Check the arguments; return (configs, static hyperparameters) with the agent's defaults filled in."""
     agent = args.agent
-    if agent not in AGENTS:
-        common.fail(f"unknown agent {agent!r}; choose one of {', '.join(AGENTS)}")
+    common.check_agent(agent, AGENTS)
     overrides = {"weight_decay": USES_WD, "er_lr": USES_ER, "er_batch": USES_ER,
                  "replacement_rate": ("cbp",), "decay_rate": ("cbp",), "maturity_threshold": ("cbp",),
                  "perturb_scale": USES_SNP}
