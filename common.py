@@ -99,18 +99,25 @@ def singular_values(features, method="svd"):
     """Singular values of a [n, d] feature matrix.
 
     method "svd": `jnp.linalg.svd`, accurate down to ~machine eps x the largest value (the metric).
-    method "gram": square roots of the eigenvalues of the smaller Gram matrix, ~20x cheaper on a GPU for the
-    ER step's 100 x 1000 features (REFERENCE.md) and safely differentiable: eigenvalues below the Gram
-    matrix's noise level (largest x max(n, d) x eps) count as exact zeros, which keeps sqrt's infinite slope
-    at 0 out of the gradient. Singular values below ~sqrt(max(n, d) x eps) of the largest are thus dropped:
-    negligible for the ER step's features, not for 2,000-sample metrics (many ReLU singular values lie there).
+    method "qr": the ER step's route. A QR factorization of the tall side leaves a small square triangular
+    factor R (min(n, d) wide) with the same singular values, which an SVD of R gives cheaply. Its gradient is
+    the exact one, U diag(g) V^T, written out (`_singular_values_qr`): differentiating the QR itself would
+    divide by R's diagonal, which is 0 when features have dead units. Exact down to the smallest singular
+    value, so the collapsed directions the ER step exists to revive (paper App. D) get their gradient.
+    method "gram": square roots of the eigenvalues of the smaller Gram matrix, cheapest, but eigenvalues below
+    the Gram matrix's noise level (largest x max(n, d) x eps) count as zeros, so every singular value below
+    ~sqrt(max(n, d) x eps) of the largest (~1% for 1,000 units in float32) is dropped along with its
+    gradient; on a spectrum spanning four decades the ER gradient points elsewhere (cosine 0.28 with the
+    exact one). Kept only as the speed baseline of `bench.py`.
     """
     if features.ndim != 2:
         raise ValueError(f"features must be a [n, d] matrix, got shape {features.shape}")
     if method == "svd":
         return jnp.linalg.svd(features, compute_uv=False)
+    if method == "qr":
+        return _singular_values_qr(features)
     if method != "gram":
-        raise ValueError(f"method must be 'svd' or 'gram', got {method!r}")
+        raise ValueError(f"method must be 'svd', 'qr' or 'gram', got {method!r}")
     n, d = features.shape
     gram = features @ features.T if n <= d else features.T @ features
     eigenvalues = jnp.linalg.eigvalsh(gram)
@@ -119,10 +126,39 @@ def singular_values(features, method="svd"):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, eigenvalues, 1.0)), 0.0)
 
 
+def _svd_via_qr(features):
+    """(U, s, Vt) of a [n, d] matrix from a QR of its tall side and an SVD of the small R factor."""
+    tall = features if features.shape[0] >= features.shape[1] else features.T
+    q, r = jnp.linalg.qr(tall)
+    u_r, s, vt = jnp.linalg.svd(r, full_matrices=False)
+    u = q @ u_r  # tall = (q u_r) diag(s) vt
+    return (u, s, vt) if tall is features else (vt.T, s, u.T)
+
+
+@jax.custom_vjp
+def _singular_values_qr(features):
+    return _svd_via_qr(features)[1]
+
+
+def _singular_values_qr_fwd(features):
+    u, s, vt = _svd_via_qr(features)
+    return s, (u, vt)
+
+
+def _singular_values_qr_bwd(residuals, g):
+    # d s_i / d A = u_i v_i^T. Where singular values repeat, the u_i, v_i are not unique, but the sum over a
+    # repeated value of g_i u_i v_i^T is (g is equal there: it depends on s only), so the gradient is exact.
+    u, vt = residuals
+    return ((u * g) @ vt,)
+
+
+_singular_values_qr.defvjp(_singular_values_qr_fwd, _singular_values_qr_bwd)
+
+
 def effective_rank(features, method="svd"):
     """Effective rank of a [n, d] feature matrix: exp of the entropy of p = s / sum(s) over its singular
     values s (not squared, as the authors' code). 0 for an all-zero matrix. `method` as in
-    `singular_values`: "svd" for metrics, "gram" (differentiable, cheap) for the ER step."""
+    `singular_values`: "svd" for metrics, "qr" (exact gradient) for the ER step."""
     s = singular_values(features, method)
     total = jnp.sum(s)
     p = s / jnp.where(total > 0, total, 1.0)
@@ -144,18 +180,18 @@ def effective_ranks(features_list, method="svd"):
 
 
 def er_ascent(params, features_fn, inputs, er_lr):
-    """One ER step as the authors apply it (REFERENCE.md): plain gradient ascent, outside the optimizer
+    """One ER step as the authors' code applies it: plain gradient ascent, outside the optimizer
     (no momentum, no decay), on the mean over layers of the effective rank of `features_fn(params, inputs)`
     (a list of [n, d] matrices). Returns `(new_params, mean_effective_rank)` (the rank before the step)."""
     def mean_rank(p):
-        return jnp.mean(effective_ranks(features_fn(p, inputs), method="gram"))
+        return jnp.mean(effective_ranks(features_fn(p, inputs), method="qr"))
 
     value, grads = jax.value_and_grad(mean_rank)(params)
     return jax.tree.map(lambda p, g: p + er_lr * g, params, grads), value
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimizers with coupled L2 (REFERENCE.md: weight decay is added to the gradient before the optimizer)
+# Optimizers with coupled L2 (the authors' code: weight decay is added to the gradient before the optimizer)
 # ----------------------------------------------------------------------------------------------------------
 def sgd(lr, weight_decay=0.0, momentum=0.0):
     """SGD on `grad + weight_decay * params`; `lr` and `weight_decay` may be traced scalars,
@@ -181,16 +217,21 @@ def shrink_perturb(params, key, perturb_scale):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Continual backprop (Dohare et al. 2024; the rules in REFERENCE.md), one hidden layer at a time
+# Continual backprop (Dohare et al. 2024: their algorithm and utilities), one hidden layer at a time
 # ----------------------------------------------------------------------------------------------------------
+CBP_UTILITIES = ("contribution", "adaptable_contribution")
+
+
 class CBPState(NamedTuple):
-    utility: jax.Array  # [units] running average (decay_rate) of the contribution utility
-    age: jax.Array      # [units] int32 steps since the unit was (re)initialized
-    pending: jax.Array  # scalar: accumulated fractional number of units to replace
+    utility: jax.Array          # [units] running average (decay_rate) of the utility, not bias-corrected
+    mean_activation: jax.Array  # [units] running average of the activation (centres adaptable_contribution)
+    age: jax.Array              # [units] int32 steps since the unit was (re)initialized
+    pending: jax.Array          # scalar: accumulated fractional number of units to replace
 
 
 def cbp_init(num_units):
-    return CBPState(jnp.zeros(num_units, jnp.float32), jnp.zeros(num_units, jnp.int32), jnp.zeros((), jnp.float32))
+    zeros = jnp.zeros(num_units, jnp.float32)
+    return CBPState(zeros, zeros, jnp.zeros(num_units, jnp.int32), jnp.zeros((), jnp.float32))
 
 
 def cbp_max_replace(replacement_rate, num_units):
@@ -198,24 +239,43 @@ def cbp_max_replace(replacement_rate, num_units):
     return max(1, min(num_units, int(math.floor(1.0 + replacement_rate * num_units))))
 
 
-def cbp_select(state, activations, w_out, *, replacement_rate, decay_rate, maturity_threshold, max_replace,
-               out_unit_axis=0):
+def _mean_abs_except(w, axis):
+    axis = axis % w.ndim
+    return jnp.mean(jnp.abs(w), axis=tuple(a for a in range(w.ndim) if a != axis))
+
+
+def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", replacement_rate, decay_rate,
+               maturity_threshold, max_replace, out_unit_axis=0):
     """Update ages and utilities of one hidden layer and choose the units to replace this step.
 
-    Utility of unit j: running average of mean|activation_j| x mean|outgoing weights of j|, bias-corrected
-    by 1 - decay_rate^age. Units older than `maturity_threshold` are eligible; replacement_rate x #eligible
-    accumulates in `pending`, and its integer part is replaced now: the eligible units of lowest corrected
-    utility. `activations` is [..., units]; `w_out` holds the unit axis at `out_unit_axis`.
-    Returns `(new_state, idx [max_replace], valid [max_replace])`: units `idx[valid]` are to be replaced
-    (`cbp_replace`); their utility and age are already reset to 0.
+    The utility of unit j is a running average (`decay_rate`) of, per step, as Dohare et al.'s configs use it:
+    - "contribution" (their Incremental CIFAR and Slippery Ant): mean|h_j| x mean|outgoing weights of j|;
+    - "adaptable_contribution" (their Permuted MNIST and Continual ImageNet): mean|h_j - m_j| x
+      mean|outgoing weights of j| / mean|incoming weights of j|, with m_j the running average of h_j,
+      bias-corrected by 1 - decay_rate^age. Needs `w_in` (unit axis last: dense [in, units], conv HWIO).
+    Units older than `maturity_threshold` are eligible; replacement_rate x #eligible accumulates in
+    `pending`, and its integer part is replaced now: the eligible units of lowest bias-corrected utility.
+    `activations` is [..., units] (conv: channels last, so a channel is a unit); `w_out` holds the unit axis
+    at `out_unit_axis`. Returns `(new_state, idx [max_replace], valid [max_replace])`: units `idx[valid]` are
+    to be replaced (`cbp_replace`); their utility, running mean and age are already reset to 0.
     """
+    if utility not in CBP_UTILITIES:
+        raise ValueError(f"utility must be one of {CBP_UTILITIES}, got {utility!r}")
     num_units = state.utility.shape[0]
-    mean_activation = jnp.mean(jnp.abs(activations.reshape(-1, num_units)), axis=0)
-    out_axis = out_unit_axis % w_out.ndim
-    mean_out_weight = jnp.mean(jnp.abs(w_out), axis=tuple(a for a in range(w_out.ndim) if a != out_axis))
+    h = activations.reshape(-1, num_units)
     age = state.age + 1
-    utility = decay_rate * state.utility + (1 - decay_rate) * mean_activation * mean_out_weight
-    corrected = utility / (1 - decay_rate ** age.astype(utility.dtype))
+    bias_correction = 1 - decay_rate ** age.astype(state.utility.dtype)
+    mean_out_weight = _mean_abs_except(w_out, out_unit_axis)
+    mean_activation = decay_rate * state.mean_activation + (1 - decay_rate) * jnp.mean(h, axis=0)
+    if utility == "contribution":
+        step_utility = jnp.mean(jnp.abs(h), axis=0) * mean_out_weight
+    else:
+        if w_in is None:
+            raise ValueError("utility 'adaptable_contribution' needs the incoming weights w_in")
+        centred = jnp.mean(jnp.abs(h - mean_activation / bias_correction), axis=0)
+        step_utility = centred * mean_out_weight / _mean_abs_except(w_in, -1)
+    new_utility = decay_rate * state.utility + (1 - decay_rate) * step_utility
+    corrected = new_utility / bias_correction
     eligible = age > maturity_threshold
     num_eligible = jnp.sum(eligible)
     pending = state.pending + replacement_rate * num_eligible
@@ -223,22 +283,31 @@ def cbp_select(state, activations, w_out, *, replacement_rate, decay_rate, matur
     pending = pending - count
     _, idx = jax.lax.top_k(-jnp.where(eligible, corrected, jnp.inf), max_replace)
     valid = jnp.arange(max_replace) < count
-    utility = utility.at[idx].set(jnp.where(valid, 0.0, utility[idx]))
-    age = age.at[idx].set(jnp.where(valid, 0, age[idx]))
-    return CBPState(utility, age, pending), idx.astype(jnp.int32), valid
+
+    def reset(x):
+        return x.at[idx].set(jnp.where(valid, jnp.zeros((), x.dtype), x[idx]))
+
+    return (CBPState(reset(new_utility), reset(mean_activation), reset(age), pending), idx.astype(jnp.int32),
+            valid)
 
 
-def cbp_replace(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0):
+def cbp_replace(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0, init=None):
     """Re-initialize units `idx[valid]` of one hidden layer: fresh incoming weights from the init
     distribution, bias 0, outgoing weights 0 (so the network's output is unchanged).
+
+    `init`: the layer's initializer as `init(key, shape, dtype)` (jax.nn.initializers style), called with
+    w_in's full shape so that fan-in and fan-out are the layer's; None: Kaiming-uniform (`dense_init`).
 
     `w_in` has the unit axis last (dense [in, units] or conv HWIO); `w_out` has it at `out_unit_axis`
     (dense [units, out]: 0; conv HWIO: 2; a dense layer after a flatten, reshaped to [h, w, c, out]: 2).
     Returns `(w_in, b_in, w_out, keep_in, keep_b, keep_out)`: the keep_* masks (1 = untouched, 0 = replaced)
     have the parameters' shapes, to zero the replaced entries of optimizer state (`mask_opt_state`).
     """
-    bound = kaiming_bound(math.prod(w_in.shape[:-1]))
-    fresh = jax.random.uniform(key, w_in.shape[:-1] + idx.shape, w_in.dtype, -bound, bound)
+    if init is None:
+        bound = kaiming_bound(math.prod(w_in.shape[:-1]))
+        fresh = jax.random.uniform(key, w_in.shape[:-1] + idx.shape, w_in.dtype, -bound, bound)
+    else:
+        fresh = init(key, w_in.shape, w_in.dtype)[..., idx]
     w_in = w_in.at[..., idx].set(jnp.where(valid, fresh, w_in[..., idx]))
     b_in = b_in.at[idx].set(jnp.where(valid, 0.0, b_in[idx]))
     out_axis = out_unit_axis % w_out.ndim

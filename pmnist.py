@@ -53,6 +53,7 @@ AGENT_DEFAULTS = {
     "snp-l2": {"weight_decay": 1e-3},
 }
 ER_BATCH, REPLACEMENT_RATE, DECAY_RATE, MATURITY_THRESHOLD, PERTURB_SCALE = 100, 1e-6, 0.99, 100, 1e-5
+CBP_UTILITY = "adaptable_contribution"  # Dohare et al.'s Permuted MNIST config (util_type)
 # Matmul precision of the effective-rank and Hessian computations (GPUs may otherwise use TF32, whose 10-bit
 # mantissa blurs the small singular values that effective rank counts). The single-image SGD steps keep
 # JAX's default precision (fastest).
@@ -93,10 +94,12 @@ class Args:
     """CBP utility running-average decay (cbp; default 0.99, Table 1)"""
     maturity_threshold: int | None = None
     """CBP steps before a unit may be replaced (cbp; default 100, Table 1)"""
+    cbp_utility: str | None = None
+    """CBP utility, "contribution" or "adaptable_contribution" (cbp; default adaptable_contribution, Dohare et al.'s pMNIST config)"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (snp, snp-l2; default 1e-5, Table 1's perturb_scale)"""
     max_grad_norm: float = 0.0
-    """clip each step's gradient to this global norm before the optimizer; 0 = off (plain SGD, as REFERENCE.md; Table 1 lists 0.5)"""
+    """clip each step's gradient to this global norm before the optimizer; 0 = off (plain SGD, as the authors' runs; Table 1 lists 0.5)"""
     eval_size: int = 2000
     """test images (a fresh random subset per task, under the task's permutation) for test accuracy and, at task end, dead units and effective rank per hidden layer"""
     hessian_every: int = 0
@@ -197,6 +200,7 @@ class Static(NamedTuple):
     replacement_rate: float
     decay_rate: float
     maturity_threshold: int
+    cbp_utility: str
     perturb_scale: float
     max_grad_norm: float
     batching: str
@@ -262,8 +266,8 @@ def sgd_step(static, hp, optimizer, carry, inputs):
         cbp_states = []
         for layer, k in enumerate(jax.random.split(key, 3)):
             cbp_state, idx, valid = common.cbp_select(
-                state["cbp"][layer], features[layer], params[layer + 1]["w"],
-                replacement_rate=static.replacement_rate, decay_rate=static.decay_rate,
+                state["cbp"][layer], features[layer], params[layer + 1]["w"], w_in=params[layer]["w"],
+                utility=static.cbp_utility, replacement_rate=static.replacement_rate, decay_rate=static.decay_rate,
                 maturity_threshold=static.maturity_threshold, max_replace=max_replace)
             cbp_states.append(cbp_state)
             w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
@@ -334,7 +338,7 @@ def train_member(static, state, hp, seed, task, data):
 
 def hessian_member(samples, iters, probes, params, seed, task, phase, data):
     """SLQ spectrum of the cross-entropy task loss (no L2/ER term) on the task's first hessian_samples
-    training images (paper App. G.4, REFERENCE.md); phase 0 = task init, 1 = task end."""
+    training images (paper App. G.4; the authors' code); phase 0 = task init, 1 = task end."""
     train_x, train_y = data["train_x"], data["train_y"]
     perm, order, _, _, k_hess = task_randomness(seed, task, train_x.shape[0], data["test_x"].shape[0],
                                                 train_x.shape[1])
@@ -349,7 +353,7 @@ def hessian_member(samples, iters, probes, params, seed, task, phase, data):
 def compiled_train(static):
     """train(state, hp, seeds, task, data) over all members; cached so equal configs share compilation.
     vmap batches the members inside one program (fast on accelerators); "map" runs them one after another,
-    which measured ~2x faster per member than vmap on a CPU (REFERENCE.md: 3x)."""
+    which measured ~2x faster per member than vmap on a CPU (BENCHMARKS.md)."""
     member = lambda state, hp, seed, task, data: train_member(static, state, hp, seed, task, data)
     if static.batching == "vmap":
         return jax.jit(jax.vmap(member, in_axes=(0, 0, 0, None, None)), donate_argnums=0)
@@ -377,7 +381,7 @@ def resolve(args):
     common.check_agent(agent, AGENTS)
     overrides = {"weight_decay": USES_WD, "er_lr": USES_ER, "er_batch": USES_ER,
                  "replacement_rate": ("cbp",), "decay_rate": ("cbp",), "maturity_threshold": ("cbp",),
-                 "perturb_scale": USES_SNP}
+                 "cbp_utility": ("cbp",), "perturb_scale": USES_SNP}
     for name, agents in overrides.items():
         if getattr(args, name) is not None and agent not in agents:
             common.fail(f"--{name.replace('_', '-')} does not apply to agent {agent} (only {', '.join(agents)})")
@@ -404,11 +408,14 @@ def resolve(args):
         common.fail(f"--er-batch must be >= 2 (an effective rank needs several samples), got {er_batch}")
     if not 0 <= replacement_rate <= 1 or not 0 <= decay_rate < 1:
         common.fail("--replacement-rate must be in [0, 1] and --decay-rate in [0, 1)")
+    cbp_utility = pick(args.cbp_utility, CBP_UTILITY)
+    if cbp_utility not in common.CBP_UTILITIES:
+        common.fail(f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {cbp_utility!r}")
     static = dict(
         er=agent in USES_ER, cbp=agent == "cbp", snp=agent in USES_SNP, width=args.width,
         steps=args.steps_per_task, chunk=er_batch if agent in USES_ER else CHUNK, eval_size=args.eval_size,
         replacement_rate=replacement_rate, decay_rate=decay_rate,
-        maturity_threshold=pick(args.maturity_threshold, MATURITY_THRESHOLD),
+        maturity_threshold=pick(args.maturity_threshold, MATURITY_THRESHOLD), cbp_utility=cbp_utility,
         perturb_scale=pick(args.perturb_scale, PERTURB_SCALE), max_grad_norm=args.max_grad_norm)
     return common.sweep(**sweep), static
 

@@ -27,14 +27,14 @@ def svd_effective_rank(features):
 
 # ---------------------------------------------------------------------------------------------- effective rank
 @pytest.mark.parametrize("shape", [(100, 30), (30, 100), (100, 1000)])
-@pytest.mark.parametrize("method", ["svd", "gram"])
+@pytest.mark.parametrize("method", ["svd", "qr", "gram"])
 def test_effective_rank_matches_svd_route_full_rank(shape, method):
     features = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
     got = float(common.effective_rank(features, method))
     np.testing.assert_allclose(got, svd_effective_rank(features), rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["svd", "gram"])
+@pytest.mark.parametrize("method", ["svd", "qr", "gram"])
 def test_effective_rank_rank_deficient_and_dead_columns(method):
     def cases(dtype):
         k1, k2 = jax.random.split(jax.random.key(1))
@@ -67,19 +67,71 @@ def test_svd_route_keeps_small_singular_values_of_a_tall_matrix():
 def test_effective_rank_known_values_and_gradient():
     # k orthogonal columns of equal norm: all nonzero singular values equal -> effective rank exactly k.
     features = jnp.zeros((10, 6)).at[jnp.arange(4), jnp.arange(4)].set(2.0)
-    for method in ("svd", "gram"):
+    for method in ("svd", "qr", "gram"):
         np.testing.assert_allclose(float(common.effective_rank(features, method)), 4.0, rtol=1e-6)
         assert float(common.effective_rank(jnp.zeros((5, 3)), method)) == 0.0
     with jax.enable_x64(True):
         full = jax.random.normal(jax.random.key(2), (12, 5), jnp.float64)
-        gram_rank = lambda f: common.effective_rank(f, "gram")
-        np.testing.assert_allclose(jax.grad(gram_rank)(full), jax.grad(common.effective_rank)(full), rtol=1e-7)
-        deficient = full.at[:, 3:].set(0.0)
-        assert np.all(np.isfinite(jax.grad(gram_rank)(deficient)))
+        for method in ("qr", "gram"):
+            rank = lambda f: common.effective_rank(f, method)
+            np.testing.assert_allclose(jax.grad(rank)(full), jax.grad(common.effective_rank)(full), rtol=1e-7)
+            np.testing.assert_allclose(jax.grad(rank)(full.T), jax.grad(common.effective_rank)(full.T), rtol=1e-7)
+            deficient = full.at[:, 3:].set(0.0)
+            assert np.all(np.isfinite(jax.grad(rank)(deficient)))
     with pytest.raises(ValueError, match="matrix"):
         common.effective_rank(jnp.ones(5))
     with pytest.raises(ValueError, match="method"):
-        common.effective_rank(jnp.ones((2, 2)), "qr")
+        common.effective_rank(jnp.ones((2, 2)), "eig")
+
+
+def exact_effective_rank_gradient(u, s, vt):
+    """Analytic float64 gradient of exp(entropy(s / sum s)) at the matrix u diag(s) vt:
+    d erank / d s_i = erank x (-log p_i - H) / sum(s), and d s_i / dA = u_i v_i^T."""
+    p = s / s.sum()
+    entropy = -np.sum(p * np.log(p))
+    g = np.exp(entropy) * (-np.log(p) - entropy) / s.sum()
+    return (u * g) @ vt
+
+
+def features_with_spectrum(shape, spectrum, seed=0):
+    """A [n, d] matrix u diag(spectrum) vt with random orthonormal u, vt (float64), and its factors."""
+    n, d = shape
+    k = min(n, d)
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((d, k)))
+    return (u * spectrum) @ v.T, u, v.T
+
+
+# The ER step's feature shapes: pMNIST (er_batch x width), ImageNet (1,200 images x 128), CIFAR (5 minibatches
+# of 100 x 512), Slippery Ant (a 16-sample minibatch x 256).
+@pytest.mark.parametrize("shape", [(100, 1000), (1200, 128), (500, 512), (16, 256)])
+@pytest.mark.parametrize("decades", [1, 4, 5])
+def test_er_step_gradient_is_exact_on_collapsed_spectra(shape, decades):
+    """In float32 the ER step's gradient points where the exact float64 gradient does, also when the spectrum
+    spans four or five decades (the collapsed directions ER exists to revive). The Gram route does not."""
+    spectrum = np.logspace(0.0, -decades, min(shape))
+    features, u, vt = features_with_spectrum(shape, spectrum)
+    exact = exact_effective_rank_gradient(u, spectrum, vt)
+    cosine = lambda g: float(np.sum(np.asarray(g, np.float64) * exact) / np.linalg.norm(g) / np.linalg.norm(exact))
+    grad = lambda method: jax.grad(lambda f: common.effective_rank(f, method))(jnp.asarray(features, jnp.float32))
+    assert cosine(grad("qr")) >= 0.99
+    if decades >= 4 and max(shape) >= 500:
+        assert cosine(grad("gram")) < 0.9  # why the ER step does not use it
+
+
+def test_er_step_gradient_is_finite_with_dead_units_and_repeated_singular_values():
+    k1, k2 = jax.random.split(jax.random.key(11))
+    relu = jax.nn.relu(jax.random.normal(k1, (100, 300))).at[:, 50:].set(0.0)  # 250 dead units
+    q, _ = jnp.linalg.qr(jax.random.normal(k2, (64, 32)))
+    repeated = jnp.concatenate([q * 2.0, jnp.zeros((64, 8))], axis=1)  # 32 equal singular values, 8 zeros
+    for features in (relu, relu.T, repeated, jnp.zeros((10, 4)).at[0, 0].set(1.0)):
+        grad = jax.grad(lambda f: common.effective_rank(f, "qr"))(features)
+        assert np.all(np.isfinite(grad))
+    # Equal singular values: the effective rank is at its maximum over scalings of the columns, so the
+    # gradient is (numerically) zero however the SVD picks its singular vectors.
+    grad = jax.grad(lambda f: common.effective_rank(f, "qr"))(q * 2.0)
+    np.testing.assert_allclose(np.asarray(grad), 0.0, atol=1e-4)
 
 
 def test_er_ascent_raises_effective_rank():
@@ -112,13 +164,16 @@ def test_shrink_perturb_noise_scale():
     np.testing.assert_allclose(float(jnp.std(noisy["a"])), 0.01, rtol=0.03)
     np.testing.assert_allclose(float(jnp.std(noisy["b"] - 1.0)), 0.01, rtol=0.03)
     assert abs(float(jnp.mean(noisy["a"]))) < 1e-3
+    # Every leaf draws its own noise: two same-shape leaves get uncorrelated noise.
+    twins = common.shrink_perturb({"a": jnp.zeros((100, 100)), "b": jnp.zeros((100, 100))}, jax.random.key(6), 1.0)
+    assert abs(float(jnp.corrcoef(twins["a"].ravel(), twins["b"].ravel())[0, 1])) < 0.05  # ~5 sigma
     same = common.shrink_perturb(params, jax.random.key(5), 0.0)
     assert all(jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(params)))
 
 
 # ---------------------------------------------------------------------------------------------- continual backprop
 def test_cbp_replaces_lowest_utility_eligible_units():
-    state = common.CBPState(jnp.zeros(6), jnp.array([200, 200, 200, 200, 5, 200], jnp.int32), jnp.array(1.5))
+    state = common.cbp_init(6)._replace(age=jnp.array([200, 200, 200, 200, 5, 200], jnp.int32), pending=jnp.array(1.5))
     activations = jnp.array([[3.0, 1.0, 2.0, 0.5, 0.1, 4.0]])
     out_magnitude = jnp.array([1.0, 0.5, 0.2, 4.0, 1.0, 0.05])
     w_out = jnp.stack([out_magnitude, -out_magnitude], axis=1)  # [units, out]: mean |w| per unit = magnitude
@@ -136,13 +191,14 @@ def test_cbp_replaces_lowest_utility_eligible_units():
 
 def test_cbp_ranks_by_bias_corrected_utility_and_accumulates_fractions():
     # Raw utility says unit 0 is lowest, but its young age inflates its bias-corrected utility above unit 1's.
-    state = common.CBPState(jnp.array([0.010, 0.012, 1.0]), jnp.array([100, 1000, 1000], jnp.int32), jnp.array(0.9))
+    state = common.cbp_init(3)._replace(utility=jnp.array([0.010, 0.012, 1.0]), age=jnp.array([100, 1000, 1000], jnp.int32),
+                                        pending=jnp.array(0.9))
     zeros = jnp.zeros((1, 3))
     _, idx, valid = common.cbp_select(state, zeros, jnp.ones((3, 2)), replacement_rate=0.05, decay_rate=0.99,
                                       maturity_threshold=50, max_replace=1)
     assert np.asarray(idx)[np.asarray(valid)].tolist() == [1]
     # 0.3 per step with 1 eligible unit: replacements happen at steps 4, 7, 10 (floor of 1.2, 2.1, 3.0).
-    state = common.CBPState(jnp.zeros(1), jnp.full(1, 10, jnp.int32), jnp.array(0.0))
+    state = common.cbp_init(1)._replace(age=jnp.full(1, 10, jnp.int32))
     counts = []
     for _ in range(10):
         state, idx, valid = common.cbp_select(state, jnp.ones((1, 1)), jnp.ones((1, 1)), replacement_rate=0.3,
@@ -150,6 +206,64 @@ def test_cbp_ranks_by_bias_corrected_utility_and_accumulates_fractions():
         counts.append(int(valid.sum()))
     assert counts == [0, 0, 0, 1, 0, 0, 1, 0, 0, 1]
     assert common.cbp_max_replace(1e-6, 1000) == 1 and common.cbp_max_replace(0.01, 1000) == 11
+
+
+def test_cbp_utilities_by_hand():
+    """Two steps of both utilities against hand-computed values (decay 0.9). Unit 0: mean|outgoing| 2,
+    mean|incoming| 0.5; unit 1: 1 and 2."""
+    w_out = jnp.array([[2.0, -2.0], [1.0, -1.0]])
+    w_in = jnp.array([[0.5, 2.0], [-0.5, 2.0], [0.5, -2.0]])
+    steps = [jnp.array([[1.0, 2.0], [3.0, 0.0]]), jnp.array([[4.0, 1.0]])]
+    kw = dict(w_in=w_in, replacement_rate=0.5, decay_rate=0.9, maturity_threshold=1, max_replace=1)
+
+    def run(utility):
+        state, picked = common.cbp_init(2), []
+        for h in steps:
+            state, idx, valid = common.cbp_select(state, h, w_out, utility=utility, **kw)
+            picked.append(np.asarray(idx)[np.asarray(valid)].tolist())
+        return state, picked
+
+    # adaptable_contribution. Step 1: running mean 0.1 x [2, 1], bias-corrected by 1 - 0.9 = 0.1 -> [2, 1];
+    # mean|h - m| = [1, 1]; x out / in = [4, 0.5]; utility 0.1 x that = [0.4, 0.05]. Step 2: running mean
+    # 0.9 x [0.2, 0.1] + 0.1 x [4, 1] = [0.58, 0.19], corrected by 1 - 0.81 = 0.19 -> [3.0526, 1];
+    # |h - m| = [0.9474, 0] x [4, 0.5] = [3.7895, 0]; utility 0.9 x [0.4, 0.05] + 0.1 x that = [0.7389, 0.045].
+    # Both units are 2 > 1 steps old now: 0.5 x 2 = 1 replacement, unit 1 (corrected 0.045 / 0.19 is lowest),
+    # whose utility, running mean and age restart at 0.
+    state, picked = run("adaptable_contribution")
+    assert picked == [[], [1]]
+    np.testing.assert_allclose(state.utility, [0.36 + 0.1 * 4 * (4 - 0.58 / 0.19), 0.0], rtol=1e-5)
+    np.testing.assert_allclose(state.mean_activation, [0.58, 0.0], rtol=1e-5)
+    np.testing.assert_array_equal(state.age, [2, 0])
+    # contribution: mean|h| x out = [2, 1] x [2, 1] = [4, 1], then [4, 1] x [2, 1] = [8, 1]:
+    # utility 0.9 x [0.4, 0.1] + 0.1 x [8, 1] = [1.16, 0.19]; unit 1 again.
+    state, picked = run("contribution")
+    assert picked == [[], [1]]
+    np.testing.assert_allclose(state.utility, [1.16, 0.0], rtol=1e-5)
+    # Centring decides: a unit that is always on at the same level is useless to adaptable_contribution
+    # (|h - m| = 0), however large its contribution.
+    h = jnp.array([[5.0, 1.0], [5.0, 0.0]])
+    state = common.cbp_init(2)
+    for _ in range(2):  # the second step replaces one of the two (now mature) units
+        state, idx, valid = common.cbp_select(state, h, w_out, utility="adaptable_contribution", **kw)
+    assert np.asarray(idx)[np.asarray(valid)].tolist() == [0]
+    with pytest.raises(ValueError, match="w_in"):
+        common.cbp_select(common.cbp_init(2), h, w_out, utility="adaptable_contribution",
+                          **(kw | {"w_in": None}))
+    with pytest.raises(ValueError, match="utility"):
+        common.cbp_select(common.cbp_init(2), h, w_out, utility="magnitude", **kw)
+
+
+def test_cbp_maturity_is_strictly_older_than_the_threshold():
+    # After this step's age increment, unit 0 is exactly maturity_threshold = 100 steps old: not yet eligible,
+    # although its utility is the lowest. Units 1-3 are 101 steps old.
+    state = common.cbp_init(4)._replace(age=jnp.array([99, 100, 100, 100], jnp.int32), pending=jnp.array(0.5))
+    activations = jnp.array([[0.0, 3.0, 1.0, 2.0]])
+    new_state, idx, valid = common.cbp_select(state, activations, jnp.ones((4, 2)), replacement_rate=0.2,
+                                              decay_rate=0.99, maturity_threshold=100, max_replace=2)
+    # 3 eligible x 0.2 + 0.5 = 1.1: one replacement, the lowest-utility mature unit (2), not unit 0.
+    assert np.asarray(idx)[np.asarray(valid)].tolist() == [2]
+    np.testing.assert_allclose(float(new_state.pending), 0.1, atol=1e-6)
+    np.testing.assert_array_equal(new_state.age, [100, 101, 0, 101])
 
 
 def test_cbp_replacement_leaves_the_network_output_unchanged():
@@ -169,7 +283,11 @@ def test_cbp_replacement_leaves_the_network_output_unchanged():
     np.testing.assert_array_equal(w_in[:, kept], l1["w"][:, kept])
     np.testing.assert_array_equal(b_in[replaced], 0.0)
     np.testing.assert_array_equal(b_in[kept], l1["b"][kept])
-    np.testing.assert_array_equal(w_out[replaced], 0.0)
+    # Outgoing rows of replaced units are zeroed, also where they were not zero before.
+    full_out = l2["w"] + 1.0  # nonzero everywhere
+    w_out_full = common.cbp_replace(k[3], l1["w"], l1["b"], full_out, idx, valid)[2]
+    np.testing.assert_array_equal(w_out_full[replaced], 0.0)
+    np.testing.assert_array_equal(w_out_full[kept], full_out[kept])
     np.testing.assert_array_equal(w_out[kept], l2["w"][kept])
     # Fresh incoming weights never reach the output: any other draw gives the same network function.
     other = common.cbp_replace(jax.random.key(99), l1["w"], l1["b"], l2["w"], idx, valid)
