@@ -1,5 +1,6 @@
 """Tests for toy.py: the App. C landscapes against hand values, the Task-2 transform, autodiff against finite
-differences, and the paper's Fig. 1 claims on the default start grid (what actually holds is asserted)."""
+differences, the flip counts and three-valued verdicts, and the paper's Fig. 1 claims on the default start grid
+(what actually holds is asserted)."""
 import json
 import math
 import subprocess
@@ -257,6 +258,75 @@ def test_task2_claims(run):
     np.testing.assert_allclose(cond[in_bowl], 1.8, rtol=0.05)
     assert (cond[~in_bowl] > 10).all()
     assert curv["task2_start_cond_median"] < gd["task2_start_cond_median"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flip counts and three-valued verdicts
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid_size, margin", [(1, 2), (2, 2), (3, 3), (8, 8), (41, 41)])
+def test_tie_margin(grid_size, margin):
+    assert toy.tie_margin(grid_size) == margin
+
+
+@pytest.mark.parametrize("n_for, n_against, margin, expected", [
+    (0, 0, 2, "tie"), (1, 0, 2, "tie"), (2, 0, 2, "tie"), (3, 0, 2, "holds"),  # one or two starts: a tie
+    (0, 2, 2, "tie"), (0, 3, 2, "fails"), (5, 3, 2, "tie"), (6, 3, 2, "holds"), (3, 6, 2, "fails"),
+    (8, 0, 8, "tie"), (9, 0, 8, "holds"), (0, 8, 8, "tie"), (0, 9, 8, "fails"),  # at and just past the margin
+    (30, 22, 8, "tie"), (31, 22, 8, "holds"), (22, 31, 8, "fails"), (1, 63, 8, "fails"), (20, 16, 41, "tie")])
+def test_verdict(n_for, n_against, margin, expected):
+    assert toy.verdict(n_for, n_against, margin) == expected
+
+
+def test_basin_flips_and_fewer_steps_by_hand():
+    gd = [True, True, False, False, False, True, False]
+    curv = [True, False, True, True, False, True, False]
+    # GD canyon -> curv bowl at starts 2 and 3; GD bowl -> curv canyon at start 1; starts 0, 4, 5, 6 agree.
+    assert toy.basin_flips(gd, curv) == {"canyon_to_bowl": 2, "bowl_to_canyon": 1, "same_basin": 4}
+    assert toy.basin_flips(curv, gd) == {"canyon_to_bowl": 1, "bowl_to_canyon": 2, "same_basin": 4}
+    assert toy.basin_flips(np.ones(5, bool), np.zeros(5, bool)) == {
+        "canyon_to_bowl": 0, "bowl_to_canyon": 5, "same_basin": 0}
+    assert toy.fewer_steps([14, 800, 2000, 15, 14], [15, 2000, 2000, 3, 14]) == {"curv": 1, "gd": 2, "equal": 2}
+
+
+def test_summary_flips_and_verdicts(run):
+    """The new summary keys against each other, against the old ones and against the per-start metrics."""
+    out, summary, metrics = run
+    assert json.loads((out / "summary.json").read_text())["verdicts"] == summary["verdicts"]
+    n, flips, fewer = summary["grid_starts"], summary["task1_flips"], summary["task2_fewer_steps"]
+    gd, curv = summary["gd"], summary["curv"]
+    assert flips["canyon_to_bowl"] + flips["bowl_to_canyon"] + flips["same_basin"] == n
+    assert fewer["curv"] + fewer["gd"] + fewer["equal"] == n
+    for m in toy.METHODS:
+        assert summary[m]["task1_bowl_count"] == round(summary[m]["task1_bowl_fraction"] * n)
+    assert curv["task1_bowl_count"] - gd["task1_bowl_count"] == flips["canyon_to_bowl"] - flips["bowl_to_canyon"]
+    assert (flips["canyon_to_bowl"], flips["bowl_to_canyon"]) == (
+        summary["task1_only_curv_in_bowl"], summary["task1_only_gd_in_bowl"])
+    in_bowl, steps = metrics["task1_in_bowl"], metrics["task2_steps"]
+    assert flips == toy.basin_flips(in_bowl[0], in_bowl[1])
+    assert fewer["curv"] == int((steps[1] < steps[0]).sum()) and fewer["gd"] == int((steps[0] < steps[1]).sum())
+    # Default grid: one start flips canyon -> bowl (+1 of a margin of 8): a tie, although the bare comparison
+    # of bowl fractions in `claims` says True. Task 2: curv is faster only from that start.
+    assert summary["tie_margin"] == 8 and (flips["canyon_to_bowl"], flips["bowl_to_canyon"]) == (1, 0)
+    assert summary["claims"]["curv_ends_task1_in_bowl_more_often"]
+    assert summary["verdicts"] == {
+        "curv_ends_task1_in_bowl_more_often": {"verdict": "tie", "net": 1, "starts_for": 1, "starts_against": 0},
+        "curv_needs_fewer_task2_steps": {"verdict": "fails", "net": -62, "starts_for": 1, "starts_against": 63}}
+    assert np.flatnonzero(steps[1] < steps[0]).tolist() == [DIFFERING_START]
+
+
+def test_print_claims(capsys):
+    summary = {"grid_starts": 100, "task1_flips": {"canyon_to_bowl": 30, "bowl_to_canyon": 3, "same_basin": 67},
+               "task2_fewer_steps": {"curv": 12, "gd": 4, "equal": 84}, "tie_margin": 10,
+               "verdicts": {"a": {"verdict": "holds", "net": 27, "starts_for": 30, "starts_against": 3},
+                            "b": {"verdict": "tie", "net": 8, "starts_for": 12, "starts_against": 4}}}
+    toy.print_claims(summary)
+    assert capsys.readouterr().out.splitlines() == [
+        "Task-1 basin, GD -> curv (of 100 starts): canyon -> bowl 30, bowl -> canyon 3, same basin 67",
+        "Task-2 starts where curv / gd needs fewer steps: 12 / 4 (equal: 84)",
+        "claims (paper, Fig. 1): net = starts for - starts against; holds if net > M, fails if net < -M, else tie; "
+        "M = max(2, grid_size) = 10 starts",
+        "  a: holds (net +27 = 30 for - 3 against)",
+        "  b: tie (net +8 = 12 for - 4 against)"]
 
 
 # ----------------------------------------------------------------------------------------------------------
