@@ -3,7 +3,9 @@
 The paper estimates the Hessian eigenvalue density of the task loss with SLQ (Golub & Welsch 1969;
 Ghorbani et al. 2019): a Gaussian probe, Lanczos with full reorthogonalization on Hessian-vector products,
 Ritz values as quadrature nodes and squared first eigenvector components as weights, then a Gaussian
-kernel density. The epsilon-rank (Sec. 5) is the fraction of spectral mass with |lambda| > epsilon.
+kernel density. The epsilon-rank (Sec. 5) is the fraction of spectral mass with |lambda| > epsilon, from the
+quadrature weights (`epsilon_rank`) or, as the authors' code computed Fig. 2's, from the smoothed density
+(`density_epsilon_rank`).
 """
 import jax
 import jax.numpy as jnp
@@ -127,6 +129,22 @@ def epsilon_rank(nodes, weights, eps):
     nodes, weights = _as_probes(nodes, weights)
     mass = jnp.sum(weights * (jnp.abs(nodes) > eps), axis=-1) / jnp.sum(weights, axis=-1)
     return jnp.mean(mass)
+
+
+def density_epsilon_rank(nodes, weights, eps, num_points=10000, sigma2=1e-5):
+    """Fraction in [0, 1] of the smoothed density's mass with |u| > eps: the Riemann sum of
+    `density(nodes, weights, num_points, sigma2)` over its grid points with |u| > eps (`density` makes the
+    sum over the whole grid 1).
+
+    This is how the authors' code computed the normalized epsilon-rank of Fig. 2 (Sec. 5, App. F.2): from
+    the Gaussian-smoothed density of App. F.1, not from the quadrature weights. Unlike `epsilon_rank`, a
+    node within a few kernel widths of +-eps (or of the grid's edge) contributes part of its weight.
+    Probes are pooled as in `density`.
+    """
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    grid, values = density(nodes, weights, num_points, sigma2)
+    return jnp.sum(jnp.where(jnp.abs(grid) > eps, values, 0.0)) * (grid[1] - grid[0])
 
 
 def _as_probes(nodes, weights):

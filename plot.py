@@ -7,7 +7,8 @@ hessian.npz; format in the README) and writes one PNG per figure and per benchma
 - performance_<script>.png   mean over seeds with a 95% t-interval band (Fig. 3)
 - units_rank_<script>.png    dead units and effective rank over tasks (Fig. 6)
 - hessian_<script>.png       Hessian spectral density at task init and end, log y (Figs. 10, 12, 13)
-- curvature_<script>.png     accuracy vs normalized eps-rank at task init with a least-squares line (Figs. 2, 7)
+- curvature_<script>.png     accuracy vs normalized eps-rank at task init with a least-squares line (Figs. 2, 7);
+                             the eps-rank integrates the smoothed density, as the authors computed Fig. 2
 Runs of several agents and scripts can be mixed: runs of one script share its figures.
 """
 
@@ -16,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import matplotlib
 
@@ -44,6 +45,8 @@ class Args:
     """0-based task indices whose Hessian spectra are drawn (nearest measured task is used); default: first, middle and last measured"""
     eps: float = 0.1
     """epsilon of the epsilon-rank (fraction of spectral mass with |eigenvalue| > eps) in the curvature figure (paper: 0.1)"""
+    eps_rank_from: Literal["density", "weights"] = "density"
+    """curvature figure's eps-rank from the smoothed density (as the authors computed Fig. 2) or the raw quadrature weights"""
     hessian_seed: int | None = None
     """seed (as in config.json) whose spectrum is drawn; default: the probes of all finite seeds pooled"""
 
@@ -55,7 +58,7 @@ PRIMARY = {
     "cifar": ("test_acc", "test accuracy", "task"),
     "ant_ppo": ("episodic_return", "episodic return", "update"),
 }
-# what one Hessian measurement index means: a task, or a friction phase for Ant (REFERENCE.md)
+# what one Hessian measurement index means: a task, or a friction phase for Ant (paper App. G.4)
 HESSIAN_UNIT = {"ant_ppo": "phase"}
 PLOTTED = {key for key, _, _ in PRIMARY.values()} | {"dead_units", "effective_rank"}
 HESSIAN_KEYS = ("tasks", "init_nodes", "init_weights", "end_nodes", "end_weights")
@@ -415,15 +418,41 @@ def plot_hessian(script, runs, out, args):
     return [save(fig, out, f"hessian_{script}.png")]
 
 
+EPS_RANK_ROUTE = {"density": "smoothed density", "weights": "quadrature weights"}
+
+
+def eps_ranks(nodes, weights, eps, route):
+    """Normalized eps-rank of each spectrum in nodes, weights [N, probes, iters] -> [N].
+
+    'density' (the default of the curvature figure): mass of the Gaussian-smoothed density (App. F.1) with
+    |lambda| > eps, as the authors' code computed Fig. 2's x-axis; 'weights': the quadrature weights' mass
+    with |lambda| > eps. A spectrum with a non-finite entry gives NaN."""
+    nodes, weights = np.asarray(nodes), np.asarray(weights)
+    if route not in EPS_RANK_ROUTE:
+        raise ValueError(f"route must be one of {sorted(EPS_RANK_ROUTE)}, got {route!r}")
+    if len(nodes) == 0:
+        return np.zeros(0, np.float64)
+    if route == "weights":
+        ranks = np.array(jax.vmap(lambda n, w: hessian.epsilon_rank(n, w, eps))(nodes, weights))
+    else:
+        # lax.map, not vmap: each spectrum's kernel matrix is [10,000 grid points, probes x iters].
+        one = lambda nw: hessian.density_epsilon_rank(nw[0], nw[1], eps)
+        ranks = np.array(jax.jit(lambda n, w: jax.lax.map(one, (n, w)))(nodes, weights))
+    # A NaN node with a finite weight would otherwise count as mass at or below eps.
+    ranks[~(np.isfinite(nodes) & np.isfinite(weights)).reshape(len(nodes), -1).all(axis=1)] = np.nan
+    return ranks
+
+
 def plot_curvature(script, runs, out, args):
     """Figs. 2, 7: per measured task, accuracy against normalized eps-rank of the Hessian at that task's
     init (parameters after task t-1 on task t's data), each averaged over the seeds where both are finite;
-    one least-squares line through all points. Returns (written files, R^2)."""
+    one least-squares line through all points. The eps-rank integrates the smoothed density by default
+    (--eps-rank-from). Returns (written files, R^2)."""
     if script not in PRIMARY or PRIMARY[script][2] != "task":
         notice(f"{script}: no per-task accuracy; curvature figure skipped")
         return [], None
     key = PRIMARY[script][0]
-    eps_rank = jax.vmap(lambda n, w: hessian.epsilon_rank(n, w, args.eps))  # over seeds x measurements
+    route = EPS_RANK_ROUTE[args.eps_rank_from]
     groups = []
     for run in runs:
         if run.hessian is None or key not in run.metrics:
@@ -432,8 +461,8 @@ def plot_curvature(script, runs, out, args):
         h, acc = run.hessian, run.metrics[key]
         for c in range(len(run.configs)):
             nodes, weights = h["init_nodes"][c], h["init_weights"][c]  # [S, K, probes, iters]
-            ranks = np.asarray(eps_rank(nodes.reshape(-1, *nodes.shape[2:]), weights.reshape(-1, *weights.shape[2:])))
-            ranks = ranks.reshape(nodes.shape[:2])  # [S, K]
+            ranks = eps_ranks(nodes.reshape(-1, *nodes.shape[2:]), weights.reshape(-1, *weights.shape[2:]),
+                              args.eps, args.eps_rank_from).reshape(nodes.shape[:2])  # [S, K]
             xs, ys = [], []
             for k, t in enumerate(np.asarray(h["tasks"]).astype(int)):
                 if t >= acc.shape[2]:
@@ -457,12 +486,12 @@ def plot_curvature(script, runs, out, args):
     if np.isfinite(r2):
         grid = np.linspace(x_all.min(), x_all.max(), 2)
         ax.plot(grid, slope * grid + intercept, "k:", lw=1.5, label="least-squares fit")
-        print(f"curvature vs accuracy [{script}], eps={args.eps:g}: R^2 = {r2:.4f} "
-              f"(slope {slope:.4g}, intercept {intercept:.4g}, {len(x_all)} points)", flush=True)
+        print(f"curvature vs accuracy [{script}], eps={args.eps:g}: R^2 = {r2:.4f} (slope {slope:.4g}, "
+              f"intercept {intercept:.4g}, {len(x_all)} points; eps-rank from the {route})", flush=True)
     else:
         notice(f"{script}: curvature fit undefined (fewer than 2 points, or no spread); no line drawn")
     ax.text(0.03, 0.95, f"$R^2$ = {r2:.3f}", transform=ax.transAxes, va="top", fontsize=11)
-    ax.set(xlabel=f"normalized $\\epsilon$-rank of H at task init ($\\epsilon$ = {args.eps:g})",
+    ax.set(xlabel=f"normalized $\\epsilon$-rank of H at task init ($\\epsilon$ = {args.eps:g}, {route})",
            ylabel=PRIMARY[script][1], title=f"{script}: curvature vs accuracy (mean over seeds per task)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -473,6 +502,8 @@ def main(args):
     """Writes the figures; returns (list of written PNG paths, {script: R^2 of the curvature fit})."""
     if not args.run_dirs:
         common.fail("give at least one run directory")
+    if not args.eps >= 0:
+        common.fail(f"--eps must be >= 0, got {args.eps}")
     if args.smooth is not None and (args.smooth % 2 == 0 or args.smooth <= args.polyorder):
         common.fail(f"--smooth must be an odd window larger than --polyorder ({args.polyorder}), got {args.smooth}")
     runs = [load_run(p) for p in args.run_dirs]

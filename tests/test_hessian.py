@@ -1,4 +1,6 @@
 """hessian.py against exact Hessians (jax.hessian + eigvalsh) in float64 on tiny models."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,12 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import hessian
+
+# One compiled program per grid size, not one per eager operation: keeps the density tests fast.
+density = jax.jit(hessian.density, static_argnames=("num_points", "sigma2"))
+density_epsilon_rank = jax.jit(hessian.density_epsilon_rank, static_argnames=("eps", "num_points", "sigma2"))
+epsilon_rank = jax.jit(hessian.epsilon_rank, static_argnames="eps")
+lanczos = jax.jit(hessian.lanczos, static_argnums=(0, 2))
 
 
 def tiny_mlp(key, sizes, dtype=jnp.float64):
@@ -146,3 +154,114 @@ def test_dead_units_bound_hessian_rank_theorem_6_2():
     assert full.shape == (num_params, num_params)
     rank = np.linalg.matrix_rank(full, tol=1e-9 * np.abs(full).max())
     assert rank <= num_params - num_dead * (inputs + outputs + 1)
+
+
+def test_float32_lanczos_finds_each_outlier_once_with_its_exact_weight():
+    # The scripts run float32. Ten outliers (0.1 .. 100, log-spaced) above a bulk in [0, 1e-3]: once the
+    # outliers have converged, |H v| >> beta, and a single classical Gram-Schmidt pass leaves O(eps |H v| / beta)
+    # of the old directions in the new vector (Kahan-Parlett: twice is enough). The leak shows up as spurious,
+    # even negative, Ritz values and lost outliers. The probe is Gaussian with the outlier components scaled
+    # by 10, so that each outlier carries a few percent of the mass.
+    dim, num_iters = 3000, 150
+    rng = np.random.default_rng(0)
+    outliers = np.geomspace(0.1, 100.0, 10)
+    diag = np.concatenate([rng.uniform(0.0, 1e-3, dim - 10), outliers]).astype(np.float32)
+    probe = rng.standard_normal(dim).astype(np.float32)
+    probe[-10:] *= 10.0
+    # Quadrature weight of eigenvalue i for the probe v (eigenvectors = unit vectors): v_i^2 / |v|^2.
+    exact_weights = probe[-10:].astype(np.float64) ** 2 / np.sum(probe.astype(np.float64) ** 2)
+    with jax.enable_x64(False):
+        op = jnp.asarray(diag)
+        alphas, betas = lanczos(lambda v: op * v, jnp.asarray(probe), num_iters)
+        nodes, weights = hessian.tridiagonal_quadrature(alphas, betas)
+        assert nodes.dtype == weights.dtype == jnp.float32
+    nodes, weights = np.asarray(nodes, np.float64), np.asarray(weights, np.float64)
+    matched = np.zeros(num_iters, bool)
+    for lam, weight in zip(outliers, exact_weights):
+        near = np.abs(nodes - lam) <= 1e-4 * lam
+        assert near.sum() == 1, f"eigenvalue {lam:.4g} appears {near.sum()} times among the Ritz values"
+        np.testing.assert_allclose(weights[near][0], weight, rtol=1e-3)
+        matched |= near
+    # Every other Ritz value lies in the bulk and carries the bulk's mass.
+    rest = nodes[~matched]
+    assert rest.min() >= -1e-5 and rest.max() <= 1e-3 + 1e-5, (rest.min(), rest.max())
+    np.testing.assert_allclose(weights[~matched].sum(), 1.0 - exact_weights.sum(), atol=1e-4)
+
+
+def test_density_kernel_variance_is_the_papers():
+    # Second moment of the density around a node far from the others and from the grid's edges equals the
+    # kernel variance 1e-5 * max(1, lambda_max - lambda_min), lambda_max/min being the grid's padded ends
+    # (App. F.1; Ghorbani et al.'s density code).
+    for nodes, variance in [([-1.0, 0.0, 9.0], 1e-5 * 10.02),  # range 9 + 1 + 2 x 0.01 = 10.02
+                            ([-0.2, 0.0, 0.2], 1e-5)]:  # range 0.42 < 1: the max(1, .) floor
+        grid, values = density(jnp.array(nodes), jnp.array([0.25, 0.5, 0.25]))
+        grid, values = np.asarray(grid), np.asarray(values)
+        around = np.abs(grid) < 0.1  # >= 10 kernel widths each side of the node, >= 30 from the others
+        mass = values[around].sum()
+        mean = (grid[around] * values[around]).sum() / mass
+        assert abs(mean) < 1e-9
+        np.testing.assert_allclose((grid[around] ** 2 * values[around]).sum() / mass, variance, rtol=1e-6)
+
+
+def test_density_grid_ignores_the_zero_weight_nodes_of_an_early_closed_krylov_space():
+    # Four distinct eigenvalues, each twice: the Krylov space closes after 4 of 8 steps, and the 4 padded
+    # Ritz values (0) carry weight exactly 0. They must not stretch the grid down to -0.01.
+    diag = jnp.array([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 5.0, 5.0])
+    nodes, weights = hessian.tridiagonal_quadrature(*lanczos(lambda v: diag * v, jnp.arange(1.0, 9.0), 8))
+    nodes, weights = np.asarray(nodes), np.asarray(weights)
+    assert np.sum(weights == 0.0) == 4 and np.all(nodes[weights == 0.0] == 0.0)
+    grid, values = density(nodes, weights)
+    np.testing.assert_allclose([float(grid[0]), float(grid[-1])], [0.99, 5.01], rtol=1e-12)
+    # The kernel width follows the same range: 1e-5 * 4.02; second moment around the node at 2.
+    grid, values = np.asarray(grid), np.asarray(values)
+    around = np.abs(grid - 2.0) < 0.3
+    mass = values[around].sum()
+    np.testing.assert_allclose(((grid[around] - 2.0) ** 2 * values[around]).sum() / mass, 1e-5 * 4.02, rtol=1e-6)
+
+
+def test_epsilon_rank_counts_strictly_above_eps():
+    # Nodes exactly at 0 or at +-eps are not above eps.
+    nodes = jnp.array([0.0, 0.0, 0.1, -0.1, 0.5])
+    weights = jnp.array([0.3, 0.1, 0.2, 0.2, 0.2])
+    np.testing.assert_allclose(float(epsilon_rank(nodes, weights, 0.1)), 0.2, rtol=1e-12)
+    np.testing.assert_allclose(float(epsilon_rank(nodes, weights, 0.0)), 0.6, rtol=1e-12)
+
+
+def test_epsilon_rank_is_a_fraction_of_each_probes_total_weight():
+    # Weights that do not sum to 1: probe 0 has 2 of 4 above eps (0.5), probe 1 has 4 of 5 (0.8).
+    nodes = jnp.array([[0.0, 0.5, 2.0], [0.05, 1.0, 3.0]])
+    weights = jnp.array([[2.0, 1.0, 1.0], [1.0, 1.0, 3.0]])
+    np.testing.assert_allclose(float(epsilon_rank(nodes, weights, 0.1)), 0.65, rtol=1e-12)
+    np.testing.assert_allclose(float(epsilon_rank(nodes[0], 10 * weights[0], 0.1)), 0.5, rtol=1e-12)
+
+
+def normal_cdf(z):
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def test_density_epsilon_rank_equals_the_gaussian_integral_beyond_eps():
+    # One node at 0.102 (or -0.102), eps 0.1: the grid is node +- 0.01, the kernel variance 1e-5 (range < 1),
+    # and the density is the normal density truncated to the grid and renormalized, so the mass beyond eps
+    # is [Phi(0.01 / s) - Phi(-0.002 / s)] / [Phi(0.01 / s) - Phi(-0.01 / s)], s = sqrt(1e-5) (= 0.73683).
+    s = math.sqrt(1e-5)
+    want = (normal_cdf(0.01 / s) - normal_cdf(-0.002 / s)) / (normal_cdf(0.01 / s) - normal_cdf(-0.01 / s))
+    for node in (0.102, -0.102):
+        got = density_epsilon_rank(jnp.array([node]), jnp.array([1.0]), 0.1)  # paper's 10,000 points
+        assert abs(float(got) - want) < 1e-4
+        fine = density_epsilon_rank(jnp.array([node]), jnp.array([1.0]), 0.1, num_points=200001)
+        assert abs(float(fine) - want) < 2e-5  # the Riemann sum's error shrinks with the grid spacing
+    # Three nodes, range 3.02, s = sqrt(3.02e-5): the node at 0 has no mass beyond 0.1 (18 s away), the node
+    # exactly at eps half of it; the nodes at 0 and 3 lie 0.01 from the grid's ends and keep Phi(0.01 / s)
+    # of theirs. The weights route says 0.2 here.
+    s = math.sqrt(1e-5 * 3.02)
+    kept = normal_cdf(0.01 / s)
+    want = (0.3 * 0.5 + 0.2 * kept) / (0.5 * kept + 0.3 + 0.2 * kept)  # = 0.35159
+    nodes, weights = jnp.array([0.0, 0.1, 3.0]), jnp.array([0.5, 0.3, 0.2])
+    got = density_epsilon_rank(nodes, weights, 0.1, num_points=200001)  # kernel width / spacing ~360
+    assert abs(float(got) - want) < 3e-4
+    assert float(epsilon_rank(nodes, weights, 0.1)) == pytest.approx(0.2)
+    # Probes are pooled as in density(): two single-node probes give the mean of their masses.
+    two = density_epsilon_rank(jnp.array([[0.0], [1.0]]), jnp.array([[1.0], [1.0]]), 0.1)
+    np.testing.assert_allclose(float(two), 0.5, atol=1e-9)
+    with pytest.raises(ValueError, match="eps"):
+        hessian.density_epsilon_rank(nodes, weights, -0.1)

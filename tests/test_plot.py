@@ -2,7 +2,8 @@
 
 Checks: every expected PNG is written (and the skip notices), the 95% band equals hand-computed t-intervals
 (NaN seeds excluded), Savitzky-Golay smoothing equals the hand-computed filter, the curvature R^2 equals a
-hand-computed value, and bad input exits with status 1 and one line.
+hand-computed value, both eps-rank routes (smoothed density, quadrature weights) equal hand-computed values,
+and bad input exits with status 1 and one line.
 """
 import contextlib
 import io
@@ -40,8 +41,9 @@ def write_run(path, script, agent, configs, seeds, metrics, hessian=None):
 
 def spectra(x):
     """Hessian arrays [C=1, S, K, probes=1, iters=2] whose normalized eps-rank (eps=0.1) is x[s, k]:
-    nodes 0 and 1 with weights 1-x and x."""
-    x = np.asarray(x, np.float32)[None, :, :, None]  # [1, S, K, 1]
+    nodes 0 and 1 with weights 1-x and x. Both routes give x: the smoothed density's grid [-0.01, 1.01] is
+    symmetric about the two nodes, so each keeps the same share of its kernel mass."""
+    x = np.asarray(x, np.float32)[None, :, :, None, None]  # [1, S, K, 1, 1]
     nodes = np.broadcast_to(np.array([0.0, 1.0], np.float32), x.shape[:-1] + (2,)).copy()
     weights = np.concatenate([1.0 - x, x], axis=-1)
     return nodes, weights
@@ -115,8 +117,54 @@ def test_figures_written(result):
 def test_r2_matches_hand_computed(result):
     assert result["r2"] == {"imagenet": pytest.approx(HAND_R2, abs=1e-5)}
     assert "curvature vs accuracy [imagenet], eps=0.1: R^2 = 0.9800" in result["stdout"]
+    assert "eps-rank from the smoothed density" in result["stdout"]  # the default route
     slope, intercept, r2 = plot.line_fit([0.2, 0.4, 0.6, 0.8], [0.5, 0.6, 0.8, 0.9])
     assert (slope, intercept, r2) == pytest.approx((0.7, 0.35, HAND_R2))  # slope = Sxy / Sxx = 0.14 / 0.2
+
+
+def normal_cdf(z):
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def test_eps_rank_routes_match_hand_computed():
+    # Spectrum 0: all mass on 0.102, eps 0.1. Its grid is 0.102 +- 0.01 and the kernel variance 1e-5, so the
+    # smoothed density keeps [Phi(0.01/s) - Phi(-0.002/s)] / [Phi(0.01/s) - Phi(-0.01/s)] = 0.73683 beyond
+    # eps (s = sqrt(1e-5)); the weights put all of it there. Spectrum 1: nodes 0 and 1, weights 0.6 and 0.4:
+    # 0.4 by both routes (symmetric grid). Spectrum 2 has diverged (NaN): NaN by both routes.
+    s = math.sqrt(1e-5)
+    hand = (normal_cdf(0.01 / s) - normal_cdf(-0.002 / s)) / (normal_cdf(0.01 / s) - normal_cdf(-0.01 / s))
+    nodes = np.array([[[0.102, 0.102]], [[0.0, 1.0]], [[np.nan, 1.0]]], np.float32)  # [N, probes, iters]
+    weights = np.array([[[0.5, 0.5]], [[0.6, 0.4]], [[0.5, 0.5]]], np.float32)
+    density = plot.eps_ranks(nodes, weights, 0.1, "density")
+    assert density[:2] == pytest.approx([hand, 0.4], abs=1e-4) and np.isnan(density[2])
+    weights_route = plot.eps_ranks(nodes, weights, 0.1, "weights")
+    assert weights_route[:2] == pytest.approx([1.0, 0.4], abs=1e-6) and np.isnan(weights_route[2])
+    assert plot.eps_ranks(nodes[:0], weights[:0], 0.1, "density").shape == (0,)
+
+
+def test_curvature_figure_uses_the_chosen_route(tmp_path):
+    # Two nodes, 0.102 (weight 1-x) and 1 (weight x): the weights put all mass above eps = 0.1 in every task,
+    # so their eps-rank has no spread and no line is fitted. The smoothed density keeps a share
+    # q = Phi(-0.002/s) / Phi(0.01/s) of the node at 0.102 below eps (both nodes lie 0.01 inside the grid's
+    # ends, so each keeps Phi(0.01/s) of its kernel): x' = 1 - q (1 - x), affine in x, so R^2 stays 0.98.
+    run = plot.load_run(imagenet_run(tmp_path, "bp", [0.2, 0.4], [0.5, 0.6]))
+    other = plot.load_run(imagenet_run(tmp_path, "l2", [0.6, 0.8], [0.8, 0.9]))
+    for r in (run, other):
+        for when in ("init", "end"):
+            r.hessian[f"{when}_nodes"][..., 0] = 0.102
+    plot.set_labels([run, other])
+    out = tmp_path / "figures"
+    out.mkdir()
+    for route, want in (("density", HAND_R2), ("weights", None)):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            files, r2 = plot.plot_curvature("imagenet", [run, other], out, plot.Args(run_dirs=(), eps_rank_from=route))
+        assert [Path(f).name for f in files] == ["curvature_imagenet.png"]
+        if want is None:
+            assert np.isnan(r2) and "curvature fit undefined" in stdout.getvalue()
+        else:
+            assert r2 == pytest.approx(want, abs=2e-3)
+            assert "eps-rank from the smoothed density" in stdout.getvalue()
 
 
 def test_ci_band_matches_hand_computed():
@@ -160,6 +208,8 @@ def test_savgol_matches_hand_computed():
 def test_cli_parses():
     args = tyro.cli(plot.Args, args=["a", "b", "--out", "o", "--smooth", "11", "--tasks", "50", "300", "790", "--eps", "0.2"])
     assert args.run_dirs == (Path("a"), Path("b")) and args.tasks == (50, 300, 790) and args.eps == 0.2
+    assert args.eps_rank_from == "density"
+    assert tyro.cli(plot.Args, args=["a", "--eps-rank-from", "weights"]).eps_rank_from == "weights"
 
 
 def test_bad_input(tmp_path):
@@ -177,7 +227,8 @@ def test_bad_input(tmp_path):
     mismatch = write_run(tmp_path / "mismatch", "pmnist", "bp", [{"lr": 0.01}], [0, 1], {"online_acc": np.zeros((1, 1, 3))})
     good = write_run(tmp_path / "good", "pmnist", "bp", [{"lr": 0.01}], [0], {"online_acc": np.zeros((1, 1, 3))})
     for args in [plot.Args(run_dirs=(tmp_path / "missing",)), plot.Args(run_dirs=(broken,)),
-                 plot.Args(run_dirs=(mismatch,)), plot.Args(run_dirs=(good,), smooth=4), plot.Args(run_dirs=())]:
+                 plot.Args(run_dirs=(mismatch,)), plot.Args(run_dirs=(good,), smooth=4), plot.Args(run_dirs=()),
+                 plot.Args(run_dirs=(good,), eps=-0.1)]:
         with pytest.raises(SystemExit) as e:
             plot.main(args)
         assert e.value.code not in (0, None)
