@@ -21,6 +21,13 @@ with the tie margin M = max(2, grid_size) starts (why: see TIE_MIN_STARTS).
 
     python toy.py                       # ~10 s on a CPU; writes runs/toy__gd-vs-curv__<stamp>/
 """
+import os
+
+# Before jax loads LAPACK (scipy's OpenBLAS): OpenBLAS's threads on top of XLA's oversubscribe the cores
+# (two l2-er runs side by side on a 2-core CPU ran 6.8x slower than two bp runs; 1.2x with one thread each).
+# A user's own OPENBLAS_NUM_THREADS wins. No effect on GPU runs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import math
 import sys
 from dataclasses import dataclass
