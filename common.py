@@ -506,6 +506,205 @@ def load_checkpoint(run_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Members together, metrics arrays, interrupts and resume commands (the redesigned scripts' driver pieces)
+# ----------------------------------------------------------------------------------------------------------
+MEMBER_BATCHING = ("auto", "vmap", "map")
+
+
+def resolve_batching(choice):
+    """"auto" -> "map" on a single CPU device (measured ~2x faster per member there), else "vmap"."""
+    if choice == "auto":
+        return "map" if jax.default_backend() == "cpu" and jax.local_device_count() == 1 else "vmap"
+    return choice
+
+
+def over_members(fn, batching, in_axes):
+    """`fn` of one member, run for every member: `in_axes` marks each argument 0 (member axis leading) or
+    None (shared). "vmap": one jitted batched program. "map": one jitted single-member program called for
+    each member in turn (one executable for any member count; members are split and stacked on the host)."""
+    if batching == "vmap":
+        return jax.jit(jax.vmap(fn, in_axes=in_axes))
+    single = jax.jit(fn)
+
+    def run(*args):
+        batched = [jax.device_get(a) if axis == 0 else a for a, axis in zip(args, in_axes)]
+        size = next(jax.tree.leaves(a)[0].shape[0] for a, axis in zip(batched, in_axes) if axis == 0)
+        outs = [single(*[jax.tree.map(lambda x: x[m], a) if axis == 0 else a for a, axis in zip(batched, in_axes)])
+                for m in range(size)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(outs))
+
+    return run
+
+
+def new_metrics(shapes, members, units):
+    """{name: array [members, units, *shape]}: NaN for float metrics, 0 for integer ones; `shapes` maps
+    name -> (shape, dtype). Units (tasks, updates) are filled in as they finish."""
+    return {k: np.full((members, units) + tuple(shape), np.nan if np.issubdtype(dtype, np.floating) else 0, dtype)
+            for k, (shape, dtype) in shapes.items()}
+
+
+def grow_metrics(metrics, units):
+    """Pad every [members, old_units, ...] array to `units` (a resumed run asked for more tasks)."""
+    def grow(a):
+        pad = np.full((a.shape[0], units - a.shape[1]) + a.shape[2:],
+                      np.nan if np.issubdtype(a.dtype, np.floating) else 0, a.dtype)
+        return np.concatenate([a, pad], axis=1) if units > a.shape[1] else a
+
+    return {k: grow(np.array(a)) for k, a in metrics.items()}  # writable host copies
+
+
+class Members:
+    """The configs x seeds a run trains together: member m = (config m // S, seed m % S)."""
+
+    def __init__(self, configs, seeds, batching="auto"):
+        self.configs, self.seed_list = list(configs), [int(s) for s in seeds]
+        self.config_index, member_seed = stack_members(self.configs, self.seed_list)
+        self.seeds = jnp.asarray(member_seed, jnp.int32)
+        self.count, self.grid = len(member_seed), (len(self.configs), len(self.seed_list))
+        self.batching = resolve_batching(batching)
+
+    def hyperparameters(self, names):
+        """{name: float32 [members]} of the swept hyperparameters (0 where a config lacks one)."""
+        return {n: jnp.asarray([self.configs[c].get(n, 0.0) for c in self.config_index], jnp.float32) for n in names}
+
+    def run(self, fn, in_axes, batching=None):
+        return over_members(fn, batching or self.batching, in_axes)
+
+    def grid_shaped(self, a):
+        """[members, ...] -> [configs, seeds, ...]."""
+        return np.asarray(a).reshape(self.grid + np.shape(a)[1:])
+
+    def __str__(self):
+        return (f"{self.count} members ({self.grid[0]} configs x {self.grid[1]} seeds), {jax.device_count()} x "
+                f"{jax.devices()[0].device_kind}, member batching {self.batching}")
+
+
+class Run:
+    """A run directory and everything resume needs, in one checkpoint dict: the args, the training state,
+    the metrics ([members, units, ...] arrays, NaN / 0 until filled), the spectra, the diverged members and
+    the cursor (the unit in progress, the calls of it done, and its partial sums). New or resumed by `args`."""
+
+    def __init__(self, script, args, resume_free, members, units, shapes, spectra_shapes=None, spectra_units=0):
+        self.args, self.members = args, members
+        self.dir, ckpt = open_run(script, args, resume_free)
+        save_config(self.dir, args, members.configs, members.seed_list)
+        if ckpt is None:
+            self.state, self.cursor = None, {"unit": 0, "call": 0, "partial": {}}
+            self.metrics = new_metrics(shapes, members.count, units)
+            self.spectra = new_metrics(spectra_shapes or {}, members.count, spectra_units)
+            self.diverged = np.zeros(members.grid, bool)
+        else:
+            self.state, self.cursor, self.diverged = ckpt["state"], ckpt["cursor"], np.asarray(ckpt["diverged"])
+            self.metrics = grow_metrics(ckpt["metrics"], units)
+            self.spectra = grow_metrics(ckpt["spectra"], spectra_units)
+            print(f"resuming {self.dir}: {self.cursor['unit']} done, {self.cursor['call']} calls into the next",
+                  flush=True)
+
+    def record(self, unit, values, where):
+        """Store unit `unit`'s metrics ({name: [members, ...]}; `finite` [members] marks members whose
+        parameters are finite, the others get NaN accuracies), report new divergences, advance the cursor."""
+        values = dict(values)
+        finite = np.asarray(values.pop("finite"), bool)
+        for name, v in values.items():
+            v = np.asarray(v)
+            if name.endswith("_acc"):  # a non-finite network's argmax means nothing
+                v = np.where(finite, v, np.nan)
+            self.metrics[name][:, unit] = v
+        self.diverged = report_diverged(self.members.grid_shaped(finite), self.members.configs,
+                                        self.members.seed_list, where, known=self.diverged)
+        self.cursor = {"unit": unit + 1, "call": 0, "partial": {}}
+
+    def accumulate(self, calls_done, **sums):
+        """Add a call's sums (online accuracy counts, losses) to the unit in progress; `calls_done` of it done."""
+        partial = self.cursor["partial"]
+        self.cursor = {**self.cursor, "call": calls_done,
+                       "partial": {k: partial[k] + v if k in partial else v for k, v in sums.items()}}
+
+    def checkpoint(self, state):
+        save_checkpoint(self.dir, {"args": asdict(self.args), "state": state, "cursor": self.cursor,
+                                   "metrics": self.metrics, "spectra": self.spectra, "diverged": self.diverged})
+
+    def save(self, spectra_units=None):
+        """metrics.npz ([configs, seeds, units done, ...] arrays and `diverged`), and the spectra of the
+        `spectra_units` measured so far (hessian.npz: `tasks` and [configs, seeds, K, ...] arrays)."""
+        done = self.cursor["unit"]
+        save_npz(self.dir / "metrics.npz", diverged=self.diverged,
+                 **{k: self.members.grid_shaped(v[:, :done]) for k, v in self.metrics.items()})
+        if spectra_units:
+            save_npz(self.dir / "hessian.npz", tasks=np.asarray(spectra_units),
+                     **{k: self.members.grid_shaped(v[:, :len(spectra_units)]) for k, v in self.spectra.items()})
+
+
+def finite_mean(values):
+    """Mean over the finite entries (diverged members are NaN); NaN if there are none."""
+    values = np.asarray(values, np.float64)
+    return float(np.mean(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
+
+
+class StepTimer:
+    """Wall time of the calls timed with `timing(include)`; the caller adds the steps they did to `steps`."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    @contextlib.contextmanager
+    def timing(self, include=True):
+        start = time.perf_counter()
+        yield
+        if include:
+            self.seconds += time.perf_counter() - start
+
+
+class StopRequests:
+    """SIGINT / SIGTERM ask the run to stop at its next safe point (`requested`), where it checkpoints. The
+    first signal's default action is then restored, so a second Ctrl-C kills the process at once; the last
+    checkpoint stays intact because every file is written atomically."""
+
+    def __init__(self):
+        self.signal = None
+        import signal
+        self._signal = signal
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        self._signal.signal(signum, self._signal.SIG_DFL)
+        print("\nstopping at the next safe point (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signal is not None
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            self._signal.signal(sig, handler)
+
+    def exit(self, where, command):
+        """Leave after the checkpoint: one line, exit status 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
+        self.close()
+        print(f"interrupted after {where}; resume with: {command}", flush=True)
+        raise SystemExit(128 + int(self.signal))
+
+
+def resume_command(args, run_dir):
+    """The command line that continues `args`'s run in `run_dir`: the script, every flag that differs from
+    its default, then --resume --out-dir."""
+    defaults, flags = type(args)(), []
+    for name, value in asdict(args).items():
+        if name in ("resume", "out_dir") or value == getattr(defaults, name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):
+            flags.append(f"{flag} {' '.join(str(v) for v in value)}")
+        else:
+            flags.append(f"{flag} {value}")
+    script = Path(sys.modules[type(args).__module__].__file__).name
+    return " ".join(["python", script, *flags, "--resume", "--out-dir", str(run_dir)])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------------------
 class Progress:

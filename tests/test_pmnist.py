@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data as datasets
 import pmnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_missing_data_is_one_line_exit_1(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert all(name in lines[0] for name in pmnist.MNIST_FILES) and "--manual-dir" in lines[0]
+    assert all(name in lines[0] for name in datasets.MNIST_FILES) and "--manual-dir" in lines[0]
 
 
 def test_two_devices_equal_one(run, tmp_path):
@@ -188,17 +189,94 @@ pmnist.main(replace(pmnist.Args(**{TINY.__dict__!r}), agent="l2", lr=(0.01, 0.03
 
 
 @pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="real MNIST files not present at ../shared/data/mnist")
-def test_real_mnist_prepare_cache_and_learn(tmp_path, monkeypatch):
-    """tensorflow-datasets prepares the real files offline and the arrays are cached; the cache then loads
-    without tfds; a width-100 MLP learns Permuted MNIST well above chance (0.1)."""
-    arrays = pmnist.load_mnist(str(tmp_path), str(MNIST_DIR))
+def test_real_mnist_read_cache_and_learn(tmp_path, monkeypatch):
+    """The four real files are read directly (no TensorFlow) and cached; the cache then loads without the
+    files; a width-100 MLP learns Permuted MNIST well above chance (0.1)."""
+    arrays = datasets.mnist(str(tmp_path), str(MNIST_DIR))
     assert arrays["train_x"].shape == (60000, 784) and arrays["test_x"].shape == (10000, 784)
     assert arrays["train_x"].dtype == np.uint8 and arrays["train_y"].max() == 9
-    assert (tmp_path / pmnist.CACHE_NAME).is_file()
-    monkeypatch.setattr(pmnist.common, "tfds_arrays", lambda *a, **k: pytest.fail("cache not used"))
+    assert (tmp_path / datasets.MNIST_CACHE).is_file()
+    monkeypatch.setattr(datasets, "read_mnist_folder", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(datasets, "tfds_mnist", lambda *a, **k: pytest.fail("cache not used"))
     # Measured: online accuracy 0.770 (task 0) and 0.779 (task 1), test accuracy 0.868 / 0.908.
     run_dir = pmnist.main(pmnist.Args(agent="bp", tasks=2, steps_per_task=3000, width=100, eval_size=500,
                                       data_dir=str(tmp_path), out_dir=str(tmp_path / "run")))
     m = np.load(run_dir / "metrics.npz")
     assert (m["online_acc"] > 0.65).all(), m["online_acc"]
     assert (m["test_acc"] > 0.75).all(), m["test_acc"]
+
+
+class StopAfter:
+    """Stand-in for common.StopRequests: asks to stop at the `n`-th safe-point check (as a Ctrl-C would)."""
+
+    def __init__(self, n):
+        self.checks, self.n, self.signal = 0, n, 2
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks >= self.n
+
+    def close(self):
+        pass
+
+    def exit(self, where, command):
+        print(f"interrupted after {where}; resume with: {command}")
+        raise SystemExit(130)
+
+
+def test_interrupt_mid_task_then_resume_equals_uninterrupted(data, tmp_path, monkeypatch, capsys):
+    """With 100-step calls a 250-step task is 3 calls: stop after the first call of task 0, resume, and get the
+    uninterrupted run's metrics and spectra; splitting a task into calls changes nothing either."""
+    hess = dict(hessian_every=1, hessian_samples=100, lanczos_iters=8, agent="l2-er", er_lr=(0.01,))
+    whole = pmnist.main(replace(TINY, out_dir=str(tmp_path / "whole"), **hess), data)
+    monkeypatch.setattr(pmnist, "CALL_STEPS", 100)
+    full = pmnist.main(replace(TINY, out_dir=str(tmp_path / "full"), **hess), data)
+    args = replace(TINY, out_dir=str(tmp_path / "cut"), **hess)
+    monkeypatch.setattr(pmnist.common, "StopRequests", lambda: StopAfter(1))
+    with pytest.raises(SystemExit) as e:
+        pmnist.main(args, data)
+    assert e.value.code == 130
+    out = capsys.readouterr().out
+    assert "interrupted after task 1/2 was 1/3 done; resume with: python pmnist.py" in out
+    assert f"--resume --out-dir {tmp_path / 'cut'}" in out and "--er-lr 0.01" in out
+    monkeypatch.setattr(pmnist.common, "StopRequests", lambda: StopAfter(10**9))
+    pmnist.main(replace(args, resume=True), data)
+    for name in ("metrics.npz", "hessian.npz"):
+        a, b, c = np.load(full / name), np.load(tmp_path / "cut" / name), np.load(whole / name)
+        assert sorted(a.files) == sorted(b.files) == sorted(c.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
+            np.testing.assert_allclose(a[k], c[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}:{k}")
+
+
+def test_ctrl_c_checkpoints_and_prints_the_resume_command(tmp_path):
+    """A real SIGINT to a running process: exit 130, no traceback, one line with the command that resumes;
+    that command finishes the run with the metrics of an uninterrupted one."""
+    import signal
+    base = [sys.executable, "pmnist.py", "--synthetic-data", "--agent", "bp", "--width", "16", "--tasks", "4",
+            "--steps-per-task", "20000", "--eval-size", "100"]
+    proc = subprocess.Popen(base + ["--out-dir", str(tmp_path / "cut")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("task 1/4"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    lines += out.splitlines()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    resume = [line for line in lines if line.startswith("interrupted after")]
+    assert len(resume) == 1, lines
+    command = resume[0].split("resume with: ")[1].split()
+    assert command[:2] == ["python", "pmnist.py"] and command[-3:] == ["--resume", "--out-dir", str(tmp_path / "cut")]
+    done = subprocess.run([sys.executable] + command[1:], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    whole = subprocess.run(base + ["--out-dir", str(tmp_path / "whole")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    a, b = np.load(tmp_path / "whole" / "metrics.npz"), np.load(tmp_path / "cut" / "metrics.npz")
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
