@@ -206,6 +206,40 @@ def adam(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Spectral regularization (Lewandowski et al. 2024, in the form of the authors' later runs)
+# ----------------------------------------------------------------------------------------------------------
+def sigma_max(w, iters, start):
+    """Largest singular value of a [m, n] matrix by `iters` power iterations from the vector `start` [n];
+    differentiable (the iterations are unrolled, as the authors' code differentiates through them)."""
+    v = start / jnp.linalg.norm(start)
+    for _ in range(iters):
+        u = w @ v
+        u = u / (jnp.linalg.norm(u) + 1e-12)
+        v = w.T @ u
+        v = v / (jnp.linalg.norm(v) + 1e-12)
+    return jnp.linalg.norm(w @ v)
+
+
+def spectral_penalty(params, k=2.0, target=2.0, iters=10):
+    """sum over kernels W of (sigma_max(W)^k - target)^2 + sum of squared biases; a leaf named "w" is a kernel
+    (conv kernels [.., in, out] as (kh*kw*in, out)), "scale" a normalization scale (penalized towards 1),
+    every other leaf a bias. The authors: k = 2, target = 2; Lewandowski et al.: sigma_max near 1. Each
+    kernel's power iteration starts from the same fixed vector every step (a key from its position)."""
+    total = 0.0
+    for i, (path, x) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+        name = getattr(path[-1], "key", None)
+        if name == "w":
+            w = x.reshape(-1, x.shape[-1])
+            start = jax.random.normal(jax.random.key(i), (w.shape[1],), w.dtype)
+            total = total + (sigma_max(w, iters, start) ** k - target) ** 2
+        elif name == "scale":
+            total = total + jnp.sum(jnp.square(x - 1.0))
+        else:
+            total = total + jnp.sum(jnp.square(x))
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Shrink & Perturb (Ash & Adams 2020): the shrink is weight decay (agent snp-l2), the perturb is below
 # ----------------------------------------------------------------------------------------------------------
 def shrink_perturb(params, key, perturb_scale):

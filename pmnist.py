@@ -60,6 +60,7 @@ AGENTS = {
     "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="adaptable_contribution"),
     "snp": dict(perturb_scale=1e-5),
     "snp-l2": dict(perturb_scale=1e-5, weight_decay=1e-3),
+    "spectral-reg": dict(spectral_lambda=1e-3, spectral_k=2.0, spectral_target=2.0, power_iters=10),
 }
 SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 
@@ -96,6 +97,14 @@ class Args:
     """CBP utility (Dohare et al.): contribution, or adaptable_contribution (their Permuted MNIST config)"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb)"""
+    spectral_lambda: float | None = None
+    """weight of the spectral penalty: sum over kernels of (sigma_max^k - target)^2, plus squared biases (Lewandowski et al. 2024; default: the authors' chosen 1e-3)"""
+    spectral_k: float | None = None
+    """power of sigma_max in the spectral penalty (the authors: 2)"""
+    spectral_target: float | None = None
+    """target of sigma_max^k (the authors: 2; Lewandowski et al.'s "close to one": 1)"""
+    power_iters: int | None = None
+    """power iterations per kernel and step for sigma_max, from a fixed start vector (the authors: 10)"""
     max_grad_norm: float = 0.0
     """clip each step's gradient to this global norm; 0 = off (plain SGD, as the authors' runs; Table 1 lists 0.5)"""
     eval_size: int = 2000
@@ -198,9 +207,14 @@ def make_train(args, agent, ds):
 
         def loss_fn(params):
             logits, features = forward(params, x)
-            return cross_entropy(logits, y), (logits, features)
+            loss = cross_entropy(logits, y)
+            if "spectral_lambda" in agent:  # spectral regularization, in the loss
+                loss = loss + agent["spectral_lambda"] * common.spectral_penalty(
+                    params, agent["spectral_k"], agent["spectral_target"], agent["power_iters"])
+            return loss, (logits, features)
 
-        (loss, (logits, features)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (_, (logits, features)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        loss = cross_entropy(logits, y)  # online loss: the task's cross-entropy only
         updates, opt_state = opt.update(grads, state["opt"], state["params"])
         state = {**state, "params": optax.apply_updates(state["params"], updates), "opt": opt_state}
         if "replacement_rate" in agent:

@@ -527,3 +527,36 @@ def test_effective_ranks_stacks_each_layer_and_er_ascent_differentiates_through_
     batched = jax.vmap(lambda a, b: common.effective_ranks([a, b], "gram"))(jnp.stack([feats[0]] * 3),
                                                                               jnp.stack([feats[1]] * 3))
     np.testing.assert_allclose(batched, np.tile(ranks, (3, 1)), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- spectral regularization
+def test_sigma_max_and_spectral_penalty_against_svd():
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        w = jnp.asarray(rng.standard_normal((6, 4)))
+        start = jnp.ones(4)
+        np.testing.assert_allclose(float(common.sigma_max(w, 200, start)), np.linalg.svd(w, compute_uv=False)[0],
+                                   rtol=1e-10)
+        conv = jnp.asarray(rng.standard_normal((3, 3, 2, 4)))  # HWIO: a (3*3*2) x 4 matrix
+        dense = jnp.asarray(rng.standard_normal((5, 3)))
+        params = {"conv": {"w": conv, "b": jnp.asarray([1.0, 2.0, 0.0, 0.0])},
+                  "dense": {"w": dense, "b": jnp.asarray([0.5, 0.0, 0.0]), "scale": jnp.asarray([1.5, 1.0, 0.0])}}
+        s_conv = np.linalg.svd(np.asarray(conv).reshape(18, 4), compute_uv=False)[0]
+        s_dense = np.linalg.svd(np.asarray(dense), compute_uv=False)[0]
+        expected = (s_conv ** 2 - 2) ** 2 + (s_dense ** 2 - 2) ** 2 + (1 + 4) + 0.25 + (0.25 + 0 + 1)
+        np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, 300)), expected, rtol=1e-8)
+        np.testing.assert_allclose(float(common.spectral_penalty({"w": dense}, 1.0, 1.0, 300)), (s_dense - 1) ** 2,
+                                   rtol=1e-8)
+
+
+def test_spectral_penalty_gradient_is_the_analytic_u_v_form():
+    """At a separated top singular value, d/dW (s^k - t)^2 = 2 (s^k - t) k s^(k-1) u v^T."""
+    rng = np.random.default_rng(1)
+    u, _ = np.linalg.qr(rng.standard_normal((7, 3)))
+    v, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    s = np.array([3.0, 1.0, 0.5])
+    w = (u * s) @ v.T
+    with jax.enable_x64(True):
+        grad = jax.grad(lambda m: common.spectral_penalty({"w": m}, 2.0, 2.0, 100))(jnp.asarray(w))
+    expected = 2 * (s[0] ** 2 - 2) * 2 * s[0] * np.outer(u[:, 0], v[:, 0])
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-8, atol=1e-10)
