@@ -437,12 +437,19 @@ def make_run_dir(script, agent, out_dir=None):
     return run_dir
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -466,11 +473,18 @@ def git_commit():
         return "unknown"
 
 
-def save_config(run_dir, args, configs, seeds):
-    """Write config.json: the script, every Args field, the config axis, the seeds and provenance."""
-    script = Path(sys.modules[type(args).__module__].__file__).stem
+def script_name(args):
+    """The file name (stem) of the script whose Args these are: `my_idea` for a fork saved as my_idea.py."""
+    return Path(sys.modules[type(args).__module__].__file__).stem
+
+
+def save_config(run_dir, args, configs, seeds, benchmark=None):
+    """Write config.json: the script, the benchmark it runs (plot.py groups runs by it, so a fork's runs
+    overlay its parent's), every Args field, the config axis, the seeds and provenance."""
+    script = script_name(args)
     save_json(Path(run_dir) / "config.json", {
         "script": script,
+        "benchmark": benchmark or script,
         "agent": getattr(args, "agent", None),
         "args": asdict(args) if is_dataclass(args) else dict(vars(args)),
         "configs": list(configs),
@@ -618,10 +632,10 @@ class Run:
     the metrics ([members, units, ...] arrays, NaN / 0 until filled), the spectra, the diverged members and
     the cursor (the unit in progress, the calls of it done, and its partial sums). New or resumed by `args`."""
 
-    def __init__(self, script, args, resume_free, members, units, shapes, spectra_shapes=None, spectra_units=0):
+    def __init__(self, benchmark, args, resume_free, members, units, shapes, spectra_shapes=None, spectra_units=0):
         self.args, self.members = args, members
-        self.dir, ckpt = open_run(script, args, resume_free)
-        save_config(self.dir, args, members.configs, members.seed_list)
+        self.dir, ckpt = open_run(script_name(args), args, resume_free)  # runs/<script>__<agent>__<stamp>
+        save_config(self.dir, args, members.configs, members.seed_list, benchmark)
         if ckpt is None:
             self.state, self.cursor = None, {"unit": 0, "call": 0, "partial": {}}
             self.metrics = new_metrics(shapes, members.count, units)

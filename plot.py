@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.signal  # noqa: E402
+import scipy.stats  # noqa: E402
 import tyro  # noqa: E402
 
 import common  # noqa: E402
@@ -72,42 +74,11 @@ def one_line(err):
     return " ".join(str(err).split())
 
 
-# ---------------------------------------------------------------- statistics (numpy only)
-def _t_two_sided_cdf(t, df):
-    """P(|T| <= t) for Student's t with integer df (Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2 == 1:
-        if df == 1:
-            return 2.0 * theta / math.pi
-        term = total = math.cos(theta)
-        for j in range(1, df - 3, 2):
-            term *= c2 * (j + 1) / (j + 2)
-            total += term
-        return 2.0 / math.pi * (theta + s * total)
-    term = total = 1.0
-    for j in range(0, df - 3, 2):
-        term *= c2 * (j + 1) / (j + 2)
-        total += term
-    return s * total
-
-
-def t_quantile(p, df):
-    """Two-sided critical value: t with P(|T| <= t) = p for Student's t with integer df >= 1 (bisection)."""
-    lo, hi = 0.0, 1.0
-    while _t_two_sided_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if _t_two_sided_cdf(mid, df) < p else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
+# ---------------------------------------------------------------- statistics
 def savgol(y, window, polyorder):
-    """Savitzky-Golay smoothing of a 1-D series (Savitzky & Golay 1964): least-squares polynomial of
-    `polyorder` on each `window` (odd) neighbourhood, evaluated at its centre; the first and last
-    window//2 points take the polynomial fitted to the first / last window. Non-finite entries split the
-    series into segments smoothed separately (window shrunk to the segment; too short: left as is)."""
+    """Savitzky-Golay smoothing of a 1-D series (scipy.signal.savgol_filter, polynomial fits at the edges).
+    Non-finite entries split the series into segments smoothed separately (window shrunk to the segment;
+    too short: left as is)."""
     y = np.asarray(y, dtype=np.float64)
     out = y.copy()
     finite = np.isfinite(y)
@@ -116,19 +87,7 @@ def savgol(y, window, polyorder):
         n = stop - start
         w = min(window, n if n % 2 else n - 1)
         if w > polyorder:
-            out[start:stop] = _savgol_segment(y[start:stop], w, polyorder)
-    return out
-
-
-def _savgol_segment(y, window, polyorder):
-    half = window // 2
-    x = np.arange(-half, half + 1, dtype=np.float64)
-    vander = x[:, None] ** np.arange(polyorder + 1)  # [window, polyorder+1]
-    proj = np.linalg.pinv(vander)  # polynomial coefficients from a window of data
-    out = np.empty_like(y)
-    out[half : len(y) - half] = np.convolve(y, proj[0][::-1], mode="valid")
-    out[:half] = vander[:half] @ (proj @ y[:window])
-    out[len(y) - half :] = vander[half + 1 :] @ (proj @ y[-window:])
+            out[start:stop] = scipy.signal.savgol_filter(y[start:stop], w, polyorder, mode="interp")
     return out
 
 
@@ -142,8 +101,7 @@ def mean_ci(values, level=0.95):
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = filled.sum(axis=0) / n
         sd = np.sqrt(np.where(finite, (filled - mean) ** 2, 0.0).sum(axis=0) / (n - 1))
-        crit_of = {int(k): t_quantile(level, int(k) - 1) for k in np.unique(n) if k >= 2}
-        crit = np.array([crit_of.get(int(k), np.nan) for k in n])
+        crit = np.where(n >= 2, scipy.stats.t.ppf((1 + level) / 2, np.maximum(n - 1, 1)), np.nan)
         half = crit * sd / np.sqrt(n)
     return mean, half, n
 
@@ -173,6 +131,7 @@ class Run:
     hessian: dict | None
     labels: list  # one legend label per config
     colors: list  # one line colour per config
+    width: int | None = None  # units per hidden layer, when the run recorded it
 
 
 def load_run(path):
@@ -185,8 +144,10 @@ def load_run(path):
         common.fail(f"{path}: no metrics.npz (a run writes it after its first task)")
     try:
         cfg = json.loads((path / "config.json").read_text())
-        script, agent = str(cfg["script"]), str(cfg["agent"])
+        # the benchmark the run belongs to (a fork of pmnist.py records "pmnist"), else its script's name
+        script, agent = str(cfg.get("benchmark", cfg["script"])), str(cfg["agent"])
         configs, seeds = [dict(c) for c in cfg["configs"]], [int(s) for s in cfg["seeds"]]
+        width = cfg.get("args", {}).get("width")
     except (ValueError, KeyError, TypeError) as e:
         common.fail(f"{path}/config.json: not a run config ({type(e).__name__}: {one_line(e)})")
     if not configs or not seeds:
@@ -208,13 +169,13 @@ def load_run(path):
                 hess = {k: f[k] for k in f.files}
         except Exception as e:  # a truncated or foreign file: the other figures can still be drawn
             notice(f"{path.name}: hessian.npz unreadable ({type(e).__name__}: {one_line(e)}); spectra skipped")
-            return Run(path, script, agent, configs, seeds, metrics, None, [], [])
+            return Run(path, script, agent, configs, seeds, metrics, None, [], [], width)
         missing = [k for k in HESSIAN_KEYS if k not in hess]
         bad = [k for k in HESSIAN_KEYS[1:] if k in hess and hess[k].shape[:3] != (*shape, len(hess["tasks"]))]
         if missing or bad:
             notice(f"{path.name}: hessian.npz lacks {missing} or has misshapen {bad}; spectra skipped")
             hess = None
-    return Run(path, script, agent, configs, seeds, metrics, hess, [], [])
+    return Run(path, script, agent, configs, seeds, metrics, hess, [], [], width)
 
 
 def set_labels(runs):
@@ -255,14 +216,16 @@ def report_nonfinite(run, c, values, what, axis_name):
                f"{int(bad.any(axis=0).sum())} of {values.shape[1]} {axis_name}s; excluded there from mean and CI")
 
 
-def draw_curve(ax, values, label, style, args):
-    """Mean over seeds and 95% band; values [S, T], each seed smoothed first when asked."""
+def draw_curve(ax, values, label, style, args, bounds=(None, None)):
+    """Mean over seeds and 95% band (clipped to `bounds`, e.g. counts >= 0); values [S, T], each seed smoothed
+    first when asked. The x axis counts tasks (updates) from 1, as the scripts' progress lines do."""
     if args.smooth:
         values = np.stack([savgol(v, args.smooth, args.polyorder) for v in values])
     mean, half, _ = mean_ci(values)
-    x = np.arange(values.shape[1])
+    x = np.arange(1, values.shape[1] + 1)
     ax.plot(x, mean, label=label, lw=1.2, **style)
-    ax.fill_between(x, mean - half, mean + half, alpha=0.2, color=style["color"], lw=0)
+    ax.fill_between(x, np.clip(mean - half, *bounds), np.clip(mean + half, *bounds), alpha=0.2,
+                    color=style["color"], lw=0)
 
 
 def save(fig, out, name):
@@ -325,7 +288,8 @@ def plot_units_rank(script, runs, out, args):
                 arr = run.metrics[key][c].astype(np.float64)
                 values = reduce(arr, axis=-1) if arr.ndim == 3 else arr  # [S, T, L] -> [S, T]
                 report_nonfinite(run, c, values, key, unit)
-                draw_curve(ax, values, run.labels[c], line_style(run, c), args)
+                bounds = (0, arr.shape[-1] * run.width) if key == "dead_units" and run.width else (None, None)
+                draw_curve(ax, values, run.labels[c], line_style(run, c), args, bounds)
                 n_lines += 1
         if n_lines:
             ax.set(xlabel=unit, ylabel=ylabel)

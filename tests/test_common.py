@@ -560,3 +560,17 @@ def test_spectral_penalty_gradient_is_the_analytic_u_v_form():
         grad = jax.grad(lambda m: common.spectral_penalty({"w": m}, 2.0, 2.0, 100))(jnp.asarray(w))
     expected = 2 * (s[0] ** 2 - 2) * 2 * s[0] * np.outer(u[:, 0], v[:, 0])
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        common.save_npz(tmp_path / "a.npz", x=np.ones(2))
+        common.save_json(tmp_path / "a.json", {"x": 1})
+        assert (tmp_path / "a.npz").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        common.save_npz(tmp_path / "b.npz", x=np.ones(2))
+        assert (tmp_path / "b.npz").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

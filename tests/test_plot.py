@@ -178,11 +178,11 @@ def test_ci_band_matches_hand_computed():
     assert mean == pytest.approx([0.85, 0.6, 1.0])
     assert half[:2] == pytest.approx([half0, half1], rel=1e-9)
     assert np.isnan(half[2]) and list(n) == [4, 3, 1]
-    assert plot.t_quantile(0.95, 1) == pytest.approx(12.706204736174707, rel=1e-9)
     # The drawn line and band are these numbers.
     fig, ax = plt.subplots()
     plot.draw_curve(ax, values[:, :2], "bp", dict(color="C0"), plot.Args(run_dirs=()))
     assert ax.lines[0].get_ydata() == pytest.approx([0.85, 0.6])
+    assert list(ax.lines[0].get_xdata()) == [1, 2]  # tasks count from 1, as in the console
     band_y = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert band_y.min() == pytest.approx(0.6 - half1) and band_y.max() == pytest.approx(0.85 + half0)
     plt.close(fig)
@@ -232,3 +232,12 @@ def test_bad_input(tmp_path):
         with pytest.raises(SystemExit) as e:
             plot.main(args)
         assert e.value.code not in (0, None)
+
+
+def test_dead_unit_band_is_clipped_to_its_range():
+    fig, ax = plt.subplots()
+    values = np.array([[0.0, 1.0], [0.0, 0.0], [3.0, 0.0]])  # a wide band around small counts
+    plot.draw_curve(ax, values, "bp", dict(color="C0"), plot.Args(run_dirs=()), bounds=(0, 3))
+    band_y = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band_y.min() == 0.0 and band_y.max() == 3.0
+    plt.close(fig)

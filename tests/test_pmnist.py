@@ -280,3 +280,27 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(tmp_path):
     a, b = np.load(tmp_path / "whole" / "metrics.npz"), np.load(tmp_path / "cut" / "metrics.npz")
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_fork_names_its_runs_after_itself_and_plots_beside_pmnist(tmp_path):
+    """A copy of pmnist.py saved as my_idea.py writes runs/my_idea__<agent>__<stamp>/ with script my_idea and
+    benchmark pmnist in config.json, so plot.py draws it in pmnist's figures."""
+    import json
+    import shutil
+    for name in ("common.py", "data.py", "hessian.py", "pmnist.py", "plot.py"):
+        shutil.copy(ROOT / name, tmp_path / ("my_idea.py" if name == "pmnist.py" else name))
+    base = ["--synthetic-data", "--agent", "bp", "--width", "8", "--tasks", "1", "--steps-per-task", "200",
+            "--eval-size", "50"]
+    for script in ("pmnist.py", "my_idea.py"):
+        shutil.copy(ROOT / "pmnist.py", tmp_path / "pmnist.py")
+        proc = subprocess.run([sys.executable, script] + base, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    mine = list((tmp_path / "runs").glob("my_idea__bp__*"))
+    assert len(mine) == 1 and len(list((tmp_path / "runs").glob("pmnist__bp__*"))) == 1
+    config = json.loads((mine[0] / "config.json").read_text())
+    assert config["script"] == "my_idea" and config["benchmark"] == "pmnist"
+    proc = subprocess.run([sys.executable, "plot.py", *map(str, sorted((tmp_path / "runs").iterdir())), "--out",
+                           str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "performance_pmnist.png").is_file() and not list(tmp_path.glob("*my_idea*.png"))
