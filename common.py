@@ -5,13 +5,11 @@ Perturb), plasticity metrics (effective rank, dead units, parameter norm), and r
 directories, atomic files, checkpoints, sweeps, progress). Everything numerical is pure and jittable.
 """
 import contextlib
-import io
 import itertools
 import json
 import math
 import os
 import pickle
-import re
 import subprocess
 import sys
 import tempfile
@@ -44,30 +42,16 @@ def check_agent(agent, agents):
 
 
 def cli(args_class):
-    """Parse the command line into `args_class` with tyro (--help as usual). A parse error (an unknown agent or
-    flag, a malformed value) stops with one `error:` line and exit status 1 instead of tyro's framed message."""
+    """Parse the command line into `args_class` with tyro (--help as usual). An unknown option (a typo) stops
+    with one line and exit status 1; a malformed value gets tyro's own message (it names the flag and what it
+    accepts) and exit status 2."""
     import tyro  # only the command line needs it (machines without tyro can import the scripts)
 
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(args_class)
-    except SystemExit as e:
-        if e.code in (0, None):
-            raise
-        # tyro frames its message (box-drawing characters or dashes): a title, the message, then hints, the
-        # parts separated by rules. Keep the title and the message, on one line.
-        parts = [[]]
-        for raw in captured.getvalue().splitlines():
-            text = " ".join(re.sub("[\u2500-\u257f]", " ", raw).split())
-            if text.strip("- "):
-                parts[-1].append(text)
-            elif re.search("[-\u2500-\u257f]", raw):  # a rule or the frame's border
-                parts.append([])
-        lines = [line for part in parts if part and not part[0].startswith(("For full helptext", "Argument helptext"))
-                 for line in part]
-        message = f"{lines[0]}: {' '.join(lines[1:])}" if len(lines) > 1 else "".join(lines) or "bad command line"
-        fail(f"{message} (see --help)")
+    args, unknown = tyro.cli(args_class, return_unknown_args=True)
+    if unknown:
+        options = [u for u in unknown if u.startswith("-")] or unknown
+        fail(f"unrecognized option{'s' * (len(options) > 1)} {' '.join(options)} (see --help)")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
