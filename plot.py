@@ -44,7 +44,7 @@ class Args:
     polyorder: int = 2
     """polynomial order of the Savitzky-Golay filter"""
     tasks: tuple[int, ...] | None = None
-    """0-based task indices whose Hessian spectra are drawn (nearest measured task is used); default: first, middle and last measured"""
+    """tasks (counted from 1, as in the console) whose Hessian spectra are drawn (nearest measured task is used); default: first, middle and last measured"""
     eps: float = 0.1
     """epsilon of the epsilon-rank (fraction of spectral mass with |eigenvalue| > eps) in the curvature figure (paper: 0.1)"""
     eps_rank_from: Literal["density", "weights"] = "density"
@@ -326,7 +326,7 @@ def plot_hessian(script, runs, out, args):
         if args.hessian_seed is not None and args.hessian_seed not in run.seeds:
             notice(f"{run.path.name}: seed {args.hessian_seed} not in this run; left out of hessian_{script}.png")
             continue
-        measured = np.asarray(run.hessian["tasks"]).astype(int)
+        measured = np.asarray(run.hessian["tasks"]).astype(int) + 1  # counted from 1, as in the console
         if measured.size == 0:
             notice(f"{run.path.name}: hessian.npz holds no measurement yet; left out of hessian_{script}.png")
             continue
@@ -348,7 +348,7 @@ def plot_hessian(script, runs, out, args):
         for j, (t, k) in enumerate(ks):
             ax = axes[i, j]
             seeds = finite_seeds(h, c, k, args, run)
-            title = f"{run.labels[c]}: {unit} {int(h['tasks'][k])}"
+            title = f"{run.labels[c]}: {unit} {int(h['tasks'][k]) + 1}"
             ax.set_title(title if int(h["tasks"][k]) == t else f"{title} (asked {t})", fontsize=9)
             if not seeds:
                 ax.text(0.5, 0.5, "no finite spectrum", ha="center", va="center", transform=ax.transAxes)

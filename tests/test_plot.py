@@ -92,7 +92,7 @@ def result(tmp_path_factory):
     runs.append(write_run(root / "ant_ppo__bp__x", "ant_ppo", "bp", [{"lr": 3e-4}], [0, 1],
                           dict(episodic_return=np.cumsum(np.ones((1, 2, 20)), axis=-1)), ant_hess))
     out = root / "figures"
-    args = plot.Args(run_dirs=tuple(runs), out=out, smooth=5, tasks=(1, 4))
+    args = plot.Args(run_dirs=tuple(runs), out=out, smooth=5, tasks=(2, 5))  # from 1: measured 2 and 6
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         written, r2 = plot.main(args)
@@ -108,8 +108,8 @@ def test_figures_written(result):
     log = result["stdout"]
     assert "ant_ppo__bp__x: no 'dead_units'" in log  # missing metric: one notice, figure skipped
     assert "cifar: no run has both hessian.npz" in log
-    assert "task 4 not measured; nearest measured task 5 drawn" in log
-    assert "phase 4 not measured; nearest measured phase 1 drawn" in log
+    assert "task 5 not measured; nearest measured task 6 drawn" in log
+    assert "phase 5 not measured; nearest measured phase 2 drawn" in log
     assert "ant_ppo: no per-task accuracy; curvature figure skipped" in log
     assert "l2_er er_lr=0.0001]: test_acc not finite for seeds [2] at 3 of 6 tasks" in log
 
