@@ -13,8 +13,16 @@ Data: downsampled ImageNet 32x32, read from the official `Imagenet32_train_npz.z
 file tensorflow-datasets' `imagenet_resized/32x32` is built from) or, without it, through tensorflow-datasets
 itself. The first time, the first 700 images of every class (in file order; in tfds's order on the tfds
 route) are cut out and cached as one uint8 array under `--data-dir`; later runs memory-map that file.
+
+Input scaling and init, which the paper does not state, follow the authors' code (their Table 4 learning rates
+were tuned on these): their code fed Dohare et al.'s per-class arrays, which are centred but not rescaled
+(pixel std ~0.26), so `--input-norm center` (the default) takes pixels to [0, 1] and subtracts the per-channel
+mean of all cached images, without dividing by the std; their flax ConvNet kept flax's default init, so every
+conv and dense layer here is LeCun-normal (truncated normal, variance 1 / fan_in) with zero bias, and CBP's
+re-initialized units draw from the same distribution.
 """
 import io
+import json
 import re
 import time
 import zipfile
@@ -48,9 +56,13 @@ TRAIN_ZIP = "Imagenet32_train_npz.zip"
 TFDS_NAME, TFDS_CLASSES = "imagenet_resized/32x32", 1000  # the same images through tensorflow-datasets
 BATCH_FILE = re.compile(r"(?:^|/)train_data_batch_(\d+)\.npz$")
 IMAGE_SHAPE = (32, 32, 3)
-# Per-channel mean / std of ImageNet (RGB, pixels in [0, 1]).
+# Per-channel mean / std of ImageNet (RGB, pixels in [0, 1]): `--input-norm imagenet`.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Flax's default for nn.Conv and nn.Dense, which the authors' ConvNet kept: LeCun-normal, i.e. a normal
+# truncated at 2 std and rescaled so that the variance is exactly 1 / fan_in (fan_in = kh x kw x c_in for a
+# conv). Every layer's weights and CBP's fresh incoming weights; biases start at 0.
+KERNEL_INIT = jax.nn.initializers.lecun_normal()
 
 
 @dataclass
@@ -65,18 +77,19 @@ class Args:
     tasks: int = 2000
     """number of binary tasks (paper: 2000)"""
     epochs: int = 250
-    """epochs per task (paper Table 3: 250; the authors' figures were made with 20)"""
+    """epochs per task (paper Table 3: 250)"""
     batch_size: int = 100
     """minibatch size (paper: 100); must divide the 2 x train-per-class training images of a task"""
     lr: tuple[float, ...] | None = None
-    """SGD learning rate(s); several values sweep (None: the agent's Table 4 value)"""
+    """SGD learning rate(s); several values sweep (None: the agent's Table 4 value; for l2-er Table 4 lists
+    1e-3 while the authors' run lists mostly used 1e-4: `--lr 1e-4 1e-3` trains both together)"""
     weight_decay: tuple[float, ...] | None = None
     """L2 weight decay(s), coupled (added to the gradient); agents l2, l2-er, snp-l2 (None: Table 4's 1e-3)"""
     er_lr: tuple[float, ...] | None = None
     """effective-rank ascent step size(s); agents er, l2-er (None: Table 4's 1e-5 for er, 1e-4 for l2-er)"""
     er_every: int | None = None
     """minibatches between ER steps, each on the images of those minibatches (None: once per epoch, on the
-    epoch's 1,200 images; 1: every minibatch on its 100 images, as in the authors' code)"""
+    epoch's 1,200 images, as the authors' runs did; 1: every minibatch on its 100 images, Table 3's listing)"""
     momentum: float = 0.9
     """SGD momentum (paper Table 3: 0.9)"""
     replacement_rate: float | None = None
@@ -85,10 +98,15 @@ class Args:
     """CBP utility decay rate"""
     maturity_threshold: int = 100
     """CBP maturity threshold (steps before a unit may be replaced)"""
+    cbp_utility: str = "adaptable_contribution"
+    """CBP utility (Dohare et al.): "contribution" or "adaptable_contribution"; default as Dohare's config for
+    this benchmark"""
     perturb_scale: float | None = None
     """shrink & perturb noise std added to every parameter after every step; snp, snp-l2 (None: 1e-5)"""
-    input_norm: Literal["imagenet", "unit"] = "imagenet"
-    """pixel preprocessing: 'imagenet' = [0, 1] then per-channel ImageNet mean/std; 'unit' = [0, 1] only"""
+    input_norm: Literal["center", "imagenet", "unit"] = "center"
+    """pixel preprocessing: 'center' = [0, 1] minus the per-channel mean of the cached images, not divided by
+    the std (the authors' code fed Dohare et al.'s arrays: centred, pixel std ~0.26); 'imagenet' = [0, 1] then
+    ImageNet's per-channel mean/std; 'unit' = [0, 1] only"""
     train_per_class: int = 600
     """training images per class (paper: 600; the next test-per-class images of the class are its test set)"""
     test_per_class: int = 100
@@ -124,6 +142,7 @@ class Net(NamedTuple):
     input_norm: str
     conv_impl: str
     seed_batching: str
+    pixel_mean: tuple = ()  # per-channel mean of the cached images in [0, 1] (`--input-norm center`)
 
 
 class Spec(NamedTuple):
@@ -140,6 +159,7 @@ class Spec(NamedTuple):
     decay_rate: float
     maturity_threshold: int
     max_replace: tuple
+    cbp_utility: str
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,6 +167,11 @@ class Spec(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 def cache_path(data_dir, images_per_class):
     return Path(data_dir) / f"continual_imagenet32_{images_per_class}.npy"
+
+
+def mean_path(cache):
+    """Where the per-channel pixel mean of `cache` is kept (written on first use, removed when it is rebuilt)."""
+    return cache.with_name(f"{cache.stem}_mean.json")
 
 
 def missing_data_message(manual_dir, cache):
@@ -208,6 +233,7 @@ def build_cache(chunks, path, images_per_class, source, num_classes=None):
     [classes, images_per_class, 32, 32, 3] (HWC, RGB) at `path`. With `num_classes` known, reading stops as
     soon as every class is full."""
     print(f"building {path} from {source} (once) ...", flush=True)
+    mean_path(path).unlink(missing_ok=True)  # it described the old cache
     per_class = {}  # class -> list of [k, 32, 32, 3] chunks, at most images_per_class images in all
     counts = {}
     for images, labels in chunks:
@@ -263,6 +289,24 @@ def load_images(args):
     return images
 
 
+def channel_mean(images, cache):
+    """Per-channel mean (R, G, B) of the pixels, scaled to [0, 1], of every image in the cache `images`
+    (uint8 [classes, n, 32, 32, 3]): what `--input-norm center` subtracts, as Dohare et al.'s arrays, which
+    the authors' code fed to the network, were centred. Summed class by class (the memory-mapped cache is
+    never loaded whole) and kept in `mean_path(cache)`, so only the first run pays for the pass."""
+    path = mean_path(cache)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("shape") == list(images.shape):
+            return tuple(float(v) for v in stored["channel_mean"])
+    total = np.zeros(3, np.uint64)
+    for c in range(images.shape[0]):
+        total += np.asarray(images[c]).reshape(-1, 3).sum(axis=0, dtype=np.uint64)
+    mean = total / (255.0 * (images.size // 3))
+    common.save_json(path, {"channel_mean": mean.tolist(), "shape": list(images.shape)})
+    return tuple(float(v) for v in mean)
+
+
 def class_orders(seeds, num_classes):
     """Per seed, the permutation of the classes whose consecutive pairs are the tasks."""
     return np.stack([np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(s), 3), num_classes))
@@ -284,9 +328,14 @@ def task_data(images, orders, task, train_per_class):
     return np.stack(xs_train), y_train, np.stack(xs_test), y_test
 
 
-def preprocess(images, input_norm):
+def preprocess(images, net):
+    """uint8 images -> float32 network input, as `net.input_norm` says (see Args.input_norm)."""
     x = images.astype(jnp.float32) / 255.0
-    if input_norm == "imagenet":
+    if net.input_norm == "center":
+        if len(net.pixel_mean) != 3:
+            raise ValueError("input_norm 'center' needs the cache's per-channel mean (Net.pixel_mean)")
+        x = x - jnp.asarray(net.pixel_mean, jnp.float32)
+    elif net.input_norm == "imagenet":
         x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
     return x
 
@@ -304,10 +353,12 @@ HIDDEN_UNITS = (32, 64, 128, 128, 128)
 
 
 def init_params(key):
-    keys = jax.random.split(key, len(CONVS) + len(DENSES))
-    params = {name: common.conv_init(k, size, size, cin, cout) for k, (name, size, cin, cout) in zip(keys, CONVS)}
-    params.update({name: common.dense_init(k, fin, fout) for k, (name, fin, fout) in zip(keys[3:], DENSES)})
-    return params
+    """Every conv (HWIO) and dense ([in, out]) layer: `KERNEL_INIT` weights, zero bias."""
+    shapes = [(name, (size, size, cin, cout)) for name, size, cin, cout in CONVS]
+    shapes += [(name, (fin, fout)) for name, fin, fout in DENSES]
+    keys = jax.random.split(key, len(shapes))
+    return {name: {"w": KERNEL_INIT(k, shape, jnp.float32), "b": jnp.zeros(shape[-1], jnp.float32)}
+            for k, (name, shape) in zip(keys, shapes)}
 
 
 def conv(x, layer, impl):
@@ -347,7 +398,7 @@ def cross_entropy(logits, labels):
 
 
 def dense_features(params, x, impl):
-    """Features of the last two dense hidden layers: what ER acts on (REFERENCE.md) and what is measured."""
+    """Features of the last two dense hidden layers: what ER acts on (the authors' code) and what is measured."""
     return forward(params, x, impl)[1][3:]
 
 
@@ -379,11 +430,11 @@ def cbp_update(spec, opt, member, acts, key):
             w_out = w_out.reshape(acts[layer].shape[1:] + (w_out.shape[-1],))
         axis = 2 if name.startswith("conv") else 0
         state, idx, valid = common.cbp_select(
-            member["cbp"][layer], acts[layer], w_out, replacement_rate=spec.replacement_rate,
-            decay_rate=spec.decay_rate, maturity_threshold=spec.maturity_threshold,
-            max_replace=spec.max_replace[layer], out_unit_axis=axis)
+            member["cbp"][layer], acts[layer], w_out, w_in=params[name]["w"], utility=spec.cbp_utility,
+            replacement_rate=spec.replacement_rate, decay_rate=spec.decay_rate,
+            maturity_threshold=spec.maturity_threshold, max_replace=spec.max_replace[layer], out_unit_axis=axis)
         w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
-            key_l, params[name]["w"], params[name]["b"], w_out, idx, valid, out_unit_axis=axis)
+            key_l, params[name]["w"], params[name]["b"], w_out, idx, valid, out_unit_axis=axis, init=KERNEL_INIT)
         shape_out = params[nxt]["w"].shape
         params[name] = {"w": w_in, "b": b_in}
         params[nxt] = {"w": w_out.reshape(shape_out), "b": params[nxt]["b"]}
@@ -398,7 +449,7 @@ def train_task(spec, member, hp, x_train, y_train, key):
     """Train one member on one task: `spec.epochs` shuffled passes, an ER step after every `er_every`
     minibatches (ER agents). Returns the member and the final epoch's training accuracy (mean over its
     minibatches of the predictions made before each update)."""
-    x = preprocess(x_train, spec.net.input_norm)
+    x = preprocess(x_train, spec.net)
     n = x.shape[0]
     steps = n // spec.batch_size
     groups = steps // spec.er_every
@@ -445,8 +496,8 @@ def train_task(spec, member, hp, x_train, y_train, key):
 def evaluate(net, params, x_train, x_test, y_test):
     """Test accuracy on the task's held-out images; dead units and effective rank of the dense hidden layers
     on all of the task's images (train + test); parameter norm."""
-    logits, acts_test = forward(params, preprocess(x_test, net.input_norm), net.conv_impl)
-    acts_train = dense_features(params, preprocess(x_train, net.input_norm), net.conv_impl)
+    logits, acts_test = forward(params, preprocess(x_test, net), net.conv_impl)
+    acts_train = dense_features(params, preprocess(x_train, net), net.conv_impl)
     feats = [jnp.concatenate([a, b]) for a, b in zip(acts_train, acts_test[3:])]
     return {"test_acc": jnp.mean(jnp.argmax(logits, axis=-1) == y_test),
             "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.float32),
@@ -456,7 +507,7 @@ def evaluate(net, params, x_train, x_test, y_test):
 
 def spectrum(net, params, x_train, y_train, key, num_iters, num_probes):
     """Hessian spectrum (SLQ nodes, weights) of the cross-entropy on the task's training images (App. F.1)."""
-    x = preprocess(x_train, net.input_norm)
+    x = preprocess(x_train, net)
     loss = lambda p: cross_entropy(forward(p, x, net.conv_impl)[0], y_train)  # noqa: E731
     return hessian.slq(loss, params, key, num_iters, num_probes)
 
@@ -518,6 +569,8 @@ def resolve(args):
                  "hessian_probes"):
         if getattr(args, flag) < 1:
             common.fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.cbp_utility not in common.CBP_UTILITIES:
+        common.fail(f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {args.cbp_utility!r}")
     if args.hessian_every < 0 or args.maturity_threshold < 0 or not 0 <= args.momentum < 1:
         common.fail("--hessian-every and --maturity-threshold must be >= 0 and --momentum in [0, 1)")
     n_train = 2 * args.train_per_class
@@ -551,7 +604,8 @@ def resolve(args):
         replacement_rate=float(replacement_rate) if use_cbp else 0.0,
         decay_rate=float(args.decay_rate) if use_cbp else 0.0,
         maturity_threshold=int(args.maturity_threshold) if use_cbp else 0,
-        max_replace=tuple(common.cbp_max_replace(replacement_rate, u) for u in HIDDEN_UNITS) if use_cbp else ())
+        max_replace=tuple(common.cbp_max_replace(replacement_rate, u) for u in HIDDEN_UNITS) if use_cbp else (),
+        cbp_utility=args.cbp_utility if use_cbp else "")
     return common.sweep(**sweep), spec, args.epochs * steps
 
 
@@ -574,6 +628,9 @@ def main(args):
     member_seeds = jnp.asarray(member_seeds, jnp.int32)
     hp = common.shard_members(member_hparams(configs, config_index))
     images = load_images(args)
+    if args.input_norm == "center":
+        spec = spec._replace(net=spec.net._replace(pixel_mean=channel_mean(
+            images, cache_path(args.data_dir, args.train_per_class + args.test_per_class))))
     run_dir, checkpoint = common.open_run("imagenet", args, RESUME_FREE)
     if checkpoint is not None and checkpoint["next_task"] > args.tasks:
         common.fail(f"--resume: the run already has {checkpoint['next_task']} tasks, --tasks is {args.tasks}")
@@ -614,6 +671,9 @@ def main(args):
     print(f"imagenet: agent {args.agent}, {C} config(s) x {S} seed(s), {images.shape[0]} classes, "
           f"{args.tasks} tasks x {args.epochs} epochs x {steps_per_task // args.epochs} steps -> {run_dir}",
           flush=True)
+    if spec.net.pixel_mean:
+        print(f"input: [0, 1] pixels minus the cache's channel mean "
+              f"({', '.join(f'{m:.4f}' for m in spec.net.pixel_mean)})", flush=True)
     progress = common.Progress(args.tasks, "task", start_units=start)
     last_checkpoint = time.perf_counter()
     timed_from = None  # (time, task) once the first task (compilation) is done

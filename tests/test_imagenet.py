@@ -5,6 +5,7 @@ All training runs share one tiny shape (4 classes, 6 train + 1 test images per c
 """
 import io
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -84,6 +85,32 @@ def checkpoint(run_dir):
         return pickle.load(f)
 
 
+def truncated_normal_moments(a=2.0):
+    """Variance and kurtosis of a standard normal truncated at +-a (integration by parts of z^2 and z^4)."""
+    phi, mass = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), math.erf(a / math.sqrt(2))
+    m2 = 1 - 2 * a * phi / mass
+    m4 = 3 * m2 - 2 * a ** 3 * phi / mass
+    return m2, m4 / m2 ** 2
+
+
+def assert_truncated_normal(w, variance):
+    """`w` looks like draws of a zero-mean normal truncated at 2 std and rescaled to `variance`: mean and variance
+    within 4 standard errors, nothing beyond the truncation point. Returns w / sqrt(variance) for pooling."""
+    w = np.asarray(w, np.float64).ravel()
+    n = w.size
+    m2, kurtosis = truncated_normal_moments()
+    assert abs(w.mean()) < 4 * math.sqrt(variance / n), (w.mean(), variance, n)
+    assert abs(w.var() / variance - 1) < 4 * math.sqrt((kurtosis - 1) / n), (w.var(), variance, n)
+    assert np.abs(w).max() <= 2 * math.sqrt(variance / m2) * (1 + 1e-6)
+    return w / math.sqrt(variance)
+
+
+def assert_truncated_shape(z):
+    """Pooled standardized draws: the kurtosis of a normal truncated at 2 std (2.37), not a uniform's (1.8)
+    or an untruncated normal's (3)."""
+    assert abs(np.mean(z ** 4) / np.mean(z ** 2) ** 2 - truncated_normal_moments()[1]) < 0.1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
@@ -101,9 +128,43 @@ def test_cache_from_zip_keeps_first_images_in_file_order(data_dir):
 def test_cache_from_extracted_files_matches_zip(data_dir, tmp_path):
     for number, raw in batch_files().items():
         (tmp_path / f"train_data_batch_{number}.npz").write_bytes(raw)
+    stale_mean = imagenet.mean_path(imagenet.cache_path(tmp_path / "data", 7))
+    stale_mean.parent.mkdir()
+    stale_mean.write_text('{"channel_mean": [0.5, 0.5, 0.5], "shape": [4, 7, 32, 32, 3]}')
     imagenet.load_images(imagenet.Args(data_dir=str(tmp_path / "data"), manual_dir=str(tmp_path), **TINY))
     np.testing.assert_array_equal(np.load(imagenet.cache_path(tmp_path / "data", 7)),
                                   np.load(imagenet.cache_path(data_dir, 7)))
+    assert not stale_mean.exists()  # a rebuilt cache does not inherit the old one's channel mean
+
+
+def test_center_input_subtracts_the_cache_channel_mean_without_rescaling(data_dir):
+    """The default input (the authors' code fed Dohare et al.'s centred, unscaled arrays): pixels in [0, 1]
+    minus the per-channel mean over every cached image; the spread stays that of the [0, 1] pixels."""
+    assert imagenet.Args().input_norm == "center"
+    cache = imagenet.cache_path(data_dir, 7)
+    images = np.load(cache)
+    pixels = images.reshape(-1, 3) / 255.0
+    # Hand-computed: R = 10c + k (one pixel per image 250), G = R + 100, B = R + 200, over c < 4, k < 7.
+    codes = np.array([image_code(c, k) for c in range(NUM_CLASSES) for k in range(7)], np.float64)
+    r_mean = (codes.mean() * 1023 + MARKER) / 1024
+    expected = np.array([r_mean, codes.mean() + 100, codes.mean() + 200]) / 255.0
+    mean = imagenet.channel_mean(images, cache)
+    np.testing.assert_allclose(mean, expected, rtol=1e-12)
+    stored = json.loads(imagenet.mean_path(cache).read_text())
+    np.testing.assert_allclose(stored["channel_mean"], expected, rtol=1e-12)
+    assert imagenet.channel_mean(np.zeros((4, 7, 32, 32, 3), np.uint8), cache) == mean  # read back, not redone
+    net = imagenet.Net("center", "xla", "vmap", mean)
+    x = np.asarray(imagenet.preprocess(jnp.asarray(images.reshape((-1,) + imagenet.IMAGE_SHAPE)), net))
+    x = x.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(x.std(0), pixels.std(0), rtol=1e-5)  # centred, not divided by anything
+    assert pixels.std(0).min() > 0.01
+    first = images[0, 0, 0, 0].astype(np.float64) / 255.0  # one pixel under the other two options
+    for norm, value in (("imagenet", (first - imagenet.IMAGENET_MEAN) / imagenet.IMAGENET_STD), ("unit", first)):
+        out = imagenet.preprocess(jnp.asarray(images[:1, 0]), imagenet.Net(norm, "xla", "vmap"))
+        np.testing.assert_allclose(out[0, 0, 0], value, rtol=1e-6)
+    with pytest.raises(ValueError, match="channel mean"):
+        imagenet.preprocess(jnp.asarray(images[:1, 0]), imagenet.Net("center", "xla", "vmap"))
 
 
 def test_too_few_images_per_class_fails(manual_dir, tmp_path):
@@ -178,9 +239,56 @@ def test_task_split_labels_and_wrapping(data_dir):
 forward = jax.jit(imagenet.forward, static_argnums=2)  # eager op-by-op dispatch is slow on CPU
 
 
+def init_params_of_run(seed=0):
+    """A member's parameters from the same compiled initializer as a one-member bp run."""
+    return jax.tree.map(lambda a: a[0], imagenet.init_members(0.9, False, jnp.full(1, seed, jnp.int32))["params"])
+
+
+FAN_IN = {"conv1": 5 * 5 * 3, "conv2": 3 * 3 * 32, "conv3": 3 * 3 * 64, "fc1": 512, "fc2": 128, "out": 128}
+
+
+def test_init_is_lecun_normal():
+    """Flax's default, as the authors' ConvNet used it: every layer truncated normal with variance 1 / fan_in
+    (jax's truncated initializer rescales, so the variance is exactly that), biases 0."""
+    pooled = []
+    for seed in (0, 1):  # two members: 2 x 2,400 draws in conv1 at least
+        params = init_params_of_run(seed)
+        assert set(params) == set(FAN_IN)
+        for name, fan_in in FAN_IN.items():
+            w = params[name]["w"]
+            assert math.prod(w.shape[:-1]) == fan_in
+            np.testing.assert_array_equal(params[name]["b"], 0.0)
+            pooled.append(assert_truncated_normal(w, 1.0 / fan_in))
+    assert_truncated_shape(np.concatenate(pooled))
+    # The member's weights are jax.nn.initializers.lecun_normal() itself, not a look-alike.
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(imagenet.KERNEL_INIT(key, (3, 3, 64, 128), jnp.float32),
+                                  jax.nn.initializers.lecun_normal()(key, (3, 3, 64, 128), jnp.float32))
+
+
+def test_cbp_reinit_draws_from_the_init_distribution():
+    """Replacement rate 1 with every unit mature: every hidden unit of every layer is replaced in one step, so
+    all incoming weights are fresh draws, which must have the init's distribution (variance 1 / fan_in)."""
+    args = imagenet.Args(agent="cbp", replacement_rate=1.0, maturity_threshold=0, **TINY)
+    _, spec, _ = imagenet.resolve(args)
+    assert spec.max_replace == imagenet.HIDDEN_UNITS and spec.cbp_utility == "adaptable_contribution"
+    opt = imagenet.optimizer(spec, {"lr": 0.1, "weight_decay": 0.0})
+    member = jax.tree.map(lambda a: a[0], imagenet.init_members(spec.momentum, True, jnp.zeros(1, jnp.int32)))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    _, acts = forward(member["params"], x, "xla")
+    new = jax.jit(lambda m, a, k: imagenet.cbp_update(spec, opt, m, a, k))(member, acts, jax.random.key(2))
+    pooled = []
+    for name in imagenet.HIDDEN:
+        w_old, w_new = np.asarray(member["params"][name]["w"]), np.asarray(new["params"][name]["w"])
+        assert not np.any(w_new == w_old)  # every incoming weight redrawn
+        pooled.append(assert_truncated_normal(w_new, 1.0 / FAN_IN[name]))
+        assert np.all(np.asarray(new["cbp"][imagenet.HIDDEN.index(name)].age) == 0)
+    assert_truncated_shape(np.concatenate(pooled))
+    np.testing.assert_array_equal(new["params"]["out"]["w"], 0.0)  # fc2's units all replaced: outgoing 0
+
+
 def test_network_shapes_and_im2col_equals_xla():
-    # The same compiled initializer as a one-member bp run.
-    params = jax.tree.map(lambda a: a[0], imagenet.init_members(0.9, False, jnp.zeros(1, jnp.int32))["params"])
+    params = init_params_of_run()
     assert params["fc1"]["w"].shape == (512, 128)  # VALID padding: 2 x 2 x 128 after the third pool
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     logits, acts = forward(params, x, "xla")
@@ -196,6 +304,7 @@ def test_cbp_conv_to_dense_boundary_replaces_the_right_rows():
     j = 37  # conv3 channel made the least useful
     args = imagenet.Args(agent="cbp", replacement_rate=1e-3, maturity_threshold=10, **TINY)
     _, spec, _ = imagenet.resolve(args)
+    assert spec.cbp_utility == "adaptable_contribution"  # Dohare et al.'s Continual ImageNet config
     opt = imagenet.optimizer(spec, {"lr": 0.1, "weight_decay": 0.0})
     # The same compiled initializer as a one-member cbp run.
     members = imagenet.init_members(spec.momentum, True, jnp.zeros(1, jnp.int32))
@@ -203,7 +312,9 @@ def test_cbp_conv_to_dense_boundary_replaces_the_right_rows():
     member["opt_state"] = jax.tree.map(jnp.ones_like, member["opt_state"])  # momentum all ones
     states = list(member["cbp"])
     # conv3: every unit mature, the accumulated count about to reach 1; other layers too young to replace.
-    states[2] = common.CBPState(jnp.ones(128).at[j].set(0.0), jnp.full(128, 50, jnp.int32), jnp.float32(0.99))
+    # A running mean of 0 and an activation of 0 keep channel j's (adaptable) utility at 0.
+    states[2] = common.CBPState(jnp.ones(128).at[j].set(0.0), jnp.zeros(128), jnp.full(128, 50, jnp.int32),
+                                jnp.float32(0.99))
     member["cbp"] = states
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     _, acts = forward(member["params"], x, "xla")
@@ -216,8 +327,8 @@ def test_cbp_conv_to_dense_boundary_replaces_the_right_rows():
     np.testing.assert_array_equal(new_p["fc1"]["w"][rows], 0.0)
     np.testing.assert_array_equal(new_p["fc1"]["w"][others], old_p["fc1"]["w"][others])
     assert not np.allclose(new_p["conv3"]["w"][..., j], old_p["conv3"]["w"][..., j])
-    bound = common.kaiming_bound(3 * 3 * 64)
-    assert np.abs(new_p["conv3"]["w"][..., j]).max() <= bound
+    bound = 2 * math.sqrt(1 / (3 * 3 * 64) / truncated_normal_moments()[0])  # LeCun-normal's truncation point
+    assert np.abs(new_p["conv3"]["w"][..., j]).max() <= bound * (1 + 1e-6)
     keep = np.arange(128) != j
     np.testing.assert_array_equal(new_p["conv3"]["w"][..., keep], old_p["conv3"]["w"][..., keep])
     assert new_p["conv3"]["b"][j] == 0.0
@@ -288,13 +399,15 @@ def test_regularizers_act(data_dir, tmp_path):
 
 
 def test_learns_separable_classes(tmp_path):
-    """Classes that differ in mean brightness under pixel noise: 6 SGD steps per task must do better than
-    chance (0.5) on average over 12 tasks (the head is kept, so later tasks must undo earlier mappings)."""
+    """Classes that differ in mean brightness under pixel noise: 12 SGD steps per task must do better than
+    chance (0.5) on average over 12 tasks (the head is kept, so later tasks must undo earlier mappings). With
+    the default centred, unscaled input and LeCun-normal init, seeds 2024, 2025 and 7 gave train accuracy
+    0.82-0.90 and test accuracy 0.83-0.88 here."""
     rng = np.random.default_rng(0)
     level = rng.permutation(6)[:, None, None, None, None] * 25 + 60
     images = np.clip(level + rng.normal(0, 30, (6, 7, 32, 32, 3)), 0, 255).astype(np.uint8)
     np.save(imagenet.cache_path(tmp_path, 7), images)
-    m = run(tmp_path, tmp_path / "run", agent="bp", lr=(0.003,), tasks=12, conv_impl="xla")
+    m = run(tmp_path, tmp_path / "run", agent="bp", lr=(0.01,), tasks=12, epochs=4, conv_impl="xla")
     # 144 final-epoch training predictions: chance gives 0.5 +- 0.04.
     assert m["train_acc"].mean() > 0.65 and m["test_acc"].mean() > 0.65, m
 
@@ -339,6 +452,7 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     (dict(batch_size=5), "must divide the 12 training images"),
     (dict(agent="er", er_every=2), "must divide the 3 minibatches"),
     (dict(tasks=0), "must be >= 1"),
+    (dict(agent="cbp", cbp_utility="utility"), "--cbp-utility must be one of contribution, adaptable_contribution"),
 ])
 def test_bad_flags_fail_cleanly(bad, message):
     with pytest.raises(SystemExit, match=message):
