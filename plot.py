@@ -50,6 +50,8 @@ class Args:
     eps_rank_from: Literal["density", "weights"] = "density"
     """curvature figure's eps-rank from the smoothed density (as the authors computed Fig. 2) or the raw quadrature weights"""
     hessian_seed: int | None = None
+    table: tuple[str, ...] | None = None
+    """also print a markdown table of the primary metric over these windows of tasks (updates), each FIRST-LAST counted from 1, e.g. 1-10 191-200: per run and config, the mean over seeds of each seed's window mean, with its 95% t-interval half-width"""
     """seed (as in config.json) whose spectrum is drawn; default: the probes of all finite seeds pooled"""
 
 
@@ -462,12 +464,36 @@ def plot_curvature(script, runs, out, args):
     return [save(fig, out, f"curvature_{script}.png")], float(r2)
 
 
+def window_table(script, runs, windows):
+    """Markdown rows: the primary metric averaged over each window per seed, then mean +- 95% half-width over
+    seeds; a window that reaches past a run's last task is marked n/a."""
+    key, label, unit = PRIMARY[script]
+    lines = [f"| {script} run [config] | seeds | " + " | ".join(f"{label}, {unit}s {w}" for w in windows) + " |",
+             "|---|---|" + "---|" * len(windows)]
+    for run in runs:
+        if key not in run.metrics:
+            continue
+        for c in range(len(run.configs)):
+            values, cells = run.metrics[key][c].astype(np.float64), []
+            for first, last in (map(int, w.split("-")) for w in windows):
+                if last > values.shape[1]:
+                    cells.append(f"n/a ({values.shape[1]} done)")
+                    continue
+                mean, half, n = mean_ci(np.nanmean(values[:, first - 1:last], axis=1)[:, None])
+                cells.append(f"{mean[0]:.4f} +- {half[0]:.4f}" if n[0] > 1 else f"{mean[0]:.4f}")
+            lines.append(f"| {run.path.name} [{run.labels[c]}] | {len(run.seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(args):
     """Writes the figures; returns (list of written PNG paths, {script: R^2 of the curvature fit})."""
     if not args.run_dirs:
         common.fail("give at least one run directory")
     if not args.eps >= 0:
         common.fail(f"--eps must be >= 0, got {args.eps}")
+    if args.table and not all(w.count("-") == 1 and all(p.isdigit() and int(p) > 0 for p in w.split("-"))
+                              and int(w.split("-")[0]) <= int(w.split("-")[1]) for w in args.table):
+        common.fail(f"--table windows must look like 1-10 (tasks counted from 1), got {' '.join(args.table)}")
     if args.smooth is not None and (args.smooth % 2 == 0 or args.smooth <= args.polyorder):
         common.fail(f"--smooth must be an odd window larger than --polyorder ({args.polyorder}), got {args.smooth}")
     runs = [load_run(p) for p in args.run_dirs]
@@ -482,6 +508,8 @@ def main(args):
     written, r2 = [], {}
     for script in dict.fromkeys(r.script for r in runs):  # first-seen order
         group = [r for r in runs if r.script == script]
+        if args.table and script in PRIMARY:
+            print(window_table(script, group, args.table), flush=True)
         written += plot_performance(script, group, out, args)
         written += plot_units_rank(script, group, out, args)
         written += plot_hessian(script, group, out, args)

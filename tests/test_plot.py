@@ -241,3 +241,19 @@ def test_dead_unit_band_is_clipped_to_its_range():
     band_y = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert band_y.min() == 0.0 and band_y.max() == 3.0
     plt.close(fig)
+
+
+def test_window_table_by_hand(tmp_path):
+    acc = np.array([[[0.8, 0.9, 0.5, 0.7], [0.6, 0.7, 0.7, 0.9]]])  # [C=1, S=2, T=4]
+    run = plot.load_run(write_run(tmp_path / "pmnist__bp__x", "pmnist", "bp", [{"lr": 0.01}], [0, 1],
+                                  {"online_acc": acc}))
+    plot.set_labels([run])
+    lines = plot.window_table("pmnist", [run], ("1-2", "3-4", "2-9")).splitlines()
+    # window 1-2: seed means 0.85, 0.65 -> mean 0.75, sd 0.1414, t_{0.975,1} = 12.7062 -> half 1.2706
+    # window 3-4: seed means 0.6, 0.8 -> mean 0.7, the same half-width
+    assert lines[0] == ("| pmnist run [config] | seeds | online accuracy, tasks 1-2 | online accuracy, tasks 3-4 | "
+                        "online accuracy, tasks 2-9 |")
+    assert lines[2] == "| pmnist__bp__x [bp] | 2 | 0.7500 +- 1.2706 | 0.7000 +- 1.2706 | n/a (4 done) |"
+    proc = subprocess.run([sys.executable, "plot.py", str(tmp_path / "pmnist__bp__x"), "--table", "3-1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--table windows" in proc.stderr
