@@ -1,18 +1,21 @@
 """Slippery Ant (paper App. J; Dohare et al. 2024): PPO on MuJoCo MJX while the ground friction changes.
 
-The standard Ant (torso sphere, four two-segment legs, 8 hinge motors) runs in MJX with the Newton solver
-(1 iteration, 4 line-search iterations), timestep 0.01 s and 5 physics steps per env step. Every
-`--change-every` env steps the sliding friction of every geom jumps to a new value, log-uniform in
-[0.02, 2.0] and drawn from the seed (MJX gives a contact the larger of its two geoms' frictions, so setting
-only the floor would change nothing). PPO (Table 8) trains a separate actor (Gaussian, state-independent
-log-std) and critic, each with one ReLU hidden layer, continually, never reset. Agents (Table 7 best values):
-bp, l2 (coupled weight decay), er (effective-rank ascent on the actor and critic hidden layers, once per
-epoch on the rollout's observations), l2-er, cbp (continual backprop with L2, as the paper).
+Brax's `ant` (torso sphere, four two-segment legs, 8 hinge motors, only the four foot spheres touching the
+floor; crouched start) runs in MJX with the Newton solver (10 iterations, 20 line-search iterations: fewer
+leave low friction barely slippery), timestep 0.01 s and 5 physics steps per env step. Every `--change-every`
+env steps the sliding friction of every geom jumps to the next value of the schedule: by default the authors'
+five frictions 0.2961, 0.2399, 0.0387, 0.3528, 0.0829, the same for every seed (MJX gives a contact the
+larger of its two geoms' frictions, so setting only the floor would change nothing). As in the authors' runs,
+observations are raw, the control cost is on the unclipped action and a time-out ends the episode without
+bootstrapping. PPO (Table 8) trains a separate actor (Gaussian, state-independent log-std) and critic, each
+with one ReLU hidden layer, continually, never reset. Agents (Table 7 best values; Adam betas as the authors
+ran each agent): bp, l2 (coupled weight decay), er (effective-rank ascent on the actor and critic hidden
+layers, once per epoch on the rollout's observations), l2-er, cbp (continual backprop with L2, as the paper).
 
 Seeds (and swept configs) train together under one vmap, PureJaxRL style: one update = rollout + GAE + 10
 epochs of minibatch Adam, and a chunk of updates is one `lax.scan` inside one `jax.jit`.
 
-    python ant_ppo.py --agent l2-er --seeds 5      # 10M env steps per seed, 5 friction phases
+    python ant_ppo.py --agent l2-er --seeds 5 --num-envs 1   # 10M env steps per seed, 5 friction phases
 """
 import os
 
@@ -42,13 +45,19 @@ import hessian
 AGENTS = ("bp", "l2", "er", "l2-er", "cbp")
 # Table 7 best values (fixed learning rate 1e-4 everywhere). The paper gives no best weight decay for CBP+L2
 # ("-"); we use 1e-3, the best weight decay of L2 and L2-ER on the same grid.
+# Adam betas as the authors' Slippery Ant runs used them: 0.9 / 0.999 (Table 8) for BP only; 0.99 / 0.99 for
+# L2, ER, L2-ER and CBP+L2 (the betas of all of Dohare et al.'s Slippery Ant agents, who report that equal
+# betas by themselves reduce PPO's loss of plasticity).
 AGENT_DEFAULTS = {
-    "bp": dict(lr=1e-4, weight_decay=0.0, er_lr=0.0, replacement_rate=0.0),
-    "l2": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=0.0),
-    "er": dict(lr=1e-4, weight_decay=0.0, er_lr=1e-7, replacement_rate=0.0),
-    "l2-er": dict(lr=1e-4, weight_decay=1e-3, er_lr=1e-6, replacement_rate=0.0),
-    "cbp": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=1e-7),
+    "bp": dict(lr=1e-4, weight_decay=0.0, er_lr=0.0, replacement_rate=0.0, beta1=0.9, beta2=0.999),
+    "l2": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=0.0, beta1=0.99, beta2=0.99),
+    "er": dict(lr=1e-4, weight_decay=0.0, er_lr=1e-7, replacement_rate=0.0, beta1=0.99, beta2=0.99),
+    "l2-er": dict(lr=1e-4, weight_decay=1e-3, er_lr=1e-6, replacement_rate=0.0, beta1=0.99, beta2=0.99),
+    "cbp": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=1e-7, beta1=0.99, beta2=0.99),
 }
+# The frictions of the runs behind the paper's Slippery Ant figure (the authors' code: row 0 of their
+# log-uniform [0.02, 2] table, used for every seed), one per 2M-step phase.
+AUTHORS_FRICTIONS = (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
 ER_AGENTS = ("er", "l2-er")
 # Flags a resumed run may change (--total-steps to run longer); all others must match the checkpoint.
 RESUME_FREE = ("total_steps", "resume", "out_dir", "checkpoint_minutes")
@@ -73,22 +82,27 @@ class Args:
     replacement_rate: float | None = None
     """CBP units replaced per optimizer step, as a fraction of the mature units (default 1e-7); only for cbp"""
     decay_rate: float = 0.99
-    """CBP running-average decay of the contribution utility (Table 8)"""
+    """CBP running-average decay of the utility (Table 8)"""
+    cbp_utility: str = "contribution"
+    """CBP utility (Dohare et al.): "contribution" or "adaptable_contribution"; default as Dohare's config for
+    this benchmark (Slippery Ant: contribution)"""
     maturity_threshold: int = 10_000
     """CBP: optimizer steps a unit must survive before it can be replaced (Table 8)"""
-    beta1: float = 0.9
-    """Adam beta_1 (Table 8)"""
-    beta2: float = 0.999
-    """Adam beta_2 (Table 8)"""
+    beta1: float | None = None
+    """Adam beta_1 (default: per agent, as the authors' Slippery Ant runs: 0.9 for bp (Table 8); 0.99 for l2,
+    er, l2-er and cbp, the value of all of Dohare et al.'s Slippery Ant agents, who report that equal betas
+    alone reduce PPO's loss of plasticity; so bp --beta1 0.99 --beta2 0.99 is the control for the betas)"""
+    beta2: float | None = None
+    """Adam beta_2 (default: per agent, as the authors' runs: 0.999 for bp (Table 8), 0.99 for the others)"""
     adam_eps: float = 1e-5
     """Adam epsilon (not in the paper; 1e-5 as in PureJaxRL's PPO)"""
     total_steps: int = 10_000_000
     """env steps per seed; rounded down to whole updates of --num-steps samples"""
     num_envs: int = 64
-    """parallel environments per seed; each rolls out num-steps / num-envs steps per update. The paper uses 1
-    (2048-step rollouts), which leaves a GPU idle (1.44 ms per env step on an H100 vs 1.69 ms for 64 envs);
-    64 envs x 32 steps keeps the 2048 samples per update with 64x fewer sequential physics steps.
-    --num-envs 1 is the paper's exact setting"""
+    """parallel environments per seed; each rolls out num-steps / num-envs steps per update. The paper and the
+    authors' runs use 1 (2048-step rollouts: use --num-envs 1 for a run that claims to reproduce the figure);
+    64 envs x 32 steps is a speed choice (64x fewer sequential physics steps; a GPU is nearly idle with one
+    env) that keeps 2048 samples per update but changes what each update sees"""
     num_steps: int = 2048
     """samples per PPO update (Table 8 num_steps x num_envs)"""
     update_epochs: int = 10
@@ -107,18 +121,48 @@ class Args:
     """value loss coefficient"""
     hidden_size: int = 256
     """units of the single hidden layer of the actor and of the critic"""
-    normalize_obs: bool = True
+    normalize_obs: bool = False
     """normalize observations by running mean and variance over every observation seen (PureJaxRL's
-    continuous-control PPO does this; the paper does not say)"""
+    continuous-control PPO does; off by default: the authors' runs feed raw observations)"""
     change_every: int = 2_000_000
     """env steps (per seed) between friction changes; a multiple of --num-envs, so a change falls exactly on
     env step k * change_every"""
+    frictions: tuple[float, ...] = AUTHORS_FRICTIONS
+    """friction of each phase, the same for every seed; phase k uses value k mod len. Default: the five values
+    of the authors' runs (row 0 of their log-uniform [0.02, 2] table, used for every seed)"""
+    random_frictions: bool = False
+    """instead of --frictions, draw each seed its own frictions, log-uniform in --friction-range, one per
+    phase (the authors' table, one row per seed; their runs used one row for all seeds)"""
     friction_range: tuple[float, float] = (0.02, 2.0)
-    """frictions are log-uniform in this range, one per phase, drawn from the seed"""
+    """range of --random-frictions"""
     fixed_friction: float | None = None
-    """use this friction for the whole run instead of the slippery schedule (e.g. 1.0 for a plain Ant)"""
+    """use this friction for the whole run (same as --frictions F; e.g. 1.0 for a plain Ant)"""
+    solver_iterations: int = 10
+    """Newton iterations of MJX's constraint solver per physics step. Brax's MJX Ant uses 1 (and 4 line-search
+    iterations); then the contact forces are far from converged and low friction is barely slippery (random
+    gaits move as fast at friction 0.04 as at 1), so the default is high enough for friction to act as its
+    coefficient says"""
+    ls_iterations: int = 20
+    """line-search iterations per Newton iteration (see --solver-iterations)"""
+    contacts: Literal["feet", "all"] = "feet"
+    """which geoms collide with the floor: "feet" (Brax's ant: the four foot spheres only; a flipped ant falls
+    through the floor and its episode ends) or "all" (gym's Ant: torso and every leg capsule too; a flipped ant
+    rests on its back, healthy)"""
+    init_pose: Literal["crouched", "standing"] = "crouched"
+    """start pose before the reset noise: "crouched" (Brax's ant: torso z 0.55, ankles at +-1 rad) or
+    "standing" (MuJoCo's qpos0: z 0.75, straight legs, outside the ankle ranges)"""
+    ctrl_cost_clipped: bool = False
+    """charge the control cost on the action clipped to the motor range [-1, 1]; default: on the action as the
+    policy emitted it (Brax's ant; the authors' runs add no clipping wrapper). The motors get the clipped
+    action either way"""
+    fresh_resets: bool = False
+    """draw fresh reset noise for every episode (gym); default: every episode of an env restarts from that
+    env's first start state, as Brax's auto-reset does"""
     episode_length: int = 1000
-    """env steps before a time-out (the value of the last state is bootstrapped)"""
+    """env steps before a time-out (the episode ends there; see --bootstrap-timeouts)"""
+    bootstrap_timeouts: bool = False
+    """at a time-out, bootstrap from the value of the final state (add gamma * V(s_T) to the last reward);
+    default: a time-out is terminal, as in the authors' runs (Brax's episode wrapper sets done)"""
     hessian_every_phase: bool = False
     """Hessian spectrum (SLQ) of the PPO loss on a fresh rollout of num-steps samples at the start ("init":
     the previous phase's final parameters on the new friction) and end of every friction phase"""
@@ -140,22 +184,24 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Environment: the standard Ant. Geometry, joint ranges, gear and contact settings follow the Ant of Gym and
-# Brax (brax/envs/assets/ant.xml, Copyright Google LLC, Apache License 2.0), rewritten here; solver settings
-# are those Brax uses for its MJX Ant.
+# Environment: Brax's `ant` (brax/envs/assets/ant.xml and brax/envs/ant.py, Copyright Google LLC, Apache
+# License 2.0), rewritten here for MuJoCo MJX: the torso sphere, four two-segment legs, 8 hinge motors, and a
+# foot sphere at the end of each leg. In Brax only the four foot spheres collide with the floor (a flipped ant
+# falls through the floor, so its torso leaves the healthy range and the episode ends); `contacts="all"` lets
+# the torso and every leg capsule collide instead (gym's Ant; a flipped ant then rests on its back, healthy).
 # ----------------------------------------------------------------------------------------------------------
 ANT_XML = """
 <mujoco model="ant">
   <compiler angle="degree" inertiafromgeom="true"/>
-  <option timestep="0.01" solver="Newton" iterations="1" ls_iterations="4">
+  <option timestep="0.01" solver="Newton" iterations="{iterations}" ls_iterations="{ls_iterations}">
     <flag eulerdamp="disable"/>
   </option>
   <default>
     <joint limited="true" armature="1" damping="1"/>
-    <geom contype="1" conaffinity="0" condim="3" density="5.0" friction="1 0.5 0.5" margin="0.01"/>
+    <geom contype="{contype}" conaffinity="0" condim="3" density="5.0" friction="1 0.5 0.5" margin="0.01"/>
   </default>
   <worldbody>
-    <geom name="floor" type="plane" size="40 40 40" conaffinity="1"/>
+    <geom name="floor" type="plane" size="40 40 40" contype="{contype}" conaffinity="1"/>
     <body name="torso" pos="0 0 0.75">
       <freejoint name="root"/>
       <geom name="torso" type="sphere" size="0.25"/>
@@ -167,6 +213,7 @@ ANT_XML = """
           <body pos="0.2 0.2 0">
             <joint name="ankle_1" type="hinge" axis="-1 1 0" range="30 70"/>
             <geom type="capsule" size="0.08" fromto="0 0 0 0.4 0.4 0"/>
+            {foot:0.4 0.4 0}
           </body>
         </body>
       </body>
@@ -178,6 +225,7 @@ ANT_XML = """
           <body pos="-0.2 0.2 0">
             <joint name="ankle_2" type="hinge" axis="1 1 0" range="-70 -30"/>
             <geom type="capsule" size="0.08" fromto="0 0 0 -0.4 0.4 0"/>
+            {foot:-0.4 0.4 0}
           </body>
         </body>
       </body>
@@ -189,6 +237,7 @@ ANT_XML = """
           <body pos="-0.2 -0.2 0">
             <joint name="ankle_3" type="hinge" axis="-1 1 0" range="-70 -30"/>
             <geom type="capsule" size="0.08" fromto="0 0 0 -0.4 -0.4 0"/>
+            {foot:-0.4 -0.4 0}
           </body>
         </body>
       </body>
@@ -200,6 +249,7 @@ ANT_XML = """
           <body pos="0.2 -0.2 0">
             <joint name="ankle_4" type="hinge" axis="1 1 0" range="30 70"/>
             <geom type="capsule" size="0.08" fromto="0 0 0 0.4 -0.4 0"/>
+            {foot:0.4 -0.4 0}
           </body>
         </body>
       </body>
@@ -217,20 +267,50 @@ ANT_XML = """
   </actuator>
 </mujoco>
 """
+# Brax's foot: a massless sphere (inertia unchanged) over the end cap of the lower leg, the only geom that
+# touches the floor.
+FOOT_XML = '<geom type="sphere" size="0.08" pos="{}" contype="1" mass="0"/>'
 SUBSTEPS = 5              # physics steps per env step
-DT = 0.01 * SUBSTEPS      # seconds per env step
+DT = 0.01 * SUBSTEPS      # seconds per env step (Brax's ant: 0.05)
 OBS_DIM, ACT_DIM = 27, 8  # qpos without x, y (13) + qvel (14); 8 motors
 HEALTHY_Z = (0.2, 1.0)    # the episode ends when the torso height leaves this interval
 HEALTHY_REWARD, CTRL_COST = 1.0, 0.5
 RESET_NOISE = 0.1         # qpos += U(-0.1, 0.1), qvel = 0.1 N(0, 1) at reset (as Gym / Brax)
+# Brax ant's init_qpos: crouched, torso at z 0.55, hips 0, ankles at +-1 rad (inside their 30-70 degree
+# ranges). The "standing" pose is MuJoCo's qpos0 (z 0.75, all hinges 0: the ankles start outside their ranges
+# and snap in on the first step).
+CROUCHED_QPOS = (0.0, 0.0, 0.55, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0, -1.0, 0.0, 1.0)
+
+
+class EnvConfig(NamedTuple):
+    """Static settings of the Ant env (hashable: part of the compiled program). Defaults: Brax's ant as the
+    authors ran it, with solver iterations at which MJX's friction acts as its coefficient says."""
+    solver_iterations: int = 10
+    ls_iterations: int = 20
+    contacts: str = "feet"          # "feet" (Brax) or "all" (gym)
+    init_pose: str = "crouched"     # "crouched" (Brax) or "standing" (MuJoCo's qpos0)
+    ctrl_cost_clipped: bool = False  # control cost on the action clipped to the motor range (else the raw one)
+    fresh_resets: bool = False      # fresh reset noise every episode (else each env's first start, as Brax)
+    episode_length: int = 1000
 
 
 @lru_cache(maxsize=None)
-def ant_model():
-    """The Ant as (MjModel, MJX model); built once per process."""
-    mj_model = mujoco.MjModel.from_xml_string(ANT_XML)
+def ant_model(solver_iterations=EnvConfig._field_defaults["solver_iterations"],
+              ls_iterations=EnvConfig._field_defaults["ls_iterations"], contacts="feet"):
+    """The Ant as (MjModel, MJX model); built once per process and setting."""
+    if contacts not in ("feet", "all"):
+        raise ValueError(f"contacts must be 'feet' or 'all', got {contacts!r}")
+    xml = ANT_XML.replace("{iterations}", str(solver_iterations)).replace("{ls_iterations}", str(ls_iterations))
+    xml = xml.replace("{contype}", "0" if contacts == "feet" else "1")
+    for pos in ("0.4 0.4 0", "-0.4 0.4 0", "-0.4 -0.4 0", "0.4 -0.4 0"):
+        xml = xml.replace("{foot:" + pos + "}", FOOT_XML.format(pos) if contacts == "feet" else "")
+    mj_model = mujoco.MjModel.from_xml_string(xml)
     with jax.ensure_compile_time_eval():  # concrete arrays even when first called inside a jit trace
         return mj_model, mjx.put_model(mj_model)
+
+
+def env_model(cfg):
+    return ant_model(cfg.solver_iterations, cfg.ls_iterations, cfg.contacts)
 
 
 class EnvState(NamedTuple):
@@ -240,12 +320,14 @@ class EnvState(NamedTuple):
     warmstart: jax.Array  # [14] solver warm start (qacc of the previous step)
     t: jax.Array          # int32 env steps since the episode began
     ret: jax.Array        # undiscounted return of the episode so far
+    start_qpos: jax.Array  # [15] the env's first start state (where Brax's auto-reset returns every episode)
+    start_qvel: jax.Array  # [14]
 
 
 class StepInfo(NamedTuple):
     reward: jax.Array
-    terminated: jax.Array   # torso height left HEALTHY_Z (no bootstrap)
-    truncated: jax.Array    # time-out while healthy (bootstrap from final_obs)
+    terminated: jax.Array   # torso height left HEALTHY_Z
+    truncated: jax.Array    # time-out while healthy
     final_obs: jax.Array    # observation after the step, before any auto-reset
     episode_return: jax.Array  # return of the episode that ended at this step (meaningful where done)
 
@@ -254,15 +336,18 @@ def observe(state):
     return jnp.concatenate([state.qpos[2:], state.qvel])
 
 
-def env_reset(key):
-    mj_model, _ = ant_model()
+def env_reset(cfg, key):
+    """A fresh start: the initial pose + U(-0.1, 0.1) on qpos, 0.1 N(0, 1) on qvel (Brax's ant)."""
+    mj_model, _ = env_model(cfg)
+    if cfg.init_pose not in ("crouched", "standing"):
+        raise ValueError(f"init_pose must be 'crouched' or 'standing', got {cfg.init_pose!r}")
     k_pos, k_vel = jax.random.split(key)
-    qpos = jnp.asarray(mj_model.qpos0, jnp.float32)
+    qpos = jnp.asarray(CROUCHED_QPOS if cfg.init_pose == "crouched" else mj_model.qpos0, jnp.float32)
     qpos = qpos + jax.random.uniform(k_pos, qpos.shape, jnp.float32, -RESET_NOISE, RESET_NOISE)
     qpos = qpos.at[3:7].set(qpos[3:7] / jnp.linalg.norm(qpos[3:7]))  # keep the quaternion a rotation
     qvel = RESET_NOISE * jax.random.normal(k_vel, (mj_model.nv,), jnp.float32)
     return EnvState(qpos, qvel, jnp.zeros(mj_model.nv, jnp.float32), jnp.zeros((), jnp.int32),
-                    jnp.zeros((), jnp.float32))
+                    jnp.zeros((), jnp.float32), qpos, qvel)
 
 
 def with_friction(model, friction):
@@ -270,32 +355,52 @@ def with_friction(model, friction):
     return model.replace(geom_friction=model.geom_friction.at[:, 0].set(friction))
 
 
-def env_step(state, action, friction, reset_key, episode_length):
+def ctrl_cost(cfg, action):
+    """0.5 |a|^2. Brax's ant charges it on the action as the policy emitted it, and the authors' runs add no
+    clipping wrapper, so a policy pays for means beyond the motor range; `cfg.ctrl_cost_clipped` charges the
+    clipped action instead."""
+    cost_action = jnp.clip(action, -1.0, 1.0) if cfg.ctrl_cost_clipped else action
+    return CTRL_COST * jnp.sum(jnp.square(cost_action), axis=-1)
+
+
+def auto_reset(cfg, after, done, reset_key):
+    """The state after `after` where the episode is `done`: the env's first start state (Brax's
+    AutoResetWrapper returns every episode to the state of the first reset), or with `cfg.fresh_resets` a new
+    start with fresh noise (gym); `after` itself elsewhere."""
+    if cfg.fresh_resets:
+        fresh = env_reset(cfg, reset_key)
+    else:
+        fresh = after._replace(qpos=after.start_qpos, qvel=after.start_qvel, warmstart=jnp.zeros_like(after.warmstart),
+                               t=jnp.zeros_like(after.t), ret=jnp.zeros_like(after.ret))
+    return jax.tree.map(lambda r, a: jnp.where(done, r, a), fresh, after)
+
+
+def env_step(cfg, state, action, friction, reset_key):
     """One env step (5 physics steps) of one Ant at the given friction, with auto-reset on done."""
-    _, model = ant_model()
+    _, model = env_model(cfg)
     model = with_friction(model, friction)
-    action = jnp.clip(action, -1.0, 1.0)
+    ctrl = jnp.clip(action, -1.0, 1.0)  # the motors' range (Brax's actuators clip too)
     data = mjx.make_data(model).replace(qpos=state.qpos, qvel=state.qvel, qacc_warmstart=state.warmstart,
-                                        ctrl=action)
+                                        ctrl=ctrl)
     data = jax.lax.fori_loop(0, SUBSTEPS, lambda _, d: mjx.step(model, d), data)
     forward_velocity = (data.qpos[0] - state.qpos[0]) / DT
-    reward = forward_velocity + HEALTHY_REWARD - CTRL_COST * jnp.sum(jnp.square(action))
+    reward = forward_velocity + HEALTHY_REWARD - ctrl_cost(cfg, action)
     z = data.qpos[2]
     terminated = ~((z > HEALTHY_Z[0]) & (z < HEALTHY_Z[1]))
     t = state.t + 1
-    truncated = (t >= episode_length) & ~terminated
-    after = EnvState(data.qpos, data.qvel, data.qacc_warmstart, t, state.ret + reward)
-    done = terminated | truncated
-    fresh = env_reset(reset_key)
-    next_state = jax.tree.map(lambda r, a: jnp.where(done, r, a), fresh, after)
+    truncated = (t >= cfg.episode_length) & ~terminated
+    after = state._replace(qpos=data.qpos, qvel=data.qvel, warmstart=data.qacc_warmstart, t=t,
+                           ret=state.ret + reward)
+    next_state = auto_reset(cfg, after, terminated | truncated, reset_key)
     return next_state, StepInfo(reward, terminated, truncated, observe(after), after.ret)
 
 
-def phase_friction(friction_key, phase, friction_range, fixed_friction):
-    """Friction of phase `phase` (may be traced): log-uniform in friction_range, a function of the seed's
-    friction key and the phase alone; or the fixed friction."""
-    if fixed_friction is not None:
-        return jnp.float32(fixed_friction)
+def phase_friction(friction_key, phase, frictions, friction_range):
+    """Friction of phase `phase` (may be traced): `frictions[phase mod len(frictions)]`, the same for every
+    seed; or, with `frictions` None, log-uniform in friction_range, a function of the seed's friction key and
+    the phase alone."""
+    if frictions is not None:
+        return jnp.asarray(frictions, jnp.float32)[phase % len(frictions)]
     low, high = math.log(friction_range[0]), math.log(friction_range[1])
     u = jax.random.uniform(jax.random.fold_in(friction_key, phase))
     return jnp.exp(low + u * (high - low))
@@ -368,7 +473,8 @@ def ppo_loss(params, batch, static):
 
 def gae(values, rewards, dones, last_value, gamma, lam):
     """Generalized advantage estimation over a [T, envs] rollout with a reverse lax.scan.
-    `dones[t]` ends the episode after step t (time-outs already carry gamma * V(final obs) in their reward).
+    `dones[t]` ends the episode after step t (with --bootstrap-timeouts, time-outs already carry
+    gamma * V(final obs) in their reward).
     Returns (advantages, value targets)."""
     def back(carry, x):
         next_adv, next_value = carry
@@ -435,10 +541,12 @@ class Static(NamedTuple):
     replacement_rate: float
     decay_rate: float
     maturity_threshold: int
+    cbp_utility: str
     change_every: int
+    frictions: tuple | None  # the phases' frictions, the same for every seed; None: log-uniform per seed
     friction_range: tuple
-    fixed_friction: float | None
-    episode_length: int
+    env: EnvConfig
+    bootstrap_timeouts: bool
     updates_per_chunk: int
     hessian_iters: int
     hessian_probes: int
@@ -469,7 +577,7 @@ class Transition(NamedTuple):
     action: jax.Array
     log_prob: jax.Array
     value: jax.Array
-    reward: jax.Array      # env reward, + gamma * V(final obs) on time-outs
+    reward: jax.Array      # env reward (+ gamma * V(final obs) on time-outs with bootstrap_timeouts)
     done: jax.Array
     episode_return: jax.Array
     friction: jax.Array
@@ -477,8 +585,7 @@ class Transition(NamedTuple):
 
 def schedule(static, friction_key):
     """The slippery schedule: friction of the vector step that starts after `s` env steps of this seed."""
-    return lambda s: phase_friction(friction_key, s // static.change_every, static.friction_range,
-                                    static.fixed_friction)
+    return lambda s: phase_friction(friction_key, s // static.change_every, static.frictions, static.friction_range)
 
 
 def optimizer(static, hyper):
@@ -490,16 +597,26 @@ def init_member(static, seed):
     params = init_params(jax.random.fold_in(key, 0), static.hidden_size)
     opt_state = common.adam(1.0, static.beta1, static.beta2, static.adam_eps, 0.0).init(params)
     cbp = (common.cbp_init(static.hidden_size), common.cbp_init(static.hidden_size)) if static.use_cbp else ()
-    env = jax.vmap(env_reset)(jax.random.split(jax.random.fold_in(key, 1), static.num_envs))
+    env = jax.vmap(partial(env_reset, static.env))(jax.random.split(jax.random.fold_in(key, 1), static.num_envs))
     return MemberState(params, opt_state, cbp, obs_stats_init(), env, jnp.zeros((), jnp.int32),
                        jax.random.fold_in(key, 2), jax.random.fold_in(key, 3), jax.random.fold_in(key, 4))
+
+
+def training_reward(static, critic, obs_stats, info):
+    """The reward PPO learns from: the env's, where a time-out is terminal (the authors' runs: Brax's episode
+    wrapper sets done at the time-out and their GAE does not bootstrap through done); with
+    `bootstrap_timeouts`, + gamma * V(final obs) at time-outs (the episode still ends there)."""
+    if not static.bootstrap_timeouts:
+        return info.reward
+    final_obs = normalize(obs_stats, info.final_obs) if static.normalize_obs else info.final_obs
+    return info.reward + static.gamma * critic_apply(critic, final_obs)[0] * info.truncated
 
 
 def rollout(static, params, env, obs_stats, steps, key, friction_of_step):
     """num_steps / num_envs vector steps of all envs under the current policy. `friction_of_step(s)` gives
     the friction of a vector step that starts after s env steps. Returns ((env, obs_stats, steps), Transition
     [T, envs], normalized obs after the last step)."""
-    step_fn = jax.vmap(env_step, in_axes=(0, 0, None, 0, None))
+    step_fn = jax.vmap(partial(env_step, static.env), in_axes=(0, 0, None, 0))
 
     def one(carry, key_t):
         env, obs_stats, steps = carry
@@ -512,10 +629,8 @@ def rollout(static, params, env, obs_stats, steps, key, friction_of_step):
         action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
         value, _ = critic_apply(params["critic"], obs)
         friction = friction_of_step(steps)
-        env, info = step_fn(env, action, friction, jax.random.split(k_reset, static.num_envs),
-                            static.episode_length)
-        final_obs = normalize(obs_stats, info.final_obs) if static.normalize_obs else info.final_obs
-        reward = info.reward + static.gamma * critic_apply(params["critic"], final_obs)[0] * info.truncated
+        env, info = step_fn(env, action, friction, jax.random.split(k_reset, static.num_envs))
+        reward = training_reward(static, params["critic"], obs_stats, info)
         transition = Transition(obs, action, gaussian_log_prob(action, mean, log_std), value, reward,
                                 info.terminated | info.truncated, info.episode_return,
                                 jnp.full(static.num_envs, friction))
@@ -546,7 +661,8 @@ def cbp_step(static, opt, params, opt_state, cbp, hiddens, key):
     new_cbp = []
     for net, h, state, k in zip(("actor", "critic"), hiddens, cbp, jax.random.split(key, 2)):
         p = params[net]
-        state, idx, valid = common.cbp_select(state, h, p["out"]["w"], replacement_rate=static.replacement_rate,
+        state, idx, valid = common.cbp_select(state, h, p["out"]["w"], w_in=p["hidden"]["w"],
+                                              utility=static.cbp_utility, replacement_rate=static.replacement_rate,
                                               decay_rate=static.decay_rate,
                                               maturity_threshold=static.maturity_threshold,
                                               max_replace=max_replace)
@@ -615,7 +731,7 @@ def hessian_member(static, state, phase, which):
     untouched). `which` (0 init, 1 end) only picks the probe key."""
     key = jax.random.fold_in(jax.random.fold_in(state.hessian_key, phase), which)
     k_roll, k_slq = jax.random.split(key)
-    friction = phase_friction(state.friction_key, phase, static.friction_range, static.fixed_friction)
+    friction = phase_friction(state.friction_key, phase, static.frictions, static.friction_range)
     _, traj, last_obs = rollout(static, state.params, state.env, state.obs_stats, state.steps, k_roll,
                                 lambda s: friction)
     batch = make_batch(static, state.params, traj, last_obs)
@@ -680,6 +796,11 @@ def resolve(args):
          f"--change-every ({args.change_every}) must be a positive multiple of --num-envs ({args.num_envs})"),
         (0 < args.friction_range[0] <= args.friction_range[1], "--friction-range needs 0 < low <= high"),
         (args.fixed_friction is None or args.fixed_friction > 0, "--fixed-friction must be > 0"),
+        (len(args.frictions) >= 1 and all(f > 0 for f in args.frictions), "--frictions must be > 0"),
+        (not (args.random_frictions and args.fixed_friction is not None),
+         "--random-frictions and --fixed-friction exclude each other"),
+        (args.solver_iterations >= 1 and args.ls_iterations >= 1,
+         "--solver-iterations and --ls-iterations must be >= 1"),
         (args.episode_length >= 1, "--episode-length must be >= 1"),
         (args.updates_per_chunk >= 1, "--updates-per-chunk must be >= 1"),
         (args.hessian_probes >= 1 and args.hessian_iters >= 1, "--hessian-iters and --hessian-probes must be >= 1"),
@@ -699,14 +820,44 @@ def resolve(args):
     rate = args.replacement_rate if args.replacement_rate is not None else defaults["replacement_rate"]
     if not 0 <= rate <= 1:
         common.fail(f"--replacement-rate must be in [0, 1], got {rate}")
+    if args.cbp_utility not in common.CBP_UTILITIES:
+        common.fail(f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {args.cbp_utility!r}")
+    beta1 = args.beta1 if args.beta1 is not None else defaults["beta1"]
+    beta2 = args.beta2 if args.beta2 is not None else defaults["beta2"]
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        common.fail(f"--beta1 and --beta2 must be in [0, 1), got {beta1}, {beta2}")
+    if args.fixed_friction is not None:
+        frictions = (float(args.fixed_friction),)
+    elif args.random_frictions:
+        frictions = None
+    else:
+        frictions = tuple(float(f) for f in args.frictions)
     configs = common.sweep(lr=tuple(lrs), weight_decay=tuple(wds), er_lr=tuple(er_lrs))
+    env = EnvConfig(solver_iterations=args.solver_iterations, ls_iterations=args.ls_iterations,
+                    contacts=args.contacts, init_pose=args.init_pose, ctrl_cost_clipped=args.ctrl_cost_clipped,
+                    fresh_resets=args.fresh_resets, episode_length=args.episode_length)
     static = Static(
-        args.num_envs, args.num_steps, args.update_epochs, args.num_minibatches, args.hidden_size, args.gamma,
-        args.gae_lambda, args.clip_eps, args.ent_coef, args.vf_coef, args.beta1, args.beta2, args.adam_eps,
-        args.normalize_obs, args.agent in ER_AGENTS, args.agent == "cbp", float(rate), args.decay_rate,
-        args.maturity_threshold, args.change_every, tuple(args.friction_range), args.fixed_friction,
-        args.episode_length, args.updates_per_chunk, args.hessian_iters, args.hessian_probes, args.fast_compile)
+        num_envs=args.num_envs, num_steps=args.num_steps, update_epochs=args.update_epochs,
+        num_minibatches=args.num_minibatches, hidden_size=args.hidden_size, gamma=args.gamma,
+        gae_lambda=args.gae_lambda, clip_eps=args.clip_eps, ent_coef=args.ent_coef, vf_coef=args.vf_coef,
+        beta1=float(beta1), beta2=float(beta2), adam_eps=args.adam_eps, normalize_obs=args.normalize_obs,
+        use_er=args.agent in ER_AGENTS, use_cbp=args.agent == "cbp", replacement_rate=float(rate),
+        decay_rate=args.decay_rate, maturity_threshold=args.maturity_threshold, cbp_utility=args.cbp_utility,
+        change_every=args.change_every, frictions=frictions, friction_range=tuple(args.friction_range), env=env,
+        bootstrap_timeouts=args.bootstrap_timeouts, updates_per_chunk=args.updates_per_chunk,
+        hessian_iters=args.hessian_iters, hessian_probes=args.hessian_probes, fast_compile=args.fast_compile)
     return configs, static
+
+
+def friction_schedule(static, friction_keys, num_phases):
+    """[members, num_phases] numpy array: each member's friction in each phase."""
+    if static.frictions is not None:  # the same list for every member
+        row = [np.float32(static.frictions[p % len(static.frictions)]) for p in range(num_phases)]
+        return np.tile(np.asarray(row, np.float32), (len(friction_keys), 1))
+    phases = jnp.arange(num_phases)
+    table = jax.vmap(lambda k: jax.vmap(lambda p: phase_friction(k, p, static.frictions, static.friction_range))(
+        phases))(friction_keys)
+    return np.asarray(table)
 
 
 def chunk_bounds(num_updates, static):
@@ -761,6 +912,8 @@ def main(args):
             if len(spectra["end"]) == len(spectra["init"]) > 0 and done < num_updates:
                 spectra["end"].pop()  # measured at the old run's end: the phase goes on now
         common.save_config(run_dir, args, configs, seeds)
+        num_phases = (num_updates * args.num_steps - 1) // args.change_every + 1
+        schedule_cs = to_cs(friction_schedule(static, states.friction_key, num_phases))  # [C, S, phases]
         states = common.shard_members(states)
 
         def spectrum(phase, which):
@@ -769,7 +922,7 @@ def main(args):
         def save_outputs():
             arrays = {k: np.concatenate(v, axis=2) for k, v in history.items()}
             common.save_npz(run_dir / "metrics.npz", **arrays, diverged=diverged, layer_names=np.asarray(LAYER_NAMES),
-                            env_steps=args.num_steps * np.arange(1, done + 1))
+                            env_steps=args.num_steps * np.arange(1, done + 1), friction_schedule=schedule_cs)
             if spectra["tasks"]:
                 # The current phase's "end" is not measured until the phase ends: NaN until then.
                 missing = [tuple(np.full_like(x, np.nan) for x in spectra["init"][0])]
@@ -785,7 +938,16 @@ def main(args):
 
         print(f"ant_ppo {args.agent}: {num_c} config(s) x {num_s} seed(s), {num_updates} updates of "
               f"{args.num_steps} samples ({args.num_envs} envs x {args.num_steps // args.num_envs} steps); "
-              f"steps/s below counts the env steps of all members; run dir {run_dir}", flush=True)
+              f"Adam betas {static.beta1} / {static.beta2}; steps/s below counts the env steps of all members; "
+              f"run dir {run_dir}", flush=True)
+        shown = lambda row: ", ".join(f"{f:.4g}" for f in row)
+        if (schedule_cs == schedule_cs[0, 0]).all():
+            print(f"friction schedule (every seed), one value per {args.change_every:,} env steps: "
+                  f"{shown(schedule_cs[0, 0])}", flush=True)
+        else:
+            for i, seed in enumerate(seeds):
+                print(f"friction schedule of seed {seed}, one value per {args.change_every:,} env steps: "
+                      f"{shown(schedule_cs[0, i])}", flush=True)
         progress = common.Progress(num_updates, "update", start_units=done)
         last_checkpoint = time.perf_counter()
         for start, stop in zip(edges[:-1], edges[1:]):

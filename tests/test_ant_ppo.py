@@ -1,24 +1,30 @@
-"""Tests of ant_ppo.py: the Ant env, the slippery friction schedule, GAE, time-out bootstrapping, every agent
-end to end, seeds/configs trained together, resume and the Hessian measurement.
+"""Tests of ant_ppo.py: the Ant env (Brax's contact set, pose, control cost, resets, friction that acts as its
+coefficient), the slippery friction schedule, per-agent Adam betas, GAE, time-outs, every agent end to end,
+seeds/configs trained together, resume and the Hessian measurement.
 
 MJX programs take tens of seconds to compile on a CPU, so every end-to-end run shares one tiny shape
 (4 envs x 16 steps per update, 2 updates, width 16) and one compiled program per agent family.
 """
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import ant_ppo  # first: it sets OPENBLAS_NUM_THREADS before jax loads LAPACK
+import mujoco
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 
 import common
+from ant_ppo import mjx
 
 TINY = dict(num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2, hidden_size=16, total_steps=128,
             change_every=32, episode_length=8, updates_per_chunk=1, hessian_iters=4, fast_compile=True)
 METRICS = ("episodic_return", "episodes", "friction", "loss", "dead_units", "effective_rank", "param_norm")
+CFG = ant_ppo.EnvConfig()  # the env defaults (test_env_defaults_match_the_flags ties them to Args)
 # Programs compile without XLA's backend optimizations here (as --fast-compile): half the compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
@@ -33,24 +39,32 @@ def run(tmp_path, name, **overrides):
 # ----------------------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------------------
-EPISODE_LENGTH = 1000
+EPISODE_LENGTH = CFG.episode_length
+FLIPPED = (0.0, 0.0, 0.35, 0.0, 1.0, 0.0, 0.0) + ant_ppo.CROUCHED_QPOS[7:]  # upside down (180 deg about x)
 
 
 @pytest.fixture(scope="module")
 def step4():
     """env_step over a batch of 4 envs, each with its own friction (one compiled program for all env tests)."""
-    return jax.jit(jax.vmap(lambda s, a, f, k: ant_ppo.env_step(s, a, f, k, EPISODE_LENGTH)),
-                   compiler_options=FAST_COMPILE)
+    return jax.jit(jax.vmap(lambda s, a, f, k: ant_ppo.env_step(CFG, s, a, f, k)), compiler_options=FAST_COMPILE)
 
 
-def reset4(seed=0):
-    return jax.vmap(ant_ppo.env_reset)(jax.random.split(jax.random.key(seed), 4))
+def reset4(seed=0, cfg=CFG):
+    return jax.vmap(lambda k: ant_ppo.env_reset(cfg, k))(jax.random.split(jax.random.key(seed), 4))
+
+
+def test_env_defaults_match_the_flags():
+    _, static = ant_ppo.resolve(ant_ppo.Args())
+    assert static.env == CFG == ant_ppo.EnvConfig(10, 20, "feet", "crouched", False, False, 1000)
+    assert static.normalize_obs is False and static.bootstrap_timeouts is False
+    assert static.frictions == ant_ppo.AUTHORS_FRICTIONS == (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
+    assert static.cbp_utility == "contribution"
 
 
 def test_model_and_shapes(step4):
-    mj_model, model = ant_ppo.ant_model()
+    mj_model, model = ant_ppo.env_model(CFG)
     assert (mj_model.nq, mj_model.nv, mj_model.nu) == (15, 14, 8) and ant_ppo.ACT_DIM == mj_model.nu
-    assert mj_model.opt.solver == 2 and mj_model.opt.iterations == 1 and mj_model.opt.ls_iterations == 4
+    assert mj_model.opt.solver == 2 and mj_model.opt.iterations == 10 and mj_model.opt.ls_iterations == 20
     assert mj_model.opt.timestep == 0.01 and ant_ppo.DT == pytest.approx(0.05)
     np.testing.assert_array_equal(mj_model.actuator_gear[:, 0], 150.0)
     state = reset4()
@@ -60,12 +74,92 @@ def test_model_and_shapes(step4):
     action = jnp.linspace(-2.0, 2.0, 32).reshape(4, 8)
     nxt, info = step4(state, action, jnp.ones(4), jax.random.split(jax.random.key(1), 4))
     assert nxt.qpos.shape == (4, 15) and info.final_obs.shape == (4, 27)
-    # reward = forward velocity + 1 - 0.5 |clip(a)|^2 (nothing terminates in one step from a reset)
+    # reward = forward velocity + 1 - 0.5 |a|^2 on the raw action (nothing terminates in one step from a reset)
     assert not np.any(info.terminated | info.truncated)
     velocity = (nxt.qpos[:, 0] - state.qpos[:, 0]) / ant_ppo.DT
-    expected = velocity + 1.0 - 0.5 * jnp.sum(jnp.clip(action, -1, 1) ** 2, axis=1)
+    expected = velocity + 1.0 - 0.5 * jnp.sum(action ** 2, axis=1)
     np.testing.assert_allclose(info.reward, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(nxt.t, 1)
+
+
+def test_control_cost_on_the_raw_action():
+    action = jnp.asarray([[2.0, -3.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    # raw (default, as Brax's ant): 0.5 * (4 + 9 + 0.25 + 1); clipped to [-1, 1]: 0.5 * (1 + 1 + 0.25 + 1)
+    np.testing.assert_allclose(ant_ppo.ctrl_cost(CFG, action), [7.125])
+    np.testing.assert_allclose(ant_ppo.ctrl_cost(CFG._replace(ctrl_cost_clipped=True), action), [1.625])
+
+
+def test_brax_contact_set():
+    """Only the four foot spheres (massless, at the lower legs' ends) collide, and only with the floor; with
+    contacts="all" the torso and every leg capsule collide with the floor (the old model, no feet)."""
+    feet, _ = ant_ppo.ant_model(contacts="feet")
+    every, _ = ant_ppo.ant_model(contacts="all")
+    assert feet.ngeom == 18 and every.ngeom == 14  # floor, torso, 12 leg capsules (+ 4 feet)
+    collide = lambda m, i, j: bool(m.geom_contype[i] & m.geom_conaffinity[j] or m.geom_contype[j] & m.geom_conaffinity[i])
+    pairs = lambda m: {(i, j) for i in range(m.ngeom) for j in range(i + 1, m.ngeom) if collide(m, i, j)}
+    sphere = mujoco.mjtGeom.mjGEOM_SPHERE
+    foot = [i for i in range(feet.ngeom) if feet.geom_type[i] == sphere and feet.geom_size[i, 0] == 0.08]
+    assert len(foot) == 4 and pairs(feet) == {(0, i) for i in foot}
+    assert pairs(every) == {(0, i) for i in range(1, 14)}
+    np.testing.assert_allclose(feet.body_mass, every.body_mass)  # the feet add no mass
+    np.testing.assert_allclose(np.abs(feet.geom_pos[foot, :2]), 0.4)  # at the lower legs' ends
+
+
+def test_flipped_ant_ends_its_episode(step4):
+    """Upside down, nothing touches the floor: the ant falls through it and its torso leaves the healthy range
+    (Brax). With every geom colliding it would rest on its back at z ~ 0.27, healthy, forever (checked with
+    MuJoCo's C engine on the same models)."""
+    state = reset4()
+    state = state._replace(qpos=jnp.broadcast_to(jnp.asarray(FLIPPED), state.qpos.shape), qvel=jnp.zeros_like(state.qvel))
+    ended = np.zeros(4, bool)
+    for _ in range(10):
+        state, info = step4(state, jnp.zeros((4, 8)), 0.3 * jnp.ones(4), jax.random.split(jax.random.key(9), 4))
+        ended |= np.asarray(info.terminated)
+    assert ended.all()
+    for contacts, healthy in (("feet", False), ("all", True)):
+        mj_model, _ = ant_ppo.ant_model(contacts=contacts)
+        data = mujoco.MjData(mj_model)
+        data.qpos[:] = FLIPPED
+        for _ in range(200):  # 2 s
+            mujoco.mj_step(mj_model, data)
+        assert (data.qpos[2] > ant_ppo.HEALTHY_Z[0]) == healthy, contacts
+
+
+def test_crouched_start_inside_the_joint_ranges():
+    mj_model, _ = ant_ppo.env_model(CFG)
+    qpos = np.asarray(reset4(3).qpos)
+    crouched = np.asarray(ant_ppo.CROUCHED_QPOS)
+    np.testing.assert_array_equal(crouched[[2, 8, 10, 12, 14]], [0.55, 1.0, -1.0, -1.0, 1.0])  # z, ankles (rad)
+    assert np.all(np.abs(qpos[:, :3] - crouched[:3]) <= 0.1) and np.all(np.abs(qpos[:, 7:] - crouched[7:]) <= 0.1)
+    assert len({tuple(q) for q in qpos}) == 4  # reset noise
+    hinges = mj_model.jnt_range[1:]
+    assert np.all((qpos[:, 7:] > hinges[:, 0]) & (qpos[:, 7:] < hinges[:, 1]))
+    standing = np.asarray(reset4(3, CFG._replace(init_pose="standing")).qpos)
+    assert np.all(np.abs(standing[:, 2] - 0.75) <= 0.1) and np.all(np.abs(standing[:, 7:]) <= 0.1)
+    # standing: the ankles (30-70 degrees) start outside their ranges
+    assert np.all(standing[:, [8, 14]] < hinges[[1, 7], 0])
+
+
+def test_auto_reset_returns_to_the_first_start():
+    """Default (Brax's AutoResetWrapper): an ended episode restarts from the env's first start state, the same
+    every time; fresh_resets draws new noise each time."""
+    start = reset4(5)
+    moved = start._replace(qpos=start.qpos + 0.3, qvel=start.qvel - 1.0, warmstart=start.warmstart + 2.0,
+                           t=start.t + 7, ret=start.ret + 5.0)
+    done = jnp.asarray([True, False, True, True])
+    key = jax.random.key(6)
+    out = jax.vmap(lambda s, d, k: ant_ppo.auto_reset(CFG, s, d, k))(moved, done, jax.random.split(key, 4))
+    for i in range(4):
+        source = start if done[i] else moved
+        np.testing.assert_array_equal(out.qpos[i], source.qpos[i])
+        np.testing.assert_array_equal(out.qvel[i], source.qvel[i])
+        np.testing.assert_array_equal(out.t[i], 0 if done[i] else 7)
+    np.testing.assert_array_equal(out.start_qpos, start.qpos)  # the start state is kept for the next episode
+    fresh_cfg = CFG._replace(fresh_resets=True)
+    fresh = jax.vmap(lambda s, d, k: ant_ppo.auto_reset(fresh_cfg, s, d, k))(moved, done, jax.random.split(key, 4))
+    assert not np.allclose(fresh.qpos[0], start.qpos[0])
+    np.testing.assert_allclose(fresh.qpos[0, 2], 0.55, atol=0.1)
+    np.testing.assert_array_equal(fresh.qpos[1], moved.qpos[1])
 
 
 def test_termination_and_timeout(step4):
@@ -81,15 +175,16 @@ def test_termination_and_timeout(step4):
     np.testing.assert_allclose(info.episode_return, state.ret + info.reward, rtol=1e-6)
     np.testing.assert_array_equal(nxt.ret[1:3], 0.0)
     assert info.final_obs[1, 0] > 1.0           # the observation before the reset is the terminal one
-    assert 0.6 < nxt.qpos[1, 2] < 0.9          # the env restarted near the initial height (0.75)
+    np.testing.assert_array_equal(nxt.qpos[1:3], state.start_qpos[1:3])  # back to each env's first start
+    np.testing.assert_array_equal(nxt.qvel[1:3], state.start_qvel[1:3])
     np.testing.assert_allclose(nxt.qpos[0], step4(state, jnp.zeros((4, 8)), jnp.ones(4),
                                                   jax.random.split(jax.random.key(3), 4))[0].qpos[0])
 
 
 def test_friction_on_every_geom_changes_dynamics(step4):
-    _, model = ant_ppo.ant_model()
+    _, model = ant_ppo.env_model(CFG)
     slippery = ant_ppo.with_friction(model, 0.05)
-    assert model.geom_friction.shape[0] == 14  # floor, torso, 12 leg capsules
+    assert model.geom_friction.shape[0] == 18  # floor, torso, 12 leg capsules, 4 feet
     np.testing.assert_allclose(slippery.geom_friction[:, 0], 0.05)
     np.testing.assert_array_equal(slippery.geom_friction[:, 1:], model.geom_friction[:, 1:])
     # Same start and actions at four frictions: the gait moves the torso differently.
@@ -106,22 +201,84 @@ def test_friction_on_every_geom_changes_dynamics(step4):
     assert np.linalg.norm(xy[0] - xy[2]) > 1e-2 and np.linalg.norm(xy[2] - xy[3]) > 1e-2
 
 
+def test_tilted_ant_slides_at_its_friction_coefficient():
+    """Coulomb friction: a rigid body on a plane tilted by angle theta starts to slide when tan(theta) exceeds
+    the friction coefficient. The ant holds its crouched pose (PD control), gravity tilts slowly to a ratio
+    r = tan(theta) and stays there: at 0.75 x the friction it must stand (only the soft contacts' creep of
+    mm/s), at 1.3 x it must slide. With MJX's 1 Newton iteration it slid at friction 0.05 even untilted."""
+    _, model = ant_ppo.env_model(CFG)
+    hinges = jnp.asarray(ant_ppo.CROUCHED_QPOS[7:])
+    settle, ramp, hold = 50, 100, 100  # physics steps of 0.01 s
+
+    def final_speed(mu, ratio):
+        m = ant_ppo.with_friction(model, mu)
+        data = mjx.make_data(m).replace(qpos=jnp.asarray(ant_ppo.CROUCHED_QPOS))
+
+        def step(data, r):
+            tilt = 1.0 / jnp.sqrt(1.0 + r * r)
+            tilted = m.replace(opt=m.opt.replace(gravity=9.81 * jnp.stack([r * tilt, 0.0, -tilt])))
+            ctrl = jnp.clip(1.0 * (hinges - data.qpos[7:]) - 0.1 * data.qvel[6:], -1.0, 1.0)
+            data = mjx.step(tilted, data.replace(ctrl=ctrl))
+            return data, data.qvel[0]
+
+        ratios = ratio * jnp.concatenate([jnp.zeros(settle), jnp.linspace(0.0, 1.0, ramp), jnp.ones(hold)])
+        _, vx = jax.lax.scan(step, data, ratios)
+        return vx[-hold // 2:]
+
+    mus = jnp.asarray([0.05, 0.05, 0.3, 0.3])
+    ratios = mus * jnp.asarray([0.75, 1.3, 0.75, 1.3])
+    vx = np.asarray(jax.jit(jax.vmap(final_speed), compiler_options=FAST_COMPILE)(mus, ratios))
+    stands, slides = vx[[0, 2]], vx[[1, 3]]
+    assert np.abs(stands).max() < 0.02, np.abs(stands).max(1)
+    assert np.all(slides[:, -1] > 0.1) and np.all(slides[:, -1] > slides[:, 0]), slides[:, [0, -1]]  # accelerating
+
+
 def test_friction_schedule():
     key = jax.random.key(7)
     rng = (0.02, 2.0)
-    values = np.asarray([ant_ppo.phase_friction(key, p, rng, None) for p in range(200)])
+    values = np.asarray([ant_ppo.phase_friction(key, p, None, rng) for p in range(200)])
     assert np.all((values >= 0.02) & (values <= 2.0)) and len(np.unique(values)) == 200
     # log-uniform: log-frictions spread evenly over [log 0.02, log 2] (mean at the middle, 1/3 below 0.093)
     assert abs(np.log(values).mean() - np.log(0.2)) < 0.35
     assert 0.2 < np.mean(values < 0.02 * 100 ** (1 / 3)) < 0.47
-    assert float(ant_ppo.phase_friction(jax.random.key(8), 0, rng, None)) != values[0]  # depends on the seed
-    assert float(ant_ppo.phase_friction(key, 3, rng, 1.0)) == 1.0
+    assert float(ant_ppo.phase_friction(jax.random.key(8), 0, None, rng)) != values[0]  # depends on the seed
+    # A list: phase k uses value k mod len, whatever the seed.
+    listed = [float(ant_ppo.phase_friction(key, p, (0.5, 0.1, 0.3), rng)) for p in range(5)]
+    np.testing.assert_allclose(listed, [0.5, 0.1, 0.3, 0.5, 0.1], rtol=1e-6)
+    assert float(ant_ppo.phase_friction(key, 3, (1.0,), rng)) == 1.0
+
+
+def test_every_seed_gets_the_authors_frictions_by_default():
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 3))(jnp.arange(3))
+    _, static = ant_ppo.resolve(ant_ppo.Args())
+    table = ant_ppo.friction_schedule(static, keys, 5)
+    np.testing.assert_allclose(table, [[0.2961, 0.2399, 0.0387, 0.3528, 0.0829]] * 3, rtol=1e-6)
+    _, static = ant_ppo.resolve(ant_ppo.Args(frictions=(0.1, 0.2)))
+    np.testing.assert_allclose(ant_ppo.friction_schedule(static, keys, 3), [[0.1, 0.2, 0.1]] * 3, rtol=1e-6)
+    _, static = ant_ppo.resolve(ant_ppo.Args(fixed_friction=1.0))
+    np.testing.assert_allclose(ant_ppo.friction_schedule(static, keys, 2), 1.0)
+    _, static = ant_ppo.resolve(ant_ppo.Args(random_frictions=True))
+    drawn = ant_ppo.friction_schedule(static, keys, 5)
+    assert np.all((drawn >= 0.02) & (drawn <= 2.0)) and len(np.unique(drawn)) == 15  # its own per seed
+
+
+def test_adam_betas_per_agent():
+    """As the authors ran Slippery Ant: bp 0.9 / 0.999 (Table 8); l2, er, l2-er, cbp 0.99 / 0.99."""
+    expected = {"bp": (0.9, 0.999), "l2": (0.99, 0.99), "er": (0.99, 0.99), "l2-er": (0.99, 0.99),
+                "cbp": (0.99, 0.99)}
+    for agent, betas in expected.items():
+        _, static = ant_ppo.resolve(ant_ppo.Args(agent=agent))
+        assert (static.beta1, static.beta2) == betas, agent
+    _, static = ant_ppo.resolve(ant_ppo.Args(agent="bp", beta1=0.99, beta2=0.99))
+    assert (static.beta1, static.beta2) == (0.99, 0.99)
+    _, static = ant_ppo.resolve(ant_ppo.Args(agent="l2-er", beta2=0.999))
+    assert (static.beta1, static.beta2) == (0.99, 0.999)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rollout: friction change at exactly --change-every, time-out bootstrap; GAE
 # ----------------------------------------------------------------------------------------------------------
-def test_rollout_friction_change_and_timeout_bootstrap():
+def test_rollout_friction_change_raw_obs_and_terminal_timeouts():
     _, static = ant_ppo.resolve(ant_ppo.Args(**{**TINY, "change_every": 8}))
     member = jax.tree.map(lambda x: x[0], ant_ppo.build(static)[0](jnp.asarray([3])))
     sched = ant_ppo.schedule(static, member.friction_key)
@@ -137,19 +294,34 @@ def test_rollout_friction_change_and_timeout_bootstrap():
     steps_per_update = static.num_steps // static.num_envs
     assert traj.obs.shape == (steps_per_update, 4, 27) and traj.action.shape == (steps_per_update, 4, 8)
     assert int(carry[2]) == static.num_steps
-    # The friction switches exactly every change_every = 8 env steps = 2 vector steps of 4 envs.
-    expected = [float(ant_ppo.phase_friction(member.friction_key, t * 4 // 8, static.friction_range, None))
-                for t in range(steps_per_update)]
+    # Raw observations (no normalization by default): the first is the env's state itself.
+    np.testing.assert_array_equal(traj.obs[0], jax.vmap(ant_ppo.observe)(member.env))
+    # The friction switches exactly every change_every = 8 env steps = 2 vector steps of 4 envs, through the
+    # authors' five values (then from the first again).
+    expected = [ant_ppo.AUTHORS_FRICTIONS[(t * 4 // 8) % 5] for t in range(steps_per_update)]
     np.testing.assert_allclose(traj.friction[:, 0], expected, rtol=1e-6)
-    assert len(set(expected)) == steps_per_update // 2
-    # The critic does not act, so both rollouts are the same; their rewards differ by gamma * (V shift) at
-    # time-outs only (the bootstrapped value of the final state), never at terminations or other steps.
+    # The critic does not act, so both rollouts are the same; time-outs (8-step episodes) are terminal, so no
+    # reward depends on the critic (with --bootstrap-timeouts they would differ by gamma * delta there).
     np.testing.assert_array_equal(traj.action, traj_shifted.action)
-    diff = np.asarray(traj_shifted.reward - traj.reward)
-    timeout = np.abs(diff - 0.99 * delta) < 1e-4
-    assert timeout.sum() >= 1
-    assert np.all(np.asarray(traj.done)[timeout])
-    np.testing.assert_allclose(diff[~timeout], 0.0, atol=1e-4)
+    assert np.asarray(traj.done).sum() >= 4
+    np.testing.assert_array_equal(traj_shifted.reward, traj.reward)
+
+
+def test_timeout_bootstrap_flag():
+    """training_reward: a time-out adds gamma * V(final obs) only with bootstrap_timeouts; terminations and
+    other steps never do."""
+    _, static = ant_ppo.resolve(ant_ppo.Args(**TINY))
+    critic = ant_ppo.init_params(jax.random.key(0), 16)["critic"]
+    critic["out"]["b"] = critic["out"]["b"] + 2.0
+    final_obs = jax.random.normal(jax.random.key(1), (3, 27))
+    info = ant_ppo.StepInfo(reward=jnp.asarray([1.0, 2.0, 3.0]), terminated=jnp.asarray([False, True, False]),
+                            truncated=jnp.asarray([True, False, False]), final_obs=final_obs,
+                            episode_return=jnp.zeros(3))
+    stats = ant_ppo.obs_stats_init()
+    np.testing.assert_array_equal(ant_ppo.training_reward(static, critic, stats, info), [1.0, 2.0, 3.0])
+    value = ant_ppo.critic_apply(critic, final_obs[0])[0]
+    boot = ant_ppo.training_reward(static._replace(bootstrap_timeouts=True), critic, stats, info)
+    np.testing.assert_allclose(boot, [1.0 + 0.99 * float(value), 2.0, 3.0], rtol=1e-6)
 
 
 def test_gae_matches_python_loop():
@@ -198,10 +370,15 @@ def test_vmapped_rank_computations_do_not_stall_on_cpu():
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bp_two_seeds(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("bp"), "bp", agent="bp", seeds=2)
+    """Also keeps what the run printed, in <run dir>/stdout.txt."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        out, metrics = run(tmp_path_factory.mktemp("bp"), "bp", agent="bp", seeds=2)
+    (out / "stdout.txt").write_text(printed.getvalue())
+    return out, metrics
 
 
-def check_outputs(metrics, num_c, num_s, num_updates=2):
+def check_outputs(metrics, num_c, num_s, num_updates=2, change_every=TINY["change_every"]):
     for k in METRICS:
         assert metrics[k].shape[:3] == (num_c, num_s, num_updates), k
     assert metrics["dead_units"].shape[3] == metrics["effective_rank"].shape[3] == 2
@@ -213,22 +390,30 @@ def check_outputs(metrics, num_c, num_s, num_updates=2):
     assert np.all(metrics["episodes"] >= TINY["num_envs"]) and np.all(np.isfinite(metrics["episodic_return"]))
     assert not metrics["diverged"].any()
     np.testing.assert_array_equal(metrics["env_steps"], [64, 128])
+    # 128 env steps in phases of change_every env steps (32: four phases), the first of the authors' frictions
+    phases = 128 // change_every
+    np.testing.assert_allclose(metrics["friction_schedule"],
+                               np.broadcast_to(ant_ppo.AUTHORS_FRICTIONS[:phases], (num_c, num_s, phases)), rtol=1e-6)
 
 
 def test_bp_end_to_end(bp_two_seeds):
     out, metrics = bp_two_seeds
     check_outputs(metrics, 1, 2)
-    # A different schedule per seed; change_every 32 < 64 samples per update: phase 1 ends update 0.
-    f = metrics["friction"][0]
-    assert f[0, 0] != f[1, 0] and f[0, 0] != f[0, 1]
+    # Both seeds share the schedule; change_every 32 < 64 samples per update: update 0 ends in phase 1
+    # (env step 63), update 1 in phase 3 (env step 127).
+    np.testing.assert_allclose(metrics["friction"][0], [[0.2399, 0.3528]] * 2, rtol=1e-6)
     assert (out / "config.json").exists() and (out / "checkpoint.pkl").exists()
+    printed = (out / "stdout.txt").read_text()
+    assert "Adam betas 0.9 / 0.999" in printed
+    assert "friction schedule (every seed), one value per 32 env steps: 0.2961, 0.2399, 0.0387, 0.3528" in printed
 
 
 def test_seeds_and_configs_together_match(tmp_path, bp_two_seeds):
     """Seed 1 trained beside seed 0 == seed 1 trained beside an l2 config of itself (a member's results depend
-    on its own seed and config only). Same member count, so both runs share one compiled program."""
+    on its own seed and config only). Same member count and bp's Adam betas, so both runs share one compiled
+    program."""
     _, together = bp_two_seeds
-    _, sweep = run(tmp_path, "sweep", agent="l2", seed=1, seeds=1, weight_decay=(0.0, 1e-2))
+    _, sweep = run(tmp_path, "sweep", agent="l2", seed=1, seeds=1, weight_decay=(0.0, 1e-2), beta1=0.9, beta2=0.999)
     check_outputs(sweep, 2, 1)
     for k in METRICS:
         np.testing.assert_allclose(sweep[k][0, 0], together[k][0, 1], rtol=1e-5, atol=1e-5, err_msg=k)
@@ -285,7 +470,7 @@ def test_cbp_end_to_end_with_hessian(tmp_path):
     # A high replacement rate and no maturity wait, so units are replaced in this short run.
     cbp = dict(agent="cbp", replacement_rate=0.05, maturity_threshold=0, change_every=64)
     out, metrics = run(tmp_path, "cbp_h", hessian_every_phase=True, **cbp)
-    check_outputs(metrics, 1, 1)
+    check_outputs(metrics, 1, 1, change_every=64)
     with np.load(out / "hessian.npz") as f:
         spectra = {k: f[k] for k in f.files}
     np.testing.assert_array_equal(spectra["tasks"], [0, 1])  # one phase per update here
@@ -298,11 +483,13 @@ def test_cbp_end_to_end_with_hessian(tmp_path):
         np.testing.assert_array_equal(plain[k], metrics[k], err_msg=k)
 
 
-def test_cbp_replaces_units():
+@pytest.mark.parametrize("utility", common.CBP_UTILITIES)
+def test_cbp_replaces_units(utility):
     """With maturity 0 and a high rate, CBP replaces units on the first update: their outgoing weights are
-    reset to 0 and their Adam moments zeroed (checked directly on one CBP step)."""
+    reset to 0 and their Adam moments zeroed (checked directly on one CBP step), with either utility."""
     _, static = ant_ppo.resolve(ant_ppo.Args(**{**TINY, "agent": "cbp", "replacement_rate": 0.5,
-                                                "maturity_threshold": 0}))
+                                                "maturity_threshold": 0, "cbp_utility": utility}))
+    assert static.cbp_utility == utility
     hyper = ant_ppo.Hyper(jnp.float32(1e-3), jnp.float32(0.0), jnp.float32(0.0))
 
     @jax.jit
@@ -312,12 +499,21 @@ def test_cbp_replaces_units():
         grads = jax.tree.map(jnp.ones_like, params)
         _, opt_state = opt.update(grads, opt.init(params), params)
         cbp = (common.cbp_init(16), common.cbp_init(16))
-        hiddens = [jnp.ones((16, 16)), jnp.ones((16, 16))]
         return params, ant_ppo.cbp_step(static, opt, params, opt_state, cbp, hiddens, jax.random.key(1))
 
+    # 16 samples of 16 units, each unit on its own scale, so the two utilities rank units differently.
+    h = np.asarray(jax.random.uniform(jax.random.key(2), (16, 16)) * jnp.linspace(0.5, 2.0, 16)[::-1] + 0.3 * jnp.arange(16))
+    hiddens = [jnp.asarray(h), jnp.asarray(h)]
     before, (params, opt_state, cbp) = one_cbp_step()
     replaced = np.asarray(cbp[0].age == 0)
-    assert replaced.sum() >= 1
+    # First step (age 1): the bias-corrected utility is this step's utility; rate 0.5 x 16 mature units = the
+    # 8 lowest are replaced.
+    w_in, w_out = np.asarray(before["actor"]["hidden"]["w"]), np.asarray(before["actor"]["out"]["w"])
+    if utility == "contribution":
+        expected = np.abs(h).mean(0) * np.abs(w_out).mean(1)
+    else:
+        expected = np.abs(h - h.mean(0)).mean(0) * np.abs(w_out).mean(1) / np.abs(w_in).mean(0)
+    np.testing.assert_array_equal(np.flatnonzero(replaced), np.sort(np.argsort(expected)[:8]))
     np.testing.assert_array_equal(params["actor"]["out"]["w"][replaced], 0.0)
     assert np.all(np.asarray(params["actor"]["hidden"]["w"] != before["actor"]["hidden"]["w"])[:, replaced])
     np.testing.assert_array_equal(params["actor"]["hidden"]["w"][:, ~replaced], before["actor"]["hidden"]["w"][:, ~replaced])
@@ -334,6 +530,11 @@ def test_cbp_replaces_units():
     (dict(agent="nope"), "unknown agent"),
     (dict(total_steps=10), "--total-steps"),
     (dict(fixed_friction=0.0), "--fixed-friction"),
+    (dict(frictions=(0.3, -0.1)), "--frictions must be > 0"),
+    (dict(random_frictions=True, fixed_friction=1.0), "exclude each other"),
+    (dict(solver_iterations=0), "--solver-iterations"),
+    (dict(agent="cbp", cbp_utility="nope"), "--cbp-utility must be one of contribution, adaptable_contribution"),
+    (dict(beta1=1.0), "--beta1 and --beta2"),
     (dict(resume=True, out_dir=None), "--resume needs --out-dir"),
 ])
 def test_bad_input_fails_cleanly(overrides, message):
