@@ -894,7 +894,7 @@ def main(args):
     run_dir, checkpoint = common.open_run("ant_ppo", args, RESUME_FREE)
     to_cs = lambda x: np.asarray(x).reshape((num_c, num_s) + np.shape(x)[1:])  # member axis -> [C, S]
 
-    # MJX Ant at friction 0.02-0.03 goes NaN on a GPU under the default (TF32) matmul precision (REFERENCE.md).
+    # MJX Ant at friction 0.02-0.03 goes NaN on a GPU under the default (TF32) matmul precision.
     with jax.default_matmul_precision("highest"):
         init, run_chunk, measure_hessian = build(static)
         state_tree = jax.tree.structure(jax.eval_shape(init, member_seeds))
