@@ -236,14 +236,15 @@ def pmnist_setup(sizes, agent_name, seeds, ds):
                        er_batch=sizes.er_batch if "er_batch" in pmnist.AGENTS[agent_name] else None)
     agent, configs = pmnist.resolve(args, ds)
     members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
-    init, train, evaluate, spectrum, calls = pmnist.make_train(args, agent, ds)
+    init, shuffle, train, evaluate, spectrum, calls = pmnist.make_train(args, agent, ds)
     assert len(calls) == 1 and calls[0][0] == 0, calls  # call_steps is a multiple of the chunk
     count = calls[0][1]
     state = members.run(init, (0,), batching="map")(members.seeds)
     hp, member_seeds, state = common.shard_members((members.hyperparameters(pmnist.SWEPT), members.seeds, state))
-    call = members.run(lambda s, h, sd, t, f: train(s, h, sd, t, f, count), (0, 0, 0, None, None))
-    return dict(members=members, state=state, hp=hp, seeds=member_seeds, train=call, evaluate=evaluate,
-                spectrum=spectrum)
+    shuffled = members.run(shuffle, (0, None))(member_seeds, 0)  # once per task in a run: not timed
+    call = members.run(lambda s, h, sd, t, o, f: train(s, h, sd, t, o, f, count), (0, 0, 0, None, 0, None))
+    return dict(members=members, state=state, hp=hp, seeds=member_seeds, shuffled=shuffled, train=call,
+                evaluate=evaluate, spectrum=spectrum)
 
 
 def pmnist_cached(setups, sizes, agent_name, seeds, ds):
@@ -256,7 +257,7 @@ def pmnist_cached(setups, sizes, agent_name, seeds, ds):
         if larger:
             first = lambda tree: jax.tree.map(lambda x: x[:seeds], tree)  # noqa: E731
             setups[key] = dict(larger[0], state=first(larger[0]["state"]), hp=first(larger[0]["hp"]),
-                               seeds=first(larger[0]["seeds"]),
+                               seeds=first(larger[0]["seeds"]), shuffled=first(larger[0]["shuffled"]),
                                members=common.Members(larger[0]["members"].configs,
                                                       larger[0]["members"].seed_list[:seeds], "map"))
             setups[key].pop("evaluate_seconds", None)
@@ -283,8 +284,8 @@ def bench_pmnist(bench, ds, setups):
         if agent_name in ("cbp", "snp", "spectral-reg") and not bench.variant("pmnist", work):
             continue
         setup = pmnist_cached(setups, sizes, agent_name, seeds, ds)
-        seconds, compile_s = bench.time(setup["train"], setup["state"], setup["hp"], setup["seeds"], 0, 0,
-                                        per=steps)
+        seconds, compile_s = bench.time(setup["train"], setup["state"], setup["hp"], setup["seeds"], 0,
+                                        setup["shuffled"], 0, per=steps)
         full_run = ""
         if agent_name == "l2-er":
             calls_per_task = PMNIST_RUN["steps"] / steps

@@ -180,8 +180,9 @@ def task_randomness(seed, task, n_train, n_test, in_dim):
 
 
 def make_train(args, agent, ds):
-    """The run's functions of one member (PureJaxRL's make_train): init(seed) -> state; train(state, hp, seed,
-    task, first, count) -> (state, correct, loss) over the task's chunks first .. first + count - 1 (count static;
+    """The run's functions of one member (PureJaxRL's make_train): init(seed) -> state; shuffle(seed, task) ->
+    the task's (pixel permutation, image order), computed once per task; train(state, hp, seed, task, shuffled,
+    first, count) -> (state, correct, loss) over the task's chunks first .. first + count - 1 (count static;
     0 = the SGD-only tail of the last steps_per_task % chunk steps); evaluate(params, seed, task) -> metrics;
     spectrum(params, seed, task, phase) -> SLQ (nodes, weights); and `calls`, the (first, count) that make up
     one task. `agent` is the resolved AGENTS entry."""
@@ -223,9 +224,15 @@ def make_train(args, agent, ds):
             state["params"] = common.shrink_perturb(state["params"], key, agent["perturb_scale"])
         return state, (jnp.argmax(logits) == y, loss)
 
-    def train(state, hp, seed, task, first, count):
-        perm, order, _, k_steps, _ = task_randomness(seed, task, ds["train_x"].shape[0], ds["test_x"].shape[0],
-                                                     in_dim)
+    def shuffle(seed, task):
+        perm, order, _, _, _ = task_randomness(seed, task, ds["train_x"].shape[0], ds["test_x"].shape[0], in_dim)
+        return perm, order
+
+    def train(state, hp, seed, task, shuffled, first, count):
+        # The permutations come in from shuffle (sorting 60,000 keys per call cost ~50 ms on a CPU); only the
+        # step keys are derived here (XLA drops the unused permutations).
+        (perm, order), (_, _, _, k_steps, _) = shuffled, task_randomness(
+            seed, task, ds["train_x"].shape[0], ds["test_x"].shape[0], in_dim)
 
         def run_chunk(state, inputs):
             idx, chunk_index = inputs
@@ -272,7 +279,7 @@ def make_train(args, agent, ds):
 
     per_call = max(1, CALL_STEPS // chunk)
     calls = [(f, min(per_call, num_chunks - f)) for f in range(0, num_chunks, per_call)] + ([(num_chunks, 0)] if tail else [])
-    return init, train, evaluate, spectrum, calls
+    return init, shuffle, train, evaluate, spectrum, calls
 
 
 def cbp_step(agent, opt, state, features, key):
@@ -347,12 +354,13 @@ def main(args, dataset=None):
     agent, configs = resolve(args, ds)
     ds = {k: jnp.asarray(v, jnp.uint8 if k.endswith("_x") else jnp.int32) for k, v in ds.items()}
     members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
-    init, train, evaluate, spectrum, calls = make_train(args, agent, ds)
+    init, shuffle, train, evaluate, spectrum, calls = make_train(args, agent, ds)
     measured = list(range(0, args.tasks, args.hessian_every)) if args.hessian_every else []
     run = common.Run("pmnist", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
     state = members.run(init, (0,), batching="map")(members.seeds) if run.state is None else run.state
     hp, seeds, state = common.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
-    train_calls = {n: members.run(lambda s, h, sd, t, f, n=n: train(s, h, sd, t, f, n), (0, 0, 0, None, None))
+    shuffle = members.run(shuffle, (0, None))
+    train_calls = {n: members.run(lambda s, h, sd, t, o, f, n=n: train(s, h, sd, t, o, f, n), (0, 0, 0, None, 0, None))
                    for n in {count for _, count in calls}}
     evaluate = members.run(evaluate, (0, 0, None))
     spectrum = members.run(spectrum, (0, 0, None, None), batching="map")  # a Lanczos basis per member
@@ -363,9 +371,10 @@ def main(args, dataset=None):
         k = measured.index(task) if task in measured else None
         if k is not None and run.cursor["call"] == 0:  # "init": the last task's final params on this task's data
             run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(state["params"], seeds, task, 0)
+        shuffled = shuffle(seeds, task)
         for i in range(run.cursor["call"], len(calls)):
             with timer.timing(task > start):  # the first task compiles
-                state, correct, loss = train_calls[calls[i][1]](state, hp, seeds, task, calls[i][0])
+                state, correct, loss = train_calls[calls[i][1]](state, hp, seeds, task, shuffled, calls[i][0])
                 correct, loss = jax.device_get((correct, loss))
             timer.steps += members.count * call_steps(args, agent, calls[i]) * (task > start)
             run.accumulate(i + 1, correct=correct, loss=loss)
