@@ -192,35 +192,70 @@ def adam(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0):
 # ----------------------------------------------------------------------------------------------------------
 # Spectral regularization (Lewandowski et al. 2024, in the form of the authors' later runs)
 # ----------------------------------------------------------------------------------------------------------
-def sigma_max(w, iters, start):
-    """Largest singular value of a [m, n] matrix by `iters` power iterations from the vector `start` [n];
-    differentiable (the iterations are unrolled, as the authors' code differentiates through them)."""
+def power_iteration(w, iters, start):
+    """(sigma_max, v) of a [m, n] matrix after `iters` power iterations from the vector `start` [n]; v is the
+    last right vector, gradient-free (to carry to the next step). Differentiable through the iterations
+    (unrolled, as the authors' code differentiates through them)."""
     v = start / jnp.linalg.norm(start)
     for _ in range(iters):
         u = w @ v
         u = u / (jnp.linalg.norm(u) + 1e-12)
         v = w.T @ u
         v = v / (jnp.linalg.norm(v) + 1e-12)
-    return jnp.linalg.norm(w @ v)
+    return jnp.linalg.norm(w @ v), jax.lax.stop_gradient(v)
 
 
-def spectral_penalty(params, k=2.0, target=2.0, iters=10):
+def sigma_max(w, iters, start):
+    """Largest singular value of a [m, n] matrix by `iters` power iterations from `start` (differentiable)."""
+    return power_iteration(w, iters, start)[0]
+
+
+def spectral_starts(params):
+    """The fixed start vector of each kernel's power iteration (a key from its position among the leaves)."""
+    return [jax.random.normal(jax.random.key(i), (x.shape[-1],), x.dtype)
+            for i, (path, x) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])
+            if getattr(path[-1], "key", None) == "w"]
+
+
+def spectral_penalty(params, k=2.0, target=2.0, iters=10, starts=None):
     """sum over kernels W of (sigma_max(W)^k - target)^2 + sum of squared biases; a leaf named "w" is a kernel
     (conv kernels [.., in, out] as (kh*kw*in, out)), "scale" a normalization scale (penalized towards 1),
-    every other leaf a bias. The authors: k = 2, target = 2; Lewandowski et al.: sigma_max near 1. Each
-    kernel's power iteration starts from the same fixed vector every step (a key from its position)."""
-    total = 0.0
-    for i, (path, x) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+    every other leaf a bias. The authors: k = 2, target = 2; Lewandowski et al.: sigma_max near 1.
+    `starts`: the kernels' power-iteration start vectors; None = the same fixed vectors every step
+    (`spectral_starts`, the authors' form); the vectors a previous call returned = a persistent iteration.
+    Returns (penalty, the kernels' last right vectors)."""
+    starts = spectral_starts(params) if starts is None else starts
+    total, ends = 0.0, []
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = getattr(path[-1], "key", None)
         if name == "w":
-            w = x.reshape(-1, x.shape[-1])
-            start = jax.random.normal(jax.random.key(i), (w.shape[1],), w.dtype)
-            total = total + (sigma_max(w, iters, start) ** k - target) ** 2
+            sigma, v = power_iteration(x.reshape(-1, x.shape[-1]), iters, starts[len(ends)])
+            total, ends = total + (sigma ** k - target) ** 2, ends + [v]
         elif name == "scale":
             total = total + jnp.sum(jnp.square(x - 1.0))
         else:
             total = total + jnp.sum(jnp.square(x))
-    return total
+    return total, ends
+
+
+def layer_norm(x, scale, shift, eps=1e-6):
+    """LayerNorm over the last axis with a learnable scale and shift (the authors' layernorm-l2 runs; Lyle
+    et al. 2024 pair it with L2)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + shift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ReDo (Sokar et al. 2023): recycle dormant units
+# ----------------------------------------------------------------------------------------------------------
+def dormant_units(activations, tau):
+    """[units] bool: units whose score s_i = mean|h_i| / (mean over the layer's units of mean|h_k|) is <= tau,
+    on a batch of post-activation features [..., units] (conv: channels last). A layer that is all zero
+    scores 0 everywhere (every unit is dormant)."""
+    score = jnp.mean(jnp.abs(activations.reshape(-1, activations.shape[-1])), axis=0)
+    layer_mean = jnp.mean(score)
+    return score / jnp.where(layer_mean > 0, layer_mean, 1.0) <= tau
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Runs of several agents and scripts can be mixed: runs of one script share its fi
 """
 
 import json
-import math
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,12 +197,18 @@ def set_labels(runs):
                     if seen.count(lab) > 1:
                         extra = ", ".join(f"{k}={v}" for k, v in run.configs[c].items()) if fallback == "all" else run.path.name
                         run.labels[c] = f"{lab} [{extra}]"
-        index = 0
+        # A known agent's single-config run keeps its colour in every figure; other lines take the tab10
+        # colours no known agent of this group uses, in order.
+        used = {AGENT_COLORS[r.agent.lower()] for r in group if r.agent.lower() in AGENT_COLORS}
+        free = itertools.cycle([c for c in [f"C{i}" for i in range(10)] if c not in used] or ["C0"])
         for run in group:
-            run.colors = []
-            for _ in run.configs:
-                run.colors.append("black" if run.agent.lower() == "reset" else plt.get_cmap("tab10")(index % 10))
-                index += run.agent.lower() != "reset"
+            known = AGENT_COLORS.get(run.agent.lower()) if len(run.configs) == 1 else None
+            run.colors = [known or next(free) for _ in run.configs]
+
+
+# One colour per agent in every figure; RESET, the CIFAR baseline, in black as in the paper.
+AGENT_COLORS = {"bp": "C0", "l2": "C1", "er": "C2", "l2-er": "C3", "cbp": "C4", "snp": "C5", "snp-l2": "C6",
+                "spectral-reg": "C7", "layernorm-l2": "C8", "redo": "C9", "reset": "black"}
 
 
 def line_style(run, c):

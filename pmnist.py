@@ -51,7 +51,8 @@ import hessian
 # The agents (App. D; paper Table 2 "Fixed LR Best" with lr 1e-2, Table 1 defaults). An agent is its entry: the
 # hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
 # weight_decay -> coupled L2, er_lr -> the ER step, replacement_rate -> continual backprop (Dohare et al. 2024),
-# perturb_scale -> Shrink & Perturb (Ash & Adams 2020; the paper sweeps none for pMNIST: Table 1's default).
+# perturb_scale -> Shrink & Perturb (Ash & Adams 2020; the paper sweeps none for pMNIST: Table 1's default),
+# layer_norm -> LayerNorm before each hidden ReLU, spectral_lambda -> the spectral penalty, redo_tau -> ReDo.
 AGENTS = {
     "bp": {},
     "l2": dict(weight_decay=1e-3),
@@ -60,7 +61,10 @@ AGENTS = {
     "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="adaptable_contribution"),
     "snp": dict(perturb_scale=1e-5),
     "snp-l2": dict(perturb_scale=1e-5, weight_decay=1e-3),
-    "spectral-reg": dict(spectral_lambda=1e-3, spectral_k=2.0, spectral_target=2.0, power_iters=10),
+    "spectral-reg": dict(spectral_lambda=1e-3, spectral_k=2.0, spectral_target=2.0, power_iters=10,
+                         spectral_persistent=False),
+    "layernorm-l2": dict(layer_norm=True, weight_decay=1e-5),  # the authors' chosen run (lr 1e-2)
+    "redo": dict(redo_tau=0.025, redo_every=1000),  # Sokar et al. 2023; no source value: our sweep picked these
 }
 SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 
@@ -105,6 +109,14 @@ class Args:
     """target of sigma_max^k (the authors: 2; Lewandowski et al.'s "close to one": 1)"""
     power_iters: int | None = None
     """power iterations per kernel and step for sigma_max, from a fixed start vector (the authors: 10)"""
+    spectral_persistent: bool | None = None
+    """start each step's power iterations from the last step's vectors (carried in the state) instead of the fixed ones; with --power-iters 1 it costs ~1/10 (our option, not the authors')"""
+    layer_norm: bool | None = None
+    """LayerNorm (learnable scale and shift, eps 1e-6) before each hidden ReLU (agents with layer_norm)"""
+    redo_tau: float | None = None
+    """ReDo: recycle hidden units whose score mean|h_i| / (layer mean of mean|h_k|) is <= tau (our choice, from a width-100 sweep; no source gives one for pMNIST)"""
+    redo_every: int | None = None
+    """ReDo: score and recycle every K SGD steps of a task, on the last 100 training images (a multiple of 100; our choice from the sweep)"""
     max_grad_norm: float = 0.0
     """clip each step's gradient to this global norm; 0 = off (plain SGD, as the authors' runs; Table 1 lists 0.5)"""
     eval_size: int = 2000
@@ -153,7 +165,10 @@ def forward(params, x):
     """Logits and the post-ReLU features of the 3 hidden layers; x is [784] or [n, 784]."""
     features = []
     for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        x = x @ layer["w"] + layer["b"]
+        if "scale" in layer:  # agents with layer_norm
+            x = common.layer_norm(x, layer["scale"], layer["shift"])
+        x = jax.nn.relu(x)
         features.append(x)
     return x @ params[-1]["w"] + params[-1]["b"], features
 
@@ -196,7 +211,11 @@ def make_train(args, agent, ds):
 
     def init(seed):
         params = init_params(jax.random.fold_in(jax.random.key(seed), 0), in_dim, args.width)
+        if agent.get("layer_norm"):
+            params = [{**p, "scale": jnp.ones(args.width), "shift": jnp.zeros(args.width)} for p in params[:-1]] + params[-1:]
         state = {"params": params, "opt": optimizer({"lr": 0.0}).init(params)}
+        if agent.get("spectral_persistent"):
+            state["spectral_v"] = common.spectral_starts(params)
         if "replacement_rate" in agent:
             state["cbp"] = [common.cbp_init(args.width) for _ in range(3)]
         return state
@@ -208,16 +227,19 @@ def make_train(args, agent, ds):
 
         def loss_fn(params):
             logits, features = forward(params, x)
-            loss = cross_entropy(logits, y)
+            loss, vectors = cross_entropy(logits, y), None
             if "spectral_lambda" in agent:  # spectral regularization, in the loss
-                loss = loss + agent["spectral_lambda"] * common.spectral_penalty(
-                    params, agent["spectral_k"], agent["spectral_target"], agent["power_iters"])
-            return loss, (logits, features)
+                penalty, vectors = common.spectral_penalty(params, agent["spectral_k"], agent["spectral_target"],
+                                                           agent["power_iters"], state.get("spectral_v"))
+                loss = loss + agent["spectral_lambda"] * penalty
+            return loss, (logits, features, vectors)
 
-        (_, (logits, features)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (_, (logits, features, vectors)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         loss = cross_entropy(logits, y)  # online loss: the task's cross-entropy only
         updates, opt_state = opt.update(grads, state["opt"], state["params"])
         state = {**state, "params": optax.apply_updates(state["params"], updates), "opt": opt_state}
+        if "spectral_v" in state:
+            state["spectral_v"] = vectors
         if "replacement_rate" in agent:
             state = cbp_step(agent, opt, state, features, key)
         if "perturb_scale" in agent:
@@ -237,12 +259,16 @@ def make_train(args, agent, ds):
         def run_chunk(state, inputs):
             idx, chunk_index = inputs
             x = ds["train_x"][idx][:, perm].astype(jnp.float32) / 255.0
-            keys = jax.random.split(jax.random.fold_in(k_steps, chunk_index), idx.shape[0])
+            chunk_key = jax.random.fold_in(k_steps, chunk_index)
+            keys = jax.random.split(chunk_key, idx.shape[0])
             state, (correct, loss) = jax.lax.scan(lambda s, i: step(hp, s, i), state, (x, ds["train_y"][idx], keys))
             if "er_lr" in agent and idx.shape[0] == chunk:  # Algorithm 1: ER ascent on the chunk's images
                 with jax.default_matmul_precision(PRECISE):
                     params, _ = common.er_ascent(state["params"], hidden_features, x, hp["er_lr"])
                 state = {**state, "params": params}
+            if "redo_tau" in agent:  # ReDo, on the chunk's images, every redo_every steps of the task
+                due = (chunk_index * chunk + idx.shape[0]) % agent["redo_every"] == 0
+                state = redo_step(agent, optimizer(hp), state, x, jax.random.fold_in(chunk_key, 1), due)
             return state, (jnp.sum(correct), jnp.sum(loss))
 
         if count == 0:  # the tail: the task's last steps_per_task % chunk steps, SGD only
@@ -296,12 +322,30 @@ def cbp_step(agent, opt, state, features, key):
         cbp_states.append(cbp_state)
         w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
             k, params[layer]["w"], params[layer]["b"], params[layer + 1]["w"], idx, valid)
-        params[layer] = {"w": w_in, "b": b_in}
-        params[layer + 1] = {"w": w_out, "b": params[layer + 1]["b"]}
-        keep[layer] = {"w": keep[layer]["w"] * keep_in, "b": keep[layer]["b"] * keep_b}
-        keep[layer + 1] = {"w": keep[layer + 1]["w"] * keep_out, "b": keep[layer + 1]["b"]}
+        params[layer] = {**params[layer], "w": w_in, "b": b_in}
+        params[layer + 1] = {**params[layer + 1], "w": w_out}
+        keep[layer] = {**keep[layer], "w": keep[layer]["w"] * keep_in, "b": keep[layer]["b"] * keep_b}
+        keep[layer + 1] = {**keep[layer + 1], "w": keep[layer + 1]["w"] * keep_out}
     return {**state, "params": params, "cbp": cbp_states,
             "opt": common.mask_opt_state(opt, state["opt"], keep)}
+
+
+def redo_step(agent, opt, state, x, key, due):
+    """ReDo (Sokar et al. 2023) when `due`: per hidden layer, the units dormant on the images x get fresh
+    incoming weights (the layer's init), bias 0, outgoing weights 0 (the output is unchanged) and zeroed
+    optimizer state; the output layer is never recycled."""
+    params = list(state["params"])
+    features, keep = hidden_features(params, x), jax.tree.map(jnp.ones_like, params)
+    for layer, k in enumerate(jax.random.split(key, 3)):
+        dormant = common.dormant_units(features[layer], agent["redo_tau"]) & due
+        units = jnp.arange(dormant.shape[0])
+        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+            k, params[layer]["w"], params[layer]["b"], params[layer + 1]["w"], units, dormant)
+        params[layer] = {**params[layer], "w": w_in, "b": b_in}
+        params[layer + 1] = {**params[layer + 1], "w": w_out}
+        keep[layer] = {**keep[layer], "w": keep[layer]["w"] * keep_in, "b": keep[layer]["b"] * keep_b}
+        keep[layer + 1] = {**keep[layer + 1], "w": keep[layer + 1]["w"] * keep_out}
+    return {**state, "params": params, "opt": common.mask_opt_state(opt, state["opt"], keep)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,6 +373,9 @@ def resolve(args, ds):
               (args.hessian_every >= 0 and args.max_grad_norm >= 0 and args.checkpoint_minutes >= 0,
                "--hessian-every, --max-grad-norm and --checkpoint-minutes must be >= 0"),
               (agent.get("er_batch", 2) >= 2, "--er-batch must be >= 2 (an effective rank needs several samples)"),
+              (agent.get("redo_every", CHUNK) % CHUNK == 0 and agent.get("redo_every", 1) > 0,
+               f"--redo-every must be a positive multiple of {CHUNK} (ReDo scores a chunk's images)"),
+              (agent.get("power_iters", 1) >= 1, "--power-iters must be >= 1"),
               (0 <= agent.get("replacement_rate", 0) <= 1 and 0 <= agent.get("decay_rate", 0) < 1,
                "--replacement-rate must be in [0, 1] and --decay-rate in [0, 1)")]
     for ok, message in checks:

@@ -544,8 +544,8 @@ def test_sigma_max_and_spectral_penalty_against_svd():
         s_conv = np.linalg.svd(np.asarray(conv).reshape(18, 4), compute_uv=False)[0]
         s_dense = np.linalg.svd(np.asarray(dense), compute_uv=False)[0]
         expected = (s_conv ** 2 - 2) ** 2 + (s_dense ** 2 - 2) ** 2 + (1 + 4) + 0.25 + (0.25 + 0 + 1)
-        np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, 300)), expected, rtol=1e-8)
-        np.testing.assert_allclose(float(common.spectral_penalty({"w": dense}, 1.0, 1.0, 300)), (s_dense - 1) ** 2,
+        np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, 300)[0]), expected, rtol=1e-8)
+        np.testing.assert_allclose(float(common.spectral_penalty({"w": dense}, 1.0, 1.0, 300)[0]), (s_dense - 1) ** 2,
                                    rtol=1e-8)
 
 
@@ -557,9 +557,30 @@ def test_spectral_penalty_gradient_is_the_analytic_u_v_form():
     s = np.array([3.0, 1.0, 0.5])
     w = (u * s) @ v.T
     with jax.enable_x64(True):
-        grad = jax.grad(lambda m: common.spectral_penalty({"w": m}, 2.0, 2.0, 100))(jnp.asarray(w))
+        grad = jax.grad(lambda m: common.spectral_penalty({"w": m}, 2.0, 2.0, 100)[0])(jnp.asarray(w))
     expected = 2 * (s[0] ** 2 - 2) * 2 * s[0] * np.outer(u[:, 0], v[:, 0])
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_persistent_power_iteration_converges_to_the_penalty():
+    """One iteration per call from the vectors the last call returned reaches the converged penalty."""
+    rng = np.random.default_rng(2)
+    u, _ = np.linalg.qr(rng.standard_normal((6, 4)))
+    w = jnp.asarray((u * np.array([2.0, 1.0, 0.5, 0.1])) @ np.linalg.qr(rng.standard_normal((4, 4)))[0].T)
+    starts = common.spectral_starts({"w": w})
+    first, _ = common.spectral_penalty({"w": w}, 2.0, 2.0, 1, starts)
+    for _ in range(40):
+        penalty, starts = common.spectral_penalty({"w": w}, 2.0, 2.0, 1, starts)
+    assert abs(float(first) - 4.0) > 1e-3  # one iteration from the fixed start is not converged
+    np.testing.assert_allclose(float(penalty), (2.0 ** 2 - 2) ** 2, atol=1e-4)
+
+
+def test_dormant_units_score():
+    """s_i = mean|h_i| / layer mean of mean|h_k|: here mean|h| = (0, 2, 2, 4), layer mean 2, s = (0, 1, 1, 2)."""
+    h = jnp.asarray([[0.0, 1.0, 2.0, 4.0], [0.0, 3.0, 2.0, 4.0]])
+    np.testing.assert_array_equal(common.dormant_units(h, 0.0), [True, False, False, False])
+    np.testing.assert_array_equal(common.dormant_units(h, 1.0), [True, True, True, False])
+    np.testing.assert_array_equal(common.dormant_units(jnp.zeros((3, 2, 4)), 0.0), [True] * 4)  # all silent
 
 
 def test_outputs_respect_the_umask(tmp_path):

@@ -63,7 +63,8 @@ def assert_same(a, b, atol=0.0):
 
 @pytest.mark.parametrize("agent", pmnist.AGENTS)
 def test_every_agent_runs(run, agent):
-    overrides = {"replacement_rate": 0.01, "maturity_threshold": 20} if agent == "cbp" else {}
+    overrides = {"cbp": {"replacement_rate": 0.01, "maturity_threshold": 20},
+                 "redo": {"redo_every": 100, "redo_tau": 0.5}}.get(agent, {})  # so that both act in 250 steps
     m = run(agent=agent, **overrides)
     assert m["online_acc"].shape == (1, 1, 2) and m["test_acc"].shape == (1, 1, 2)
     assert m["dead_units"].shape == (1, 1, 2, 3) and m["effective_rank"].shape == (1, 1, 2, 3)
@@ -88,6 +89,63 @@ def test_agents_do_what_they_say(run):
     # (measured: 12.6/10.9/8.6 -> 13.5/12.6/11.1 at task 0).
     frozen = run(agent="bp", lr=(1e-9,))["effective_rank"]
     assert (run(agent="er", lr=(1e-9,), er_lr=(0.01,))["effective_rank"] > frozen + 0.5).all()
+
+
+def test_redo_recycles_only_dormant_units_and_keeps_the_function():
+    """ReDo: exactly the dormant units (here: mean |h| = 0 with tau 0) get fresh incoming weights and bias 0;
+    their outgoing weights and optimizer state become 0, so the network computes the same outputs."""
+    import jax
+    import jax.numpy as jnp
+
+    import common
+    params = pmnist.init_params(jax.random.key(0), 784, 16)
+    params[0]["b"] = params[0]["b"].at[:4].set(-1e3)  # units 0-3 of layer 1 never fire
+    x = jnp.asarray(np.random.default_rng(0).random((50, 784)), jnp.float32)
+    opt = common.sgd(0.01, momentum=0.9)
+    state = {"params": params, "opt": jax.tree.map(jnp.ones_like, opt.init(params))}  # momentum 1 everywhere
+    agent = {"redo_tau": 0.0, "redo_every": 100}
+    new = pmnist.redo_step(agent, opt, state, x, jax.random.key(1), jnp.bool_(True))
+    np.testing.assert_allclose(pmnist.forward(new["params"], x)[0], pmnist.forward(params, x)[0], atol=1e-4)
+    features = pmnist.hidden_features(params, x)
+    momentum = new["opt"][1][0].trace  # optax.chain(add_decayed_weights, sgd(momentum)): the sgd trace
+    dormant = [np.asarray(jnp.all(f == 0, axis=0)) for f in features] + [np.zeros(10, bool)]
+    assert dormant[0][:4].all()
+    rows = np.ones(784, bool)  # inputs of layer 0; then the units of the previous layer that were not recycled
+    for layer in range(3):
+        w_new, w_old = (np.asarray(p[layer]["w"])[rows] for p in (new["params"], params))
+        np.testing.assert_array_equal(np.any(w_new != w_old, axis=0), dormant[layer])  # fresh incoming weights
+        np.testing.assert_array_equal(np.asarray(new["params"][layer]["b"]),
+                                      np.where(dormant[layer], 0, params[layer]["b"]))
+        # Outgoing weights of recycled units are 0 (where the next layer's unit was not recycled itself).
+        out_new = np.asarray(new["params"][layer + 1]["w"])[:, ~dormant[layer + 1]]
+        out_old = np.asarray(params[layer + 1]["w"])[:, ~dormant[layer + 1]]
+        np.testing.assert_array_equal(out_new, np.where(dormant[layer][:, None], 0, out_old))
+        trace = np.asarray(momentum[layer]["w"])
+        assert (trace[:, dormant[layer]] == 0).all() and (trace[rows][:, ~dormant[layer]] == 1).all()
+        assert (np.asarray(momentum[layer + 1]["w"])[dormant[layer]] == 0).all()
+        rows = ~dormant[layer]
+    idle = pmnist.redo_step(agent, opt, state, x, jax.random.key(1), jnp.bool_(False))  # not due: no change
+    for a, b in zip(jax.tree.leaves(idle), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layer_norm_and_spectral_options(run):
+    """layernorm-l2 normalizes each hidden layer before its ReLU; the persistent power iteration is another
+    trajectory than the fixed-start one, and with 10 iterations close to it."""
+    import jax
+    import jax.numpy as jnp
+
+    import common
+    params = pmnist.init_params(jax.random.key(0), 784, 16)
+    normed = [{**p, "scale": jnp.full(16, 2.0), "shift": jnp.full(16, 0.5)} for p in params[:-1]] + params[-1:]
+    x = jnp.asarray(np.random.default_rng(0).random((5, 784)), jnp.float32)
+    h = np.asarray(x @ params[0]["w"] + params[0]["b"])
+    want = np.maximum(2 * (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6) + 0.5, 0)
+    np.testing.assert_allclose(pmnist.forward(normed, x)[1][0], want, rtol=1e-4, atol=1e-4)
+    assert len(common.spectral_starts(normed)) == 4  # the LayerNorm scales are not kernels
+    fixed, carried = run(agent="spectral-reg"), run(agent="spectral-reg", spectral_persistent=True)
+    assert not np.array_equal(fixed["param_norm"], carried["param_norm"])
+    np.testing.assert_allclose(fixed["online_acc"], carried["online_acc"], atol=0.05)
 
 
 def test_multi_seed_and_sweep_equal_single_runs(run):
