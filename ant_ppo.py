@@ -8,12 +8,23 @@ five frictions 0.2961, 0.2399, 0.0387, 0.3528, 0.0829, the same for every seed (
 larger of its two geoms' frictions, so setting only the floor would change nothing). As in the authors' runs,
 observations are raw, the control cost is on the unclipped action and a time-out ends the episode without
 bootstrapping. PPO (Table 8) trains a separate actor (Gaussian, state-independent log-std) and critic, each
-with one ReLU hidden layer, continually, never reset. Agents (Table 7 best values; Adam betas as the authors
-ran each agent): bp, l2 (coupled weight decay), er (effective-rank ascent on the actor and critic hidden
-layers, once per epoch on the rollout's observations), l2-er, cbp (continual backprop with L2, as the paper).
+with one ReLU hidden layer, continually, never reset. The agents are the table `AGENTS` below (Table 7 best
+values; Adam betas as the authors ran each agent): bp, l2 (coupled weight decay), er (effective-rank ascent
+on the actor and critic hidden layers, once per epoch on the rollout's observations), l2-er, cbp (continual
+backprop with L2, as the paper).
 
-Seeds (and swept configs) train together under one vmap, PureJaxRL style: one update = rollout + GAE + 10
-epochs of minibatch Adam, and a chunk of updates is one `lax.scan` inside one `jax.jit`.
+Seeds and swept hyperparameters (--lr, --weight-decay, --er-lr) are "members" trained together, PureJaxRL
+style: one update = rollout + GAE + 10 epochs of minibatch Adam, and a chunk of --updates-per-chunk updates
+is one `lax.scan` inside one jitted call. Members are vmapped on accelerators; on one CPU device they run one
+after another (--member-batching). Ctrl-C stops at the end of the chunk, checkpoints and prints the command
+that resumes; --resume continues exactly.
+
+Outputs (besides config.json and checkpoint.pkl): metrics.npz, arrays [config, seed, update]:
+`episodic_return` (mean return of the episodes that ended in the update's rollout; NaN if none), `episodes`,
+`friction` (at the rollout's last step), `loss` (mean PPO loss over the update's minibatches), `dead_units`
+and `effective_rank` [C, S, U, 2] of the actor's and the critic's hidden layer (`layer_names`) on the
+update's observations after the update, `param_norm`; and `env_steps` [U], `friction_schedule` [C, S, phases],
+`diverged` [C, S]. With --hessian-every-phase, hessian.npz as pMNIST's with `tasks` = the measured phases.
 
     python ant_ppo.py --agent l2-er --seeds 5 --num-envs 1   # 10M env steps per seed, 5 friction phases
 """
@@ -27,7 +38,7 @@ import contextlib  # noqa: E402 (after the environment is set)
 import io
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
@@ -42,58 +53,54 @@ with contextlib.redirect_stdout(io.StringIO()):  # mjx prints a notice when its 
 import common
 import hessian
 
-AGENTS = ("bp", "l2", "er", "l2-er", "cbp")
-# Table 7 best values (fixed learning rate 1e-4 everywhere). The paper gives no best weight decay for CBP+L2
-# ("-"); we use 1e-3, the best weight decay of L2 and L2-ER on the same grid.
+# The agents (App. J; Table 7 best values, fixed learning rate 1e-4 for all: --lr). An agent is its entry: the
+# hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
+# weight_decay -> coupled L2, er_lr -> the ER step, replacement_rate -> continual backprop (Dohare et al. 2024).
+# The paper gives no best weight decay for CBP+L2 ("-"); we use 1e-3, the best of L2 and L2-ER on the same grid.
 # Adam betas as the authors' Slippery Ant runs used them: 0.9 / 0.999 (Table 8) for BP only; 0.99 / 0.99 for
 # L2, ER, L2-ER and CBP+L2 (the betas of all of Dohare et al.'s Slippery Ant agents, who report that equal
-# betas by themselves reduce PPO's loss of plasticity).
-AGENT_DEFAULTS = {
-    "bp": dict(lr=1e-4, weight_decay=0.0, er_lr=0.0, replacement_rate=0.0, beta1=0.9, beta2=0.999),
-    "l2": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=0.0, beta1=0.99, beta2=0.99),
-    "er": dict(lr=1e-4, weight_decay=0.0, er_lr=1e-7, replacement_rate=0.0, beta1=0.99, beta2=0.99),
-    "l2-er": dict(lr=1e-4, weight_decay=1e-3, er_lr=1e-6, replacement_rate=0.0, beta1=0.99, beta2=0.99),
-    "cbp": dict(lr=1e-4, weight_decay=1e-3, er_lr=0.0, replacement_rate=1e-7, beta1=0.99, beta2=0.99),
+# betas by themselves reduce PPO's loss of plasticity; so bp --beta1 0.99 --beta2 0.99 is the control).
+AGENTS = {
+    "bp": dict(beta1=0.9, beta2=0.999),
+    "l2": dict(weight_decay=1e-3, beta1=0.99, beta2=0.99),
+    "er": dict(er_lr=1e-7, beta1=0.99, beta2=0.99),
+    "l2-er": dict(weight_decay=1e-3, er_lr=1e-6, beta1=0.99, beta2=0.99),  # the paper's method
+    "cbp": dict(weight_decay=1e-3, replacement_rate=1e-7, decay_rate=0.99, maturity_threshold=10_000,
+                cbp_utility="contribution", beta1=0.99, beta2=0.99),
 }
+SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 # The frictions of the runs behind the paper's Slippery Ant figure (the authors' code: row 0 of their
 # log-uniform [0.02, 2] table, used for every seed), one per 2M-step phase.
 AUTHORS_FRICTIONS = (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
-ER_AGENTS = ("er", "l2-er")
-# Flags a resumed run may change (--total-steps to run longer); all others must match the checkpoint.
-RESUME_FREE = ("total_steps", "resume", "out_dir", "checkpoint_minutes")
-LAYER_NAMES = ("actor_hidden", "critic_hidden")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Args:
-    agent: Literal["bp", "l2", "er", "l2-er", "cbp"] = "bp"
-    """algorithm: bp, l2, er, l2-er, cbp (CBP with L2, as the paper); defaults are Table 7's best values"""
+    agent: Literal[tuple(AGENTS)] = "bp"
+    """algorithm: an entry of AGENTS (Table 7's best values; cbp is CBP with L2, as the paper)"""
     seed: int = 0
-    """base seed; seeds seed .. seed+seeds-1 train together. A seed fixes the init, the env noise and the
-    friction schedule"""
+    """base seed; seeds seed .. seed+seeds-1 train together. A seed fixes the init, the env noise and, with
+    random frictions, the friction schedule"""
     seeds: int = 1
     """number of seeds trained together (the paper: 5)"""
-    lr: tuple[float, ...] | None = None
-    """Adam learning rate(s) (default: the agent's, 1e-4); several values are swept together"""
+    lr: tuple[float, ...] = (1e-4,)
+    """Adam learning rate(s) (Table 7: 1e-4 for every agent); several values are swept together"""
     weight_decay: tuple[float, ...] | None = None
-    """coupled L2 weight decay(s) added to the gradient (default: the agent's; 0 for bp and er)"""
+    """coupled L2 weight decay(s) added to the gradient (agents with weight_decay in AGENTS: l2, l2-er, cbp)"""
     er_lr: tuple[float, ...] | None = None
-    """effective-rank ascent step size(s) (er: 1e-7, l2-er: 1e-6); only for er and l2-er"""
+    """effective-rank ascent step size(s) (agents with er_lr: er 1e-7, l2-er 1e-6)"""
     replacement_rate: float | None = None
-    """CBP units replaced per optimizer step, as a fraction of the mature units (default 1e-7); only for cbp"""
-    decay_rate: float = 0.99
-    """CBP running-average decay of the utility (Table 8)"""
-    cbp_utility: str = "contribution"
-    """CBP utility (Dohare et al.): "contribution" or "adaptable_contribution"; default as Dohare's config for
-    this benchmark (Slippery Ant: contribution)"""
-    maturity_threshold: int = 10_000
-    """CBP: optimizer steps a unit must survive before it can be replaced (Table 8)"""
+    """CBP units replaced per optimizer step, as a fraction of the mature units (cbp: 1e-7)"""
+    decay_rate: float | None = None
+    """CBP running-average decay of the utility (Table 8: 0.99)"""
+    maturity_threshold: int | None = None
+    """CBP: optimizer steps a unit must survive before it can be replaced (Table 8: 10,000)"""
+    cbp_utility: Literal[common.CBP_UTILITIES] | None = None
+    """CBP utility (Dohare et al.): contribution (their Slippery Ant config, the default) or adaptable_contribution"""
     beta1: float | None = None
-    """Adam beta_1 (default: per agent, as the authors' Slippery Ant runs: 0.9 for bp (Table 8); 0.99 for l2,
-    er, l2-er and cbp, the value of all of Dohare et al.'s Slippery Ant agents, who report that equal betas
-    alone reduce PPO's loss of plasticity; so bp --beta1 0.99 --beta2 0.99 is the control for the betas)"""
+    """Adam beta_1 (every agent; as the authors' runs: 0.9 for bp (Table 8), 0.99 for the others)"""
     beta2: float | None = None
-    """Adam beta_2 (default: per agent, as the authors' runs: 0.999 for bp (Table 8), 0.99 for the others)"""
+    """Adam beta_2 (every agent; as the authors' runs: 0.999 for bp (Table 8), 0.99 for the others)"""
     adam_eps: float = 1e-5
     """Adam epsilon (not in the paper; 1e-5 as in PureJaxRL's PPO)"""
     total_steps: int = 10_000_000
@@ -170,17 +177,30 @@ class Args:
     """Lanczos iterations per probe"""
     hessian_probes: int = 1
     """Gaussian probes per spectrum"""
-    updates_per_chunk: int = 100
-    """updates per jitted lax.scan call (one progress line each); chunks also end at friction changes"""
+    updates_per_chunk: int = 10
+    """updates per jitted call (one progress line each; Ctrl-C waits at most one); chunks also end at friction
+    changes"""
     fast_compile: bool = False
     """compile without XLA's backend optimizations: about half the compile time but much slower steps (only
     for tiny runs: the tests, quick CPU checks)"""
     checkpoint_minutes: float = 5.0
-    """write checkpoint.pkl after the first chunk that ends this many minutes after the last one"""
+    """write checkpoint.pkl after the first chunk that ends this many minutes after the last one (one is also
+    written at the end and on Ctrl-C)"""
     out_dir: str | None = None
-    """run directory (default: runs/ant_ppo__<agent>__<UTC stamp>/)"""
+    """run directory (default: runs/ant_ppo__<agent>__<UTC stamp>/); with --resume, the run to continue"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint.pkl (--total-steps may be raised)"""
+    member_batching: Literal[common.MEMBER_BATCHING] = "auto"
+    """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto =
+    map on one CPU device (faster there), else vmap"""
+
+
+# Args that may change between a run and its --resume (--total-steps to run longer).
+RESUME_FREE = ("total_steps", "resume", "out_dir", "checkpoint_minutes", "member_batching")
+LAYER_NAMES = ("actor_hidden", "critic_hidden")
+# MJX Ant at friction 0.02-0.03 goes NaN on a GPU under the default (TF32) matmul precision.
+PRECISE = "highest"
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # --fast-compile
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -457,18 +477,18 @@ class Batch(NamedTuple):
     target: jax.Array     # value target (advantage + value)
 
 
-def ppo_loss(params, batch, static):
+def ppo_loss(params, batch, args):
     """Clipped PPO objective + value loss - entropy bonus (advantages normalized over the batch).
     Returns (loss, (actor hidden, critic hidden))."""
     mean, log_std, h_actor = actor_apply(params["actor"], batch.obs)
     ratio = jnp.exp(gaussian_log_prob(batch.action, mean, log_std) - batch.log_prob)
     adv = (batch.advantage - batch.advantage.mean()) / (batch.advantage.std() + 1e-8)
     policy_loss = -jnp.mean(jnp.minimum(ratio * adv,
-                                        jnp.clip(ratio, 1 - static.clip_eps, 1 + static.clip_eps) * adv))
+                                        jnp.clip(ratio, 1 - args.clip_eps, 1 + args.clip_eps) * adv))
     value, h_critic = critic_apply(params["critic"], batch.obs)
     value_loss = 0.5 * jnp.mean(jnp.square(value - batch.target))
     entropy = jnp.sum(log_std + 0.5 * math.log(2 * math.pi * math.e))
-    return policy_loss + static.vf_coef * value_loss - static.ent_coef * entropy, (h_actor, h_critic)
+    return policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy, (h_actor, h_critic)
 
 
 def gae(values, rewards, dones, last_value, gamma, lam):
@@ -518,60 +538,9 @@ def normalize(stats, obs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One member (a config x seed pair): state, rollout, update, Hessian measurement
+# One member (a config x seed). Its randomness depends only on its seed, never on its position among the
+# members, so a seed run alone reproduces the same member of a multi-seed run.
 # ----------------------------------------------------------------------------------------------------------
-class Static(NamedTuple):
-    """Everything that shapes the compiled program (hashable)."""
-    num_envs: int
-    num_steps: int
-    update_epochs: int
-    num_minibatches: int
-    hidden_size: int
-    gamma: float
-    gae_lambda: float
-    clip_eps: float
-    ent_coef: float
-    vf_coef: float
-    beta1: float
-    beta2: float
-    adam_eps: float
-    normalize_obs: bool
-    use_er: bool
-    use_cbp: bool
-    replacement_rate: float
-    decay_rate: float
-    maturity_threshold: int
-    cbp_utility: str
-    change_every: int
-    frictions: tuple | None  # the phases' frictions, the same for every seed; None: log-uniform per seed
-    friction_range: tuple
-    env: EnvConfig
-    bootstrap_timeouts: bool
-    updates_per_chunk: int
-    hessian_iters: int
-    hessian_probes: int
-    fast_compile: bool
-
-
-class Hyper(NamedTuple):
-    """Per-member hyperparameters (traced, so a sweep is one compiled program)."""
-    lr: jax.Array
-    weight_decay: jax.Array
-    er_lr: jax.Array
-
-
-class MemberState(NamedTuple):
-    params: dict
-    opt_state: tuple
-    cbp: tuple             # (actor CBPState, critic CBPState) for cbp, else ()
-    obs_stats: ObsStats
-    env: EnvState          # batched over num_envs
-    steps: jax.Array       # int32 env steps done (per seed)
-    key: jax.Array         # training key (rollout noise, minibatch order, CBP init)
-    friction_key: jax.Array
-    hessian_key: jax.Array
-
-
 class Transition(NamedTuple):
     obs: jax.Array
     action: jax.Array
@@ -583,45 +552,49 @@ class Transition(NamedTuple):
     friction: jax.Array
 
 
-def schedule(static, friction_key):
+def env_config(args):
+    return EnvConfig(solver_iterations=args.solver_iterations, ls_iterations=args.ls_iterations,
+                     contacts=args.contacts, init_pose=args.init_pose, ctrl_cost_clipped=args.ctrl_cost_clipped,
+                     fresh_resets=args.fresh_resets, episode_length=args.episode_length)
+
+
+def phase_frictions(args):
+    """The phases' frictions, the same for every seed; None: each seed draws its own (--random-frictions)."""
+    if args.fixed_friction is not None:
+        return (float(args.fixed_friction),)
+    return None if args.random_frictions else tuple(float(f) for f in args.frictions)
+
+
+def member_keys(seed):
+    """(init, env reset, training, friction, Hessian) keys of a member: functions of its seed alone."""
+    return tuple(jax.random.fold_in(jax.random.key(seed), i) for i in range(5))
+
+
+def schedule(args, friction_key):
     """The slippery schedule: friction of the vector step that starts after `s` env steps of this seed."""
-    return lambda s: phase_friction(friction_key, s // static.change_every, static.frictions, static.friction_range)
+    return lambda s: phase_friction(friction_key, s // args.change_every, phase_frictions(args), args.friction_range)
 
 
-def optimizer(static, hyper):
-    return common.adam(hyper.lr, static.beta1, static.beta2, static.adam_eps, hyper.weight_decay)
-
-
-def init_member(static, seed):
-    key = jax.random.key(seed)
-    params = init_params(jax.random.fold_in(key, 0), static.hidden_size)
-    opt_state = common.adam(1.0, static.beta1, static.beta2, static.adam_eps, 0.0).init(params)
-    cbp = (common.cbp_init(static.hidden_size), common.cbp_init(static.hidden_size)) if static.use_cbp else ()
-    env = jax.vmap(partial(env_reset, static.env))(jax.random.split(jax.random.fold_in(key, 1), static.num_envs))
-    return MemberState(params, opt_state, cbp, obs_stats_init(), env, jnp.zeros((), jnp.int32),
-                       jax.random.fold_in(key, 2), jax.random.fold_in(key, 3), jax.random.fold_in(key, 4))
-
-
-def training_reward(static, critic, obs_stats, info):
+def training_reward(args, critic, obs_stats, info):
     """The reward PPO learns from: the env's, where a time-out is terminal (the authors' runs: Brax's episode
     wrapper sets done at the time-out and their GAE does not bootstrap through done); with
-    `bootstrap_timeouts`, + gamma * V(final obs) at time-outs (the episode still ends there)."""
-    if not static.bootstrap_timeouts:
+    --bootstrap-timeouts, + gamma * V(final obs) at time-outs (the episode still ends there)."""
+    if not args.bootstrap_timeouts:
         return info.reward
-    final_obs = normalize(obs_stats, info.final_obs) if static.normalize_obs else info.final_obs
-    return info.reward + static.gamma * critic_apply(critic, final_obs)[0] * info.truncated
+    final_obs = normalize(obs_stats, info.final_obs) if args.normalize_obs else info.final_obs
+    return info.reward + args.gamma * critic_apply(critic, final_obs)[0] * info.truncated
 
 
-def rollout(static, params, env, obs_stats, steps, key, friction_of_step):
+def rollout(args, params, env, obs_stats, steps, key, friction_of_step):
     """num_steps / num_envs vector steps of all envs under the current policy. `friction_of_step(s)` gives
     the friction of a vector step that starts after s env steps. Returns ((env, obs_stats, steps), Transition
     [T, envs], normalized obs after the last step)."""
-    step_fn = jax.vmap(partial(env_step, static.env), in_axes=(0, 0, None, 0))
+    step_fn = jax.vmap(partial(env_step, env_config(args)), in_axes=(0, 0, None, 0))
 
     def one(carry, key_t):
         env, obs_stats, steps = carry
         obs = jax.vmap(observe)(env)
-        if static.normalize_obs:
+        if args.normalize_obs:
             obs_stats = obs_stats_update(obs_stats, obs)
             obs = normalize(obs_stats, obs)
         k_act, k_reset = jax.random.split(key_t)
@@ -629,42 +602,138 @@ def rollout(static, params, env, obs_stats, steps, key, friction_of_step):
         action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
         value, _ = critic_apply(params["critic"], obs)
         friction = friction_of_step(steps)
-        env, info = step_fn(env, action, friction, jax.random.split(k_reset, static.num_envs))
-        reward = training_reward(static, params["critic"], obs_stats, info)
+        env, info = step_fn(env, action, friction, jax.random.split(k_reset, args.num_envs))
+        reward = training_reward(args, params["critic"], obs_stats, info)
         transition = Transition(obs, action, gaussian_log_prob(action, mean, log_std), value, reward,
                                 info.terminated | info.truncated, info.episode_return,
-                                jnp.full(static.num_envs, friction))
-        return (env, obs_stats, steps + static.num_envs), transition
+                                jnp.full(args.num_envs, friction))
+        return (env, obs_stats, steps + args.num_envs), transition
 
-    length = static.num_steps // static.num_envs
+    length = args.num_steps // args.num_envs
     (env, obs_stats, steps), traj = jax.lax.scan(one, (env, obs_stats, steps), jax.random.split(key, length))
     last_obs = jax.vmap(observe)(env)
-    last_obs = normalize(obs_stats, last_obs) if static.normalize_obs else last_obs
+    last_obs = normalize(obs_stats, last_obs) if args.normalize_obs else last_obs
     return (env, obs_stats, steps), traj, last_obs
 
 
-def make_batch(static, params, traj, last_obs):
+def make_batch(args, params, traj, last_obs):
     """Flatten a rollout into [num_steps] samples with GAE advantages and value targets."""
     last_value, _ = critic_apply(params["critic"], last_obs)
-    advantages, targets = gae(traj.value, traj.reward, traj.done, last_value, static.gamma, static.gae_lambda)
-    flat = lambda x: x.reshape((static.num_steps,) + x.shape[2:])
+    advantages, targets = gae(traj.value, traj.reward, traj.done, last_value, args.gamma, args.gae_lambda)
+    flat = lambda x: x.reshape((args.num_steps,) + x.shape[2:])
     return Batch(flat(traj.obs), flat(traj.action), flat(traj.log_prob), flat(advantages), flat(targets))
 
 
-def cbp_step(static, opt, params, opt_state, cbp, hiddens, key):
+def make_train(args, agent):
+    """The run's functions of one member (PureJaxRL's make_train): init(seed) -> state; train(state, hp, seed,
+    count) -> (state, metrics [updates_per_chunk, ...]): updates_per_chunk PPO updates, of which those at index
+    >= count are skipped (zero metrics), so chunks cut at friction changes reuse one program; spectrum(state,
+    seed, phase, which) -> SLQ (nodes, weights). `agent` is the resolved AGENTS entry; `hp` holds the member's
+    swept hyperparameters (traced: a sweep is one compiled program)."""
+
+    def optimizer(hp):
+        return common.adam(hp["lr"], agent["beta1"], agent["beta2"], args.adam_eps, hp["weight_decay"])
+
+    def init(seed):
+        k_init, k_env, k_train, _, _ = member_keys(seed)
+        params = init_params(k_init, args.hidden_size)
+        env_keys = jax.random.split(k_env, args.num_envs)
+        state = {"params": params, "opt": optimizer({"lr": 1.0, "weight_decay": 0.0}).init(params),
+                 "obs_stats": obs_stats_init(), "env": jax.vmap(partial(env_reset, env_config(args)))(env_keys),
+                 "steps": jnp.zeros((), jnp.int32), "key": jax.random.key_data(k_train)}  # raw: "map" stacks states on the host
+        if "replacement_rate" in agent:
+            state["cbp"] = (common.cbp_init(args.hidden_size), common.cbp_init(args.hidden_size))
+        return state
+
+    @jax.jit  # its trace is cached: eval_shape in train and the cond there reuse one trace
+    def update(state, hp, seed):
+        """One PPO update: rollout, GAE, update_epochs x num_minibatches Adam steps (+ CBP after each, + one
+        ER ascent step after each epoch). Returns (new state, metrics of this update)."""
+        opt = optimizer(hp)
+        key, k_roll, k_epochs = jax.random.split(jax.random.wrap_key_data(state["key"]), 3)
+        friction_key = member_keys(seed)[3]
+        (env, obs_stats, steps), traj, last_obs = rollout(args, state["params"], state["env"], state["obs_stats"],
+                                                          state["steps"], k_roll, schedule(args, friction_key))
+        batch = make_batch(args, state["params"], traj, last_obs)
+        mb_size = args.num_steps // args.num_minibatches
+
+        def minibatch_step(carry, xs):
+            params, opt_state, cbp = carry
+            mb, k_cbp = xs
+            (loss, hiddens), grads = jax.value_and_grad(lambda p: ppo_loss(p, mb, args), has_aux=True)(params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            params = jax.tree.map(jnp.add, params, updates)
+            if "replacement_rate" in agent:
+                params, opt_state, cbp = cbp_step(agent, opt, params, opt_state, cbp, hiddens, k_cbp)
+            return (params, opt_state, cbp), loss
+
+        def epoch(carry, key_e):
+            k_perm, k_cbp = jax.random.split(key_e)
+            perm = jax.random.permutation(k_perm, args.num_steps)
+            mbs = jax.tree.map(lambda x: x[perm].reshape((args.num_minibatches, mb_size) + x.shape[1:]), batch)
+            carry, losses = jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(k_cbp, args.num_minibatches)))
+            if "er_lr" in agent:  # the ER step on the rollout's observations, outside the optimizer
+                carry = (common.er_ascent(carry[0], hidden_features, batch.obs, hp["er_lr"])[0],) + carry[1:]
+            return carry, losses.mean()
+
+        (params, opt_state, cbp), losses = jax.lax.scan(epoch, (state["params"], state["opt"], state.get("cbp", ())),
+                                                        jax.random.split(k_epochs, args.update_epochs))
+        feats = hidden_features(params, batch.obs)
+        done = traj.done.astype(jnp.float32)
+        episodes = done.sum()
+        metrics = {
+            "episodic_return": jnp.where(episodes > 0, (traj.episode_return * done).sum() / jnp.maximum(episodes, 1),
+                                         jnp.nan),
+            "episodes": episodes.astype(jnp.int32),
+            "friction": traj.friction[-1, 0],
+            "loss": losses.mean(),
+            "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.int32),
+            "effective_rank": common.effective_ranks(feats),
+            "param_norm": common.param_norm(params),
+            "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])),
+        }
+        state = {**state, "params": params, "opt": opt_state, "obs_stats": obs_stats, "env": env, "steps": steps,
+                 "key": jax.random.key_data(key)}
+        return ({**state, "cbp": cbp} if "cbp" in state else state), metrics
+
+    def train(state, hp, seed, count):
+        with jax.default_matmul_precision(PRECISE):
+            shapes = jax.eval_shape(update, state, hp, seed)[1]
+            skip = lambda s: (s, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), shapes))
+            body = lambda s, i: jax.lax.cond(i < count, lambda s: update(s, hp, seed), skip, s)
+            return jax.lax.scan(body, state, jnp.arange(args.updates_per_chunk))
+
+    def spectrum(state, seed, phase, which):
+        """SLQ spectrum of the PPO loss (task loss only: no L2 / ER term) at the member's current parameters,
+        on a fresh rollout of num_steps samples at phase `phase`'s friction from a copy of the envs (training
+        is untouched). `which` (0 init, 1 end) only picks the probe key."""
+        *_, friction_key, hessian_key = member_keys(seed)
+        k_roll, k_slq = jax.random.split(jax.random.fold_in(jax.random.fold_in(hessian_key, phase), which))
+        friction = phase_friction(friction_key, phase, phase_frictions(args), args.friction_range)
+        with jax.default_matmul_precision(PRECISE):
+            _, traj, last_obs = rollout(args, state["params"], state["env"], state["obs_stats"], state["steps"],
+                                        k_roll, lambda s: friction)
+            batch = make_batch(args, state["params"], traj, last_obs)
+            return hessian.slq(lambda p: ppo_loss(p, batch, args)[0], state["params"], k_slq, args.hessian_iters,
+                               args.hessian_probes)
+
+    return init, train, spectrum
+
+
+def cbp_step(agent, opt, params, opt_state, cbp, hiddens, key):
     """Continual backprop on the actor and critic hidden layers after an optimizer step (Dohare et al.):
     select low-utility mature units from this minibatch's activations, re-initialize them (outgoing weights
     0) and zero their Adam moments."""
-    max_replace = common.cbp_max_replace(static.replacement_rate, static.hidden_size)
+    max_replace = common.cbp_max_replace(agent["replacement_rate"], params["actor"]["hidden"]["w"].shape[1])
     params = {net: dict(p) for net, p in params.items()}
     keep = jax.tree.map(jnp.ones_like, params)
     new_cbp = []
     for net, h, state, k in zip(("actor", "critic"), hiddens, cbp, jax.random.split(key, 2)):
         p = params[net]
         state, idx, valid = common.cbp_select(state, h, p["out"]["w"], w_in=p["hidden"]["w"],
-                                              utility=static.cbp_utility, replacement_rate=static.replacement_rate,
-                                              decay_rate=static.decay_rate,
-                                              maturity_threshold=static.maturity_threshold,
+                                              utility=agent["cbp_utility"], replacement_rate=agent["replacement_rate"],
+                                              decay_rate=agent["decay_rate"],
+                                              maturity_threshold=agent["maturity_threshold"],
                                               max_replace=max_replace)
         w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
             k, p["hidden"]["w"], p["hidden"]["b"], p["out"]["w"], idx, valid)
@@ -676,111 +745,21 @@ def cbp_step(static, opt, params, opt_state, cbp, hiddens, key):
     return params, common.mask_opt_state(opt, opt_state, keep), tuple(new_cbp)
 
 
-def update(static, state, hyper):
-    """One PPO update of one member: rollout, GAE, update_epochs x num_minibatches Adam steps (+ CBP after
-    each, + one ER ascent step after each epoch). Returns (new state, metrics of this update)."""
-    opt = optimizer(static, hyper)
-    key, k_roll, k_epochs = jax.random.split(state.key, 3)
-    (env, obs_stats, steps), traj, last_obs = rollout(static, state.params, state.env, state.obs_stats,
-                                                      state.steps, k_roll, schedule(static, state.friction_key))
-    batch = make_batch(static, state.params, traj, last_obs)
-    mb_size = static.num_steps // static.num_minibatches
-
-    def minibatch_step(carry, xs):
-        params, opt_state, cbp = carry
-        mb, k_cbp = xs
-        (loss, hiddens), grads = jax.value_and_grad(lambda p: ppo_loss(p, mb, static), has_aux=True)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = jax.tree.map(jnp.add, params, updates)
-        if static.use_cbp:
-            params, opt_state, cbp = cbp_step(static, opt, params, opt_state, cbp, hiddens, k_cbp)
-        return (params, opt_state, cbp), loss
-
-    def epoch(carry, key_e):
-        k_perm, k_cbp = jax.random.split(key_e)
-        perm = jax.random.permutation(k_perm, static.num_steps)
-        mbs = jax.tree.map(lambda x: x[perm].reshape((static.num_minibatches, mb_size) + x.shape[1:]), batch)
-        carry, losses = jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(k_cbp, static.num_minibatches)))
-        if static.use_er:
-            carry = (common.er_ascent(carry[0], hidden_features, batch.obs, hyper.er_lr)[0],) + carry[1:]
-        return carry, losses.mean()
-
-    (params, opt_state, cbp), losses = jax.lax.scan(epoch, (state.params, state.opt_state, state.cbp),
-                                                    jax.random.split(k_epochs, static.update_epochs))
-    feats = hidden_features(params, batch.obs)
-    done = traj.done.astype(jnp.float32)
-    episodes = done.sum()
-    metrics = {
-        "episodic_return": jnp.where(episodes > 0, (traj.episode_return * done).sum() / jnp.maximum(episodes, 1),
-                                     jnp.nan),
-        "episodes": episodes.astype(jnp.int32),
-        "friction": traj.friction[-1, 0],
-        "loss": losses.mean(),
-        "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.int32),
-        "effective_rank": common.effective_ranks(feats),
-        "param_norm": common.param_norm(params),
-    }
-    new_state = MemberState(params, opt_state, cbp, obs_stats, env, steps, key, state.friction_key,
-                            state.hessian_key)
-    return new_state, metrics
-
-
-def hessian_member(static, state, phase, which):
-    """SLQ spectrum of the PPO loss (task loss only: no L2 / ER term) at the member's current parameters, on
-    a fresh rollout of num_steps samples at phase `phase`'s friction from a copy of the envs (training is
-    untouched). `which` (0 init, 1 end) only picks the probe key."""
-    key = jax.random.fold_in(jax.random.fold_in(state.hessian_key, phase), which)
-    k_roll, k_slq = jax.random.split(key)
-    friction = phase_friction(state.friction_key, phase, static.frictions, static.friction_range)
-    _, traj, last_obs = rollout(static, state.params, state.env, state.obs_stats, state.steps, k_roll,
-                                lambda s: friction)
-    batch = make_batch(static, state.params, traj, last_obs)
-    return hessian.slq(lambda p: ppo_loss(p, batch, static)[0], state.params, k_slq,
-                       static.hessian_iters, static.hessian_probes)
-
-
-@lru_cache(maxsize=None)
-def build(static):
-    """Jitted functions over all members (leading axis), compiled once per Static."""
-    jit = partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0} if static.fast_compile else None)
-
-    @jit
-    def init(seeds):
-        return jax.vmap(lambda s: init_member(static, s))(seeds)
-
-    # jit-wrapped so that its trace is cached: eval_shape below and the cond reuse one trace.
-    step = jax.jit(jax.vmap(lambda s, h: update(static, s, h)))
-
-    @jit
-    def run_chunk(states, hypers, num_updates):
-        """updates_per_chunk updates of every member; those at index >= num_updates are skipped (so chunks
-        cut at friction changes reuse the same program). Metrics of skipped updates are zeros."""
-        metric_shapes = jax.eval_shape(step, states, hypers)[1]
-
-        def body(states, i):
-            skip = lambda s: (s, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes))
-            return jax.lax.cond(i < num_updates, lambda s: step(s, hypers), skip, states)
-
-        return jax.lax.scan(body, states, jnp.arange(static.updates_per_chunk))
-
-    @jit
-    def measure_hessian(states, phase, which):
-        return jax.vmap(lambda s: hessian_member(static, s, phase, which))(states)
-
-    return init, run_chunk, measure_hessian
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Driver
+# Settings (no need to modify to fork)
 # ----------------------------------------------------------------------------------------------------------
 def resolve(args):
-    """Validate the flags and fill in the agent defaults -> (configs, Static)."""
-    common.check_agent(args.agent, AGENTS)
-    defaults = AGENT_DEFAULTS[args.agent]
-    if args.er_lr is not None and args.agent not in ER_AGENTS:
-        common.fail(f"--er-lr applies to er and l2-er only, not {args.agent}")
-    if args.replacement_rate is not None and args.agent != "cbp":
-        common.fail(f"--replacement-rate applies to cbp only, not {args.agent}")
+    """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
+    stops with one line on a setting that would silently give wrong science."""
+    agent = dict(AGENTS[args.agent])
+    for name in sorted(set().union(*AGENTS.values())):
+        value = getattr(args, name)
+        if value is not None and name not in agent:
+            users = ", ".join(a for a, entry in AGENTS.items() if name in entry)
+            common.fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
+        if value is not None:
+            agent[name] = value
+    num_params = 2 * (OBS_DIM * args.hidden_size + args.hidden_size) + args.hidden_size * (ACT_DIM + 1) + 2 * ACT_DIM + 1
     checks = [
         (args.seeds >= 1, "--seeds must be >= 1"),
         (args.num_envs >= 1 and args.num_steps % args.num_envs == 0,
@@ -804,72 +783,157 @@ def resolve(args):
         (args.episode_length >= 1, "--episode-length must be >= 1"),
         (args.updates_per_chunk >= 1, "--updates-per-chunk must be >= 1"),
         (args.hessian_probes >= 1 and args.hessian_iters >= 1, "--hessian-iters and --hessian-probes must be >= 1"),
-        (0 <= args.decay_rate < 1, "--decay-rate must be in [0, 1)"),
-        (args.maturity_threshold >= 0, "--maturity-threshold must be >= 0"),
+        (not args.hessian_every_phase or args.hessian_iters <= num_params,
+         f"--hessian-iters ({args.hessian_iters}) exceeds the number of parameters ({num_params})"),
+        (0 <= agent.get("replacement_rate", 0) <= 1,
+         f"--replacement-rate must be in [0, 1], got {agent.get('replacement_rate')}"),
+        (0 <= agent.get("decay_rate", 0) < 1, "--decay-rate must be in [0, 1)"),
+        (agent.get("maturity_threshold", 0) >= 0, "--maturity-threshold must be >= 0"),
+        (agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
+         f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {agent.get('cbp_utility')!r}"),
+        (0 <= agent["beta1"] < 1 and 0 <= agent["beta2"] < 1,
+         f"--beta1 and --beta2 must be in [0, 1), got {agent['beta1']}, {agent['beta2']}"),
         (args.checkpoint_minutes >= 0, "--checkpoint-minutes must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             common.fail(message)
-    num_params = 2 * (OBS_DIM * args.hidden_size + args.hidden_size) + args.hidden_size * (ACT_DIM + 1) + 2 * ACT_DIM + 1
-    if args.hessian_every_phase and args.hessian_iters > num_params:
-        common.fail(f"--hessian-iters ({args.hessian_iters}) exceeds the number of parameters ({num_params})")
-    lrs = args.lr if args.lr is not None else (defaults["lr"],)
-    wds = args.weight_decay if args.weight_decay is not None else (defaults["weight_decay"],)
-    er_lrs = args.er_lr if args.er_lr is not None else (defaults["er_lr"],)
-    rate = args.replacement_rate if args.replacement_rate is not None else defaults["replacement_rate"]
-    if not 0 <= rate <= 1:
-        common.fail(f"--replacement-rate must be in [0, 1], got {rate}")
-    if args.cbp_utility not in common.CBP_UTILITIES:
-        common.fail(f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {args.cbp_utility!r}")
-    beta1 = args.beta1 if args.beta1 is not None else defaults["beta1"]
-    beta2 = args.beta2 if args.beta2 is not None else defaults["beta2"]
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        common.fail(f"--beta1 and --beta2 must be in [0, 1), got {beta1}, {beta2}")
-    if args.fixed_friction is not None:
-        frictions = (float(args.fixed_friction),)
-    elif args.random_frictions:
-        frictions = None
-    else:
-        frictions = tuple(float(f) for f in args.frictions)
-    configs = common.sweep(lr=tuple(lrs), weight_decay=tuple(wds), er_lr=tuple(er_lrs))
-    env = EnvConfig(solver_iterations=args.solver_iterations, ls_iterations=args.ls_iterations,
-                    contacts=args.contacts, init_pose=args.init_pose, ctrl_cost_clipped=args.ctrl_cost_clipped,
-                    fresh_resets=args.fresh_resets, episode_length=args.episode_length)
-    static = Static(
-        num_envs=args.num_envs, num_steps=args.num_steps, update_epochs=args.update_epochs,
-        num_minibatches=args.num_minibatches, hidden_size=args.hidden_size, gamma=args.gamma,
-        gae_lambda=args.gae_lambda, clip_eps=args.clip_eps, ent_coef=args.ent_coef, vf_coef=args.vf_coef,
-        beta1=float(beta1), beta2=float(beta2), adam_eps=args.adam_eps, normalize_obs=args.normalize_obs,
-        use_er=args.agent in ER_AGENTS, use_cbp=args.agent == "cbp", replacement_rate=float(rate),
-        decay_rate=args.decay_rate, maturity_threshold=args.maturity_threshold, cbp_utility=args.cbp_utility,
-        change_every=args.change_every, frictions=frictions, friction_range=tuple(args.friction_range), env=env,
-        bootstrap_timeouts=args.bootstrap_timeouts, updates_per_chunk=args.updates_per_chunk,
-        hessian_iters=args.hessian_iters, hessian_probes=args.hessian_probes, fast_compile=args.fast_compile)
-    return configs, static
+    swept = {name: tuple(np.atleast_1d(agent[name] if name in agent else args.lr).tolist())
+             for name in SWEPT if name in agent or name == "lr"}
+    return agent, common.sweep(**swept)
 
 
-def friction_schedule(static, friction_keys, num_phases):
-    """[members, num_phases] numpy array: each member's friction in each phase."""
-    if static.frictions is not None:  # the same list for every member
-        row = [np.float32(static.frictions[p % len(static.frictions)]) for p in range(num_phases)]
-        return np.tile(np.asarray(row, np.float32), (len(friction_keys), 1))
-    phases = jnp.arange(num_phases)
-    table = jax.vmap(lambda k: jax.vmap(lambda p: phase_friction(k, p, static.frictions, static.friction_range))(
-        phases))(friction_keys)
-    return np.asarray(table)
+# Args that do not shape the compiled programs (seeds and swept values are their inputs).
+RUN_ONLY = ("agent", "seed", "seeds", "lr", "weight_decay", "er_lr", "total_steps", "out_dir", "resume",
+            "checkpoint_minutes", "member_batching", "hessian_every_phase")
 
 
-def chunk_bounds(num_updates, static):
-    """Chunk edges: every updates_per_chunk updates, and at the first update of each friction phase.
-    Returns (edges, {update index: phase that starts there})."""
-    phase_starts = {}
-    k = 1
-    while (u := -(-k * static.change_every // static.num_steps)) < num_updates:
-        phase_starts.setdefault(u, k)  # phases shorter than one update: keep the first
+def programs(args, agent, batching):
+    """make_train's functions, run over the members and jitted. Made once per program in a process (tracing
+    and compiling MJX take tens of seconds): runs that differ only in RUN_ONLY flags or in swept values share
+    them (the tests, bench.py)."""
+    shaping = replace(args, **{name: getattr(Args, name) for name in RUN_ONLY})
+    return _programs(shaping, tuple((k, None if k in SWEPT else v) for k, v in agent.items()), batching)
+
+
+@lru_cache(maxsize=None)
+def _programs(args, agent, batching):
+    init, train, spectrum = make_train(args, dict(agent))
+    run = lambda fn, in_axes: over_members(fn, batching, in_axes, args.fast_compile)
+    return run(init, (0,)), run(train, (0, 0, 0, None)), run(spectrum, (0, 0, None, None))
+
+
+def over_members(fn, batching, in_axes, fast_compile):
+    """common.over_members with --fast-compile's compiler options, and "map" one member at a time: each
+    member's call finishes before the next starts (member programs running at once on a CPU can stall XLA's
+    thread pool, as concurrent LAPACK solves can: see common.effective_ranks)."""
+    jit = partial(jax.jit, compiler_options=FAST_COMPILE if fast_compile else None)
+    if batching == "vmap":
+        return jit(jax.vmap(fn, in_axes=in_axes))
+    single = jit(fn)
+
+    def run(*args):
+        args = [jax.device_get(a) if axis == 0 else a for a, axis in zip(args, in_axes)]
+        member = lambda m: [jax.tree.map(lambda x: x[m], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
+        size = next(jax.tree.leaves(a)[0].shape[0] for a, axis in zip(args, in_axes) if axis == 0)
+        outs = [jax.device_get(single(*member(m))) for m in range(size)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *outs)
+
+    return run
+
+
+def phase_starts(args, num_updates):
+    """{update: phase} at the first update of each friction phase after the first (of phases shorter than one
+    update, the first that starts there)."""
+    starts, k = {}, 1
+    while (u := -(-k * args.change_every // args.num_steps)) < num_updates:
+        starts.setdefault(u, k)
         k += 1
-    edges = sorted(set(range(0, num_updates, static.updates_per_chunk)) | set(phase_starts) | {num_updates})
-    return edges, phase_starts
+    return starts
+
+
+def measured_phases(args, num_updates):
+    """[(first update, phase)] of the phases whose spectra are measured (all, with --hessian-every-phase)."""
+    return [(0, 0)] + sorted(phase_starts(args, num_updates).items()) if args.hessian_every_phase else []
+
+
+def chunks(args, num_updates, start):
+    """(first, last) update of each jitted call from `start` on: calls end every updates_per_chunk updates,
+    at the first update of each friction phase, and at `start` (a longer --total-steps may move the edges off
+    a resumed run's cursor)."""
+    edges = set(range(0, num_updates, args.updates_per_chunk)) | set(phase_starts(args, num_updates))
+    edges = sorted(edges | {start, num_updates})
+    return [(first, last) for first, last in zip(edges[:-1], edges[1:]) if first >= start]
+
+
+def measure_spectra(run, spectrum, state, seeds, measured, update, num_updates):
+    """The spectra due before update `update` (App. G.4, per friction phase): where a measured phase starts,
+    the previous phase's "end" and its own "init"; after the run's last update, the last phase's "end"."""
+    starts = [first for first, _ in measured]
+    k = starts.index(update) if update in starts else len(measured) if measured and update == num_updates else None
+    if k is not None and k > 0:
+        run.spectra["end_nodes"][:, k - 1], run.spectra["end_weights"][:, k - 1] = spectrum(
+            state, seeds, jnp.int32(measured[k - 1][1]), jnp.int32(1))
+    if k is not None and k < len(measured):
+        run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
+            state, seeds, jnp.int32(measured[k][1]), jnp.int32(0))
+
+
+def check_resume(args, num_updates):
+    """A resumed run may run longer, not shorter (common.Run grows its metric arrays, it cannot cut them)."""
+    checkpoint = common.load_checkpoint(args.out_dir) if args.resume and args.out_dir else None
+    done = checkpoint.get("cursor", {}).get("unit", 0) if isinstance(checkpoint, dict) else 0
+    if done > num_updates:
+        common.fail(f"--resume: the run already has {done} updates, more than {num_updates}")
+
+
+def restore(run, state, measured, num_updates):
+    """The checkpoint's state. It holds the leaves only: the env state's classes would pickle under this file's
+    module name, which differs between `python ant_ppo.py` and an import. A run resumed to run longer
+    measures its last phase's "end" spectrum again, at the phase's new end."""
+    start = run.cursor["unit"]
+    k = sum(first < start for first, _ in measured) - 1
+    if k >= 0 and start < num_updates:
+        run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = np.nan, np.nan
+    return jax.tree.unflatten(jax.tree.structure(state), run.state)
+
+
+def friction_table(args, seeds, num_phases):
+    """[members, phases] numpy array: each member's friction in each phase."""
+    frictions = phase_frictions(args)
+    if frictions is not None:  # the same list for every member
+        row = [np.float32(frictions[p % len(frictions)]) for p in range(num_phases)]
+        return np.tile(np.asarray(row, np.float32), (len(seeds), 1))
+    keys = jax.vmap(lambda s: member_keys(s)[3])(jnp.asarray(seeds))
+    per_phase = lambda k: jax.vmap(lambda p: phase_friction(k, p, None, args.friction_range))(jnp.arange(num_phases))
+    return np.asarray(jax.vmap(per_phase)(keys))
+
+
+def save(run, args, measured, schedule):
+    """metrics.npz: the Run's arrays [configs, seeds, updates done, ...] and `diverged`, with `env_steps`,
+    `friction_schedule` [configs, seeds, phases] and `layer_names`; hessian.npz: the phases measured so far."""
+    done, grid = run.cursor["unit"], run.members.grid_shaped
+    common.save_npz(run.dir / "metrics.npz", diverged=run.diverged, layer_names=np.asarray(LAYER_NAMES),
+                    env_steps=args.num_steps * np.arange(1, done + 1), friction_schedule=grid(schedule),
+                    **{k: grid(v[:, :done]) for k, v in run.metrics.items()})
+    phases = [phase for first, phase in measured if first < done]
+    if phases:
+        common.save_npz(run.dir / "hessian.npz", tasks=np.asarray(phases),
+                        **{k: grid(v[:, :len(phases)]) for k, v in run.spectra.items()})
+
+
+def describe(args, agent, members, num_updates, schedule, run_dir):
+    shown = lambda row: ", ".join(f"{f:.4g}" for f in row)
+    lines = [f"ant_ppo {args.agent}: {members}; {num_updates} updates of {args.num_steps} samples ({args.num_envs} "
+             f"envs x {args.num_steps // args.num_envs} steps); Adam betas {agent['beta1']} / {agent['beta2']}; "
+             f"steps/s below counts the env steps of all members; out {run_dir}"]
+    if (schedule == schedule[0]).all():
+        lines.append(f"friction schedule (every seed), one value per {args.change_every:,} env steps: "
+                     f"{shown(schedule[0])}")
+    else:
+        lines += [f"friction schedule of seed {seed}, one value per {args.change_every:,} env steps: "
+                  f"{shown(schedule[i])}" for i, seed in enumerate(members.seed_list)]
+    return "\n".join(lines)
 
 
 def nanmean(x, axis=None):
@@ -881,109 +945,78 @@ def nanmean(x, axis=None):
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def main(args):
-    configs, static = resolve(args)
-    seeds = [args.seed + i for i in range(args.seeds)]
-    num_c, num_s = len(configs), len(seeds)
-    config_index, member_seeds = common.stack_members(configs, seeds)
-    member_seeds = jnp.asarray(member_seeds, jnp.int32)
-    hypers = Hyper(*(jnp.asarray([configs[c][k] for c in config_index], jnp.float32)
-                     for k in ("lr", "weight_decay", "er_lr")))
-    num_updates = args.total_steps // args.num_steps
-    edges, phase_starts = chunk_bounds(num_updates, static)
-    run_dir, checkpoint = common.open_run("ant_ppo", args, RESUME_FREE)
-    to_cs = lambda x: np.asarray(x).reshape((num_c, num_s) + np.shape(x)[1:])  # member axis -> [C, S]
-
-    # MJX Ant at friction 0.02-0.03 goes NaN on a GPU under the default (TF32) matmul precision.
-    with jax.default_matmul_precision("highest"):
-        init, run_chunk, measure_hessian = build(static)
-        state_tree = jax.tree.structure(jax.eval_shape(init, member_seeds))
-        if checkpoint is None:
-            done, states = 0, init(member_seeds)
-            history, diverged = {}, np.zeros((num_c, num_s), bool)
-            spectra = {"tasks": [], "init": [], "end": []}  # per phase: (nodes, weights), each [C, S, P, I]
-        else:
-            done = checkpoint["update"]
-            if done > num_updates:
-                common.fail(f"--resume: the run already has {done} updates, more than {num_updates}")
-            edges = sorted(set(edges) | {done})  # a longer --total-steps may move the chunk edges off it
-            states = jax.tree.unflatten(state_tree, checkpoint["states"])
-            history, diverged, spectra = checkpoint["history"], checkpoint["diverged"], checkpoint["spectra"]
-            if len(spectra["end"]) == len(spectra["init"]) > 0 and done < num_updates:
-                spectra["end"].pop()  # measured at the old run's end: the phase goes on now
-        common.save_config(run_dir, args, configs, seeds)
-        num_phases = (num_updates * args.num_steps - 1) // args.change_every + 1
-        schedule_cs = to_cs(friction_schedule(static, states.friction_key, num_phases))  # [C, S, phases]
-        states = common.shard_members(states)
-
-        def spectrum(phase, which):
-            return tuple(map(to_cs, measure_hessian(states, jnp.int32(phase), jnp.int32(which))))
-
-        def save_outputs():
-            arrays = {k: np.concatenate(v, axis=2) for k, v in history.items()}
-            common.save_npz(run_dir / "metrics.npz", **arrays, diverged=diverged, layer_names=np.asarray(LAYER_NAMES),
-                            env_steps=args.num_steps * np.arange(1, done + 1), friction_schedule=schedule_cs)
-            if spectra["tasks"]:
-                # The current phase's "end" is not measured until the phase ends: NaN until then.
-                missing = [tuple(np.full_like(x, np.nan) for x in spectra["init"][0])]
-                ends = spectra["end"] + missing * (len(spectra["init"]) - len(spectra["end"]))
-                stack = lambda pairs, i: np.stack([p[i] for p in pairs], axis=2)  # [C, S, K, probes, iters]
-                common.save_npz(run_dir / "hessian.npz", tasks=np.asarray(spectra["tasks"]),
-                                init_nodes=stack(spectra["init"], 0), init_weights=stack(spectra["init"], 1),
-                                end_nodes=stack(ends, 0), end_weights=stack(ends, 1))
-
-        def save_checkpoint():
-            common.save_checkpoint(run_dir, {"update": done, "states": jax.tree.leaves(states), "history": history,
-                                             "spectra": spectra, "diverged": diverged, "args": asdict(args)})
-
-        print(f"ant_ppo {args.agent}: {num_c} config(s) x {num_s} seed(s), {num_updates} updates of "
-              f"{args.num_steps} samples ({args.num_envs} envs x {args.num_steps // args.num_envs} steps); "
-              f"Adam betas {static.beta1} / {static.beta2}; steps/s below counts the env steps of all members; "
-              f"run dir {run_dir}", flush=True)
-        shown = lambda row: ", ".join(f"{f:.4g}" for f in row)
-        if (schedule_cs == schedule_cs[0, 0]).all():
-            print(f"friction schedule (every seed), one value per {args.change_every:,} env steps: "
-                  f"{shown(schedule_cs[0, 0])}", flush=True)
-        else:
-            for i, seed in enumerate(seeds):
-                print(f"friction schedule of seed {seed}, one value per {args.change_every:,} env steps: "
-                      f"{shown(schedule_cs[0, i])}", flush=True)
-        progress = common.Progress(num_updates, "update", start_units=done)
-        last_checkpoint = time.perf_counter()
-        for start, stop in zip(edges[:-1], edges[1:]):
-            if stop <= done:
-                continue
-            if args.hessian_every_phase and (start == 0 or start in phase_starts):
-                phase = phase_starts.get(start, 0)
-                if start > 0:
-                    spectra["end"].append(spectrum(spectra["tasks"][-1], 1))
-                spectra["tasks"].append(phase)
-                spectra["init"].append(spectrum(phase, 0))
-            states, metrics = run_chunk(states, hypers, jnp.int32(stop - start))
-            for k, v in metrics.items():  # [updates_per_chunk, members, ...] -> [C, S, updates, ...]
-                history.setdefault(k, []).append(to_cs(np.moveaxis(np.asarray(v)[: stop - start], 0, 1)))
-            done = stop
-            finite = to_cs(np.stack([np.isfinite(np.asarray(x)).reshape(len(member_seeds), -1).all(1)
-                                     for x in jax.tree.leaves(states.params)]).all(0))
-            diverged = common.report_diverged(finite, configs, seeds, f"update {done}", known=diverged)
-            progress.update(done, (stop - start) * args.num_steps * len(member_seeds),
-                            phase=(done * args.num_steps - 1) // args.change_every,
-                            episodic_return=float(nanmean(history["episodic_return"][-1])),
-                            friction=float(history["friction"][-1][0, 0, -1]))
-            if args.hessian_every_phase and done == num_updates:
-                spectra["end"].append(spectrum(spectra["tasks"][-1], 1))
-            save_outputs()
-            if done == num_updates or time.perf_counter() - last_checkpoint >= 60 * args.checkpoint_minutes:
-                save_checkpoint()
-                last_checkpoint = time.perf_counter()
-
-    returns = np.concatenate(history["episodic_return"], axis=2)
+def final_returns(run, num_updates):
+    returns = run.members.grid_shaped(run.metrics["episodic_return"][:, :run.cursor["unit"]])
     tail = returns[:, :, -max(1, num_updates // 20):]
     final = nanmean(tail, axis=2)  # [C, S]; NaN where no episode ended in the tail
-    for c, config in enumerate(configs):
-        print(f"final episodic return (mean of the last {tail.shape[2]} updates) {config}: mean over seeds "
-              f"{float(nanmean(final[c])):.1f}, per seed {np.round(final[c], 1).tolist()}", flush=True)
-    return run_dir
+    return "\n".join(f"final episodic return (mean of the last {tail.shape[2]} updates) {config}: mean over seeds "
+                     f"{float(nanmean(final[c])):.1f}, per seed {np.round(final[c], 1).tolist()}"
+                     for c, config in enumerate(run.members.configs))
+
+
+def speed_line(args, timer, members):
+    """Throughput of the timed calls (all but the first chunk, which compiles)."""
+    if not timer.steps:
+        return "speed: not measured (only one chunk ran in this process; the first compiles)"
+    rate = timer.steps / timer.seconds
+    return (f"speed: {rate:,.0f} env-steps/s over {members} members ({rate / members:,.0f} per member): "
+            f"{args.total_steps:,} env steps of each take {args.total_steps * members / rate / 3600:.2f} h")
+
+
+METRICS = {"episodic_return": ((), np.float32), "episodes": ((), np.int32), "friction": ((), np.float32),
+           "loss": ((), np.float32), "dead_units": ((2,), np.int32), "effective_rank": ((2,), np.float32),
+           "param_norm": ((), np.float32)}
+
+
+def spectra_shapes(args):
+    shape = ((args.hessian_probes, args.hessian_iters), np.float32)
+    return {f"{phase}_{part}": shape for phase in ("init", "end") for part in ("nodes", "weights")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver: init or resume, then for each chunk of updates: spectra at phase changes, train, record, checkpoint
+# ----------------------------------------------------------------------------------------------------------
+def main(args):
+    common.check_agent(args.agent, AGENTS)
+    agent, configs = resolve(args)
+    members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
+    init, train, spectrum = programs(args, agent, members.batching)
+    num_updates = args.total_steps // args.num_steps
+    measured = measured_phases(args, num_updates)
+    check_resume(args, num_updates)
+    run = common.Run("ant_ppo", args, RESUME_FREE, members, num_updates, METRICS, spectra_shapes(args), len(measured))
+    state = init(members.seeds)
+    state = state if run.state is None else restore(run, state, measured, num_updates)
+    hp, seeds, state = common.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
+    schedule = friction_table(args, members.seeds, (num_updates * args.num_steps - 1) // args.change_every + 1)
+    start = run.cursor["unit"]
+    print(describe(args, agent, members, num_updates, schedule, run.dir), flush=True)
+    stop, progress, timer = common.StopRequests(), common.Progress(num_updates, "update", start), common.StepTimer()
+    last_checkpoint = time.time()
+    for first, last in chunks(args, num_updates, start):
+        measure_spectra(run, spectrum, state, seeds, measured, first, num_updates)
+        with timer.timing(first > start):  # the first chunk compiles
+            state, metrics = train(state, hp, seeds, jnp.int32(last - first))
+            metrics = jax.device_get(metrics)  # [members, updates_per_chunk, ...]
+        timer.steps += members.count * (last - first) * args.num_steps * (first > start)
+        for i in range(last - first):
+            run.record(first + i, {k: v[:, i] for k, v in metrics.items()}, f"update {first + i + 1}")
+        progress.update(last, members.count * (last - first) * args.num_steps,
+                        phase=(last * args.num_steps - 1) // args.change_every,
+                        episodic_return=common.finite_mean(run.metrics["episodic_return"][:, first:last]),
+                        friction=float(run.metrics["friction"][0, last - 1]))
+        if last == num_updates:
+            measure_spectra(run, spectrum, state, seeds, measured, last, num_updates)
+        save(run, args, measured, schedule)
+        if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or last == num_updates:
+            run.checkpoint(jax.tree.leaves(state))  # leaves only: see restore
+            last_checkpoint = time.time()
+            if stop.requested and last < num_updates:
+                stop.exit(f"update {last}/{num_updates}", common.resume_command(args, run.dir))
+    stop.close()
+    print(speed_line(args, timer, members.count), flush=True)
+    print(final_returns(run, num_updates), flush=True)
+    return run.dir
 
 
 if __name__ == "__main__":

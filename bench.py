@@ -101,7 +101,7 @@ PMNIST_RUN = dict(tasks=800, steps=60_000, seeds=5, goal_h=2.0)
 # HVP ~0.5 ms) times the calls made (1 + warm-ups + repeats per row). GPU compile times were not measured:
 # these are guesses from the CPU compile times of the same programs (CPU seconds: pMNIST bp 7, l2-er 9,
 # spectral-reg 20; MJX Ant PPO chunk 29). --max-minutes stops the run if the guesses are wrong.
-H100_PLAN = {"pmnist": (9, 8, 25), "er": (6, 3, 2), "hessian": (2, 5, 1), "imagenet": (4, 10, 6),
+H100_PLAN = {"pmnist": (12, 8, 32), "er": (6, 3, 2), "hessian": (2, 5, 1), "imagenet": (4, 10, 6),
              "cifar": (3, 25, 20), "ant": (6, 30, 15)}
 RESERVE_S = 60  # a measurement starts only this long before the --max-minutes deadline (one slow compile)
 
@@ -227,13 +227,13 @@ def bare_mlp_train(width, lr=0.01):
     return init, train
 
 
-def pmnist_setup(sizes, agent_name, seeds, ds):
-    """pmnist's member functions for one agent at these sizes: (members, state, hp, train call of one
-    `call_steps` chunk of a task, evaluate, spectrum)."""
+def pmnist_setup(sizes, agent_name, seeds, ds, **flags):
+    """pmnist's member functions for one agent (and `flags`, more Args) at these sizes: (members, state, hp,
+    train call of one `call_steps` chunk of a task, evaluate, spectrum)."""
     args = pmnist.Args(agent=agent_name, seeds=seeds, width=sizes.width, steps_per_task=sizes.call_steps,
                        eval_size=sizes.eval_size, hessian_samples=sizes.hessian_samples,
                        lanczos_iters=sizes.lanczos_iters, synthetic_data=True,
-                       er_batch=sizes.er_batch if "er_batch" in pmnist.AGENTS[agent_name] else None)
+                       er_batch=sizes.er_batch if "er_batch" in pmnist.AGENTS[agent_name] else None, **flags)
     agent, configs = pmnist.resolve(args, ds)
     members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
     init, shuffle, train, evaluate, spectrum, calls = pmnist.make_train(args, agent, ds)
@@ -247,13 +247,14 @@ def pmnist_setup(sizes, agent_name, seeds, ds):
                 evaluate=evaluate, spectrum=spectrum)
 
 
-def pmnist_cached(setups, sizes, agent_name, seeds, ds):
-    """pmnist_setup, built once per (agent, seeds). Members run one after another ("map") share one compiled
-    single-member program whatever their number: a smaller member count takes the first members of a larger
-    setup instead of compiling again."""
-    key = (agent_name, seeds)
+def pmnist_cached(setups, sizes, agent_name, seeds, ds, **flags):
+    """pmnist_setup, built once per (agent, seeds, flags). Members run one after another ("map") share one
+    compiled single-member program whatever their number: a smaller member count takes the first members of
+    a larger setup instead of compiling again."""
+    key = (agent_name, seeds, tuple(sorted(flags.items())))
     if key not in setups:
-        larger = [s for (a, n), s in setups.items() if a == agent_name and n > seeds and s["members"].batching == "map"]
+        larger = [s for (a, n, f), s in setups.items()
+                  if (a, f) == (agent_name, key[2]) and n > seeds and s["members"].batching == "map"]
         if larger:
             first = lambda tree: jax.tree.map(lambda x: x[:seeds], tree)  # noqa: E731
             setups[key] = dict(larger[0], state=first(larger[0]["state"]), hp=first(larger[0]["hp"]),
@@ -262,7 +263,7 @@ def pmnist_cached(setups, sizes, agent_name, seeds, ds):
                                                       larger[0]["members"].seed_list[:seeds], "map"))
             setups[key].pop("evaluate_seconds", None)
         else:
-            setups[key] = pmnist_setup(sizes, agent_name, seeds, ds)
+            setups[key] = pmnist_setup(sizes, agent_name, seeds, ds, **flags)
     return setups[key]
 
 
@@ -278,12 +279,18 @@ def bench_pmnist(bench, ds, setups):
         seconds, compile_s = bench.time(common.over_members(train, batching, (0, 0, 0)), params, xs, ys, per=steps)
         bench.add("pmnist", f"bare{seeds}", f"baseline: bare lax.scan SGD step, {seeds} seed(s) ({batching})",
                   seconds, compile_s=compile_s, note=f"{format_seconds(seconds / seeds)} per seed-step")
-    for agent_name, seeds in (("bp", sizes.seeds), ("l2-er", sizes.seeds), ("cbp", sizes.seeds),
-                              ("snp", sizes.seeds), ("spectral-reg", sizes.seeds), ("bp", 1)):
-        work = f"`pmnist` {agent_name}, {seeds} seed(s) ({batching}), {steps:,}-step call"
-        if agent_name in ("cbp", "snp", "spectral-reg") and not bench.variant("pmnist", work):
+    # spectral-reg as the authors ran it (10 power iterations from fixed vectors every step), and with one
+    # iteration from the vectors carried over from the last step (our cheaper option).
+    persistent = dict(spectral_persistent=True, power_iters=1)
+    for agent_name, seeds, flags in (("bp", sizes.seeds, {}), ("l2-er", sizes.seeds, {}), ("cbp", sizes.seeds, {}),
+                                     ("snp", sizes.seeds, {}), ("spectral-reg", sizes.seeds, {}),
+                                     ("spectral-reg", sizes.seeds, persistent), ("layernorm-l2", sizes.seeds, {}),
+                                     ("redo", sizes.seeds, {}), ("bp", 1, {})):
+        label = agent_name + (" --spectral-persistent --power-iters 1" if flags else "")
+        work = f"`pmnist` {label}, {seeds} seed(s) ({batching}), {steps:,}-step call"
+        if agent_name not in ("bp", "l2-er") and not bench.variant("pmnist", work):
             continue
-        setup = pmnist_cached(setups, sizes, agent_name, seeds, ds)
+        setup = pmnist_cached(setups, sizes, agent_name, seeds, ds, **flags)
         seconds, compile_s = bench.time(setup["train"], setup["state"], setup["hp"], setup["seeds"], 0,
                                         setup["shuffled"], 0, per=steps)
         full_run = ""
@@ -292,7 +299,7 @@ def bench_pmnist(bench, ds, setups):
             evaluate = setup["evaluate_seconds"] = time_evaluate(bench, setup)
             per_task = calls_per_task * seconds * steps + evaluate
             full_run = projection(PMNIST_RUN["tasks"] * per_task, PMNIST_RUN["goal_h"] * 3600, bench.quick)
-        bench.add("pmnist", f"{agent_name}{seeds}", work, seconds,
+        bench.add("pmnist", f"{agent_name}{'-persistent' * bool(flags)}{seeds}", work, seconds,
                   baseline=f"bare{seeds}", bp=f"bp{seeds}", compile_s=compile_s, full_run=full_run,
                   note=f"{format_seconds(seconds / seeds)} per seed-step"
                   + (f"; + end-of-task metrics {setup['evaluate_seconds'] * 1e3:,.0f} ms per task"
@@ -450,20 +457,19 @@ def bench_imagenet(bench, ds, setups):
     seeds = sizes.conv_seeds
     for agent in ("bp", "l2-er"):
         args = imagenet.Args(agent=agent, seeds=seeds, epochs=sizes.imagenet_epochs, batch_size=batch,
-                             train_per_class=per_class, test_per_class=10)
-        configs, spec, steps_per_task = imagenet.resolve(args)
-        spec = spec._replace(net=spec.net._replace(pixel_mean=(0.5, 0.5, 0.5)))  # any mean: synthetic pixels
-        config_index, member_seeds = common.stack_members(configs, [args.seed + i for i in range(seeds)])
-        member_seeds = jnp.asarray(member_seeds, jnp.int32)
-        members = imagenet.init_members(spec.momentum, spec.use_cbp, member_seeds)
-        hp = imagenet.member_hparams(configs, config_index)
-        x_train = jnp.asarray(rng.integers(0, 256, (len(config_index), 2 * per_class, 32, 32, 3)), jnp.uint8)
-        y_train = jnp.asarray(np.repeat(np.arange(2), per_class), jnp.int32)
-        seconds, compile_s = bench.time(imagenet.train_members, spec, members, hp, x_train, y_train, member_seeds,
-                                        0, per=steps_per_task)
+                             train_per_class=per_class, test_per_class=10, synthetic_data=True)
+        resolved, configs = imagenet.resolve(args)
+        members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
+        init, task_data, train, _, _, calls = imagenet.make_train(args, resolved, imagenet.load_data(args))
+        state = members.run(init, (0,), batching="map")(members.seeds)
+        count = calls[0][1]  # the script's first call of a task: whole epochs (all of them at these sizes)
+        call = members.run(lambda s, h, sd, t, x, f: train(s, h, sd, t, x, f, count), (0, 0, 0, None, 0, None))
+        steps_per_call = count * (2 * per_class // batch)
+        seconds, compile_s = bench.time(call, state, members.hyperparameters(imagenet.SWEPT), members.seeds, 0,
+                                        task_data(members.seeds, 0)[0], 0, per=steps_per_call)
         run = IMAGENET_RUN["tasks"] * IMAGENET_RUN["epochs"] * IMAGENET_RUN["steps"] * seconds
-        bench.add("imagenet", f"{agent}{seeds}", f"`imagenet` {agent}, {seeds} seeds ({spec.net.seed_batching}, "
-                  f"{spec.net.conv_impl}), a task of {args.epochs} epoch(s) x {steps_per_task // args.epochs} steps",
+        bench.add("imagenet", f"{agent}{seeds}", f"`imagenet` {agent}, {seeds} seeds ({members.batching}, "
+                  f"{impl}), a call of {count} epoch(s) x {steps_per_call // count} steps",
                   seconds, baseline=f"bare{seeds}", bp=f"bp{seeds}", compile_s=compile_s,
                   full_run=projection(run, IMAGENET_RUN["goal_h"] * 3600, bench.quick) if agent == "l2-er" else "",
                   note=f"{format_seconds(seconds / seeds)} per seed-step"
@@ -472,34 +478,26 @@ def bench_imagenet(bench, ds, setups):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Incremental CIFAR-100: cifar's epoch-chunk call against a bare ResNet-18 SGD loop
+# 5. Incremental CIFAR-100: cifar's training call against a bare ResNet-18 SGD loop
 # ----------------------------------------------------------------------------------------------------------
 # Steps per seed of the full run: 200 epochs of task t (t = 1..20) over 500 x 5t images at batch 100.
 CIFAR_RUN = dict(steps=200 * sum(500 * 5 * t // 100 for t in range(1, 21)), seeds=5, goal_h=5.0)
 
 
-def cifar_setup(cifar, sizes, agent, seeds, data):
-    """cifar's training chunk for `agent` in its default seed mode, and its inputs (as cifar.main builds them)."""
+def cifar_setup(cifar, sizes, agent, seeds, ds):
+    """cifar's training call for `agent` with its default member batching, as cifar.main builds it: a function
+    state -> state running the first `sizes.cifar_steps` steps of task 1 for every member, and the first state."""
     args = cifar.Args(agent=agent, seeds=seeds, width=sizes.cifar_width, dense_width=sizes.cifar_dense,
                       batch_size=sizes.cifar_batch, synthetic_data=True)
-    cifar.validate(args)
-    configs, replacement_rate, perturb_scale = cifar.resolve_hyperparameters(args)
-    config_index, member_seed = common.stack_members(configs, list(range(args.seed, args.seed + seeds)))
-    rank = np.argsort(np.stack([np.random.default_rng(s).permutation(cifar.NUM_CLASSES) for s in member_seed]), 1)
-    member = cifar.Member(
-        seed=jnp.asarray(member_seed, jnp.int32), class_rank=jnp.asarray(rank, jnp.int32),
-        lr=jnp.asarray([configs[c]["lr"] for c in config_index], jnp.float32),
-        weight_decay=jnp.asarray([configs[c].get("weight_decay", 0.0) for c in config_index], jnp.float32),
-        er_lr=jnp.asarray([configs[c].get("er_lr", 0.0) for c in config_index], jnp.float32),
-        perturb_scale=jnp.full(len(config_index), perturb_scale, jnp.float32))
-    static = cifar.Static(
-        width=args.width, dense_width=args.dense_width, batch_size=args.batch_size, momentum=float(args.momentum),
-        classes_per_task=args.classes_per_task, use_er=agent in ("er", "l2-er"), er_batch=args.er_batch,
-        use_cbp=agent == "cbp", replacement_rate=float(replacement_rate), decay_rate=float(args.decay_rate),
-        maturity_threshold=args.maturity_threshold, cbp_utility=args.cbp_utility,
-        use_snp=agent in ("snp", "snp-l2"), feature_samples=args.feature_samples, eval_batch=args.eval_batch)
-    state = cifar.member_runner(cifar.begin_task, "sequential", static=static)(None, member, jnp.int32(0))
-    return args, member, state, cifar.member_runner(cifar.train_chunk, args.seed_mode, static=static)
+    resolved, configs = cifar.resolve(args)
+    members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
+    init, train, _, _, _, _ = cifar.make_train(args, resolved, ds)
+    state = members.run(init, (0, None), batching="map")(members.seeds, 0)
+    train = members.run(train, (0, 0, 0, 0, None, None, None, None))
+    hp, classes = members.hyperparameters(cifar.SWEPT), cifar.class_ranks(members.seeds)
+    data = {k: jnp.asarray(v) for k, v in ds.items()}
+    return resolved, members, state, lambda state: train(state, hp, members.seeds, classes, data, 0, 0,
+                                                         sizes.cifar_steps)
 
 
 def bench_cifar(bench, ds, setups):
@@ -528,17 +526,16 @@ def bench_cifar(bench, ds, setups):
         bench.add("cifar", f"bare{count}", f"baseline: bare ResNet-18 SGD step (momentum; batch statistics "
                   f"only), batch {batch}, {count} seed(s) one after another", seconds, compile_s=compile_s,
                   note=f"{format_seconds(seconds / count)} per seed-step")
-    data = {k: jnp.asarray(v) for k, v in cifar.synthetic_cifar100().items()}
+    cifar_ds = data.synthetic_cifar100()
     for agent in ("bp", "l2-er"):
-        args, member, state, chunk = cifar_setup(cifar, sizes, agent, seeds, data)
-        seconds, compile_s = bench.time(chunk, state, member, data, jnp.int32(0), jnp.int32(0), jnp.int32(1),
-                                        jnp.int32(steps), per=steps)
-        bench.add("cifar", f"{agent}{seeds}", f"`cifar` {agent}, {seeds} seeds ({args.seed_mode}), an epoch of "
+        resolved, members, state, call = cifar_setup(cifar, sizes, agent, seeds, cifar_ds)
+        seconds, compile_s = bench.time(call, state, per=steps)
+        bench.add("cifar", f"{agent}{seeds}", f"`cifar` {agent}, {seeds} seeds ({members.batching}), a call of "
                   f"{steps} steps", seconds, baseline=f"bare{seeds}", bp=f"bp{seeds}", compile_s=compile_s,
                   full_run=projection(CIFAR_RUN["steps"] * seconds, CIFAR_RUN["goal_h"] * 3600, bench.quick)
                   if agent == "l2-er" else "",
                   note=f"{format_seconds(seconds / seeds)} per seed-step"
-                  + (f"; ER step every {args.er_batch} steps" if agent == "l2-er" else ""))
+                  + (f"; ER step every {resolved['er_batch']} steps" if agent == "l2-er" else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -551,12 +548,12 @@ def ant_args(ant_ppo, sizes, agent, seeds):
     return ant_ppo.Args(agent=agent, seeds=seeds, num_envs=sizes.ant_envs, num_steps=sizes.ant_samples,
                         update_epochs=sizes.ant_epochs, num_minibatches=sizes.ant_minibatches,
                         hidden_size=sizes.ant_hidden, updates_per_chunk=sizes.ant_updates,
-                        fast_compile=sizes.ant_fast_compile)
+                        fast_compile=sizes.ant_fast_compile, member_batching="vmap")
 
 
-def bare_ant_rollout(ant_ppo, static, vector_steps, fast_compile):
+def bare_ant_rollout(ant_ppo, cfg, vector_steps, fast_compile):
     """All envs of all members stepped `vector_steps` times with Gaussian actions: the physics alone."""
-    step = jax.vmap(lambda s, a, k: ant_ppo.env_step(static.env, s, a, ant_ppo.AUTHORS_FRICTIONS[0], k))
+    step = jax.vmap(lambda s, a, k: ant_ppo.env_step(cfg, s, a, ant_ppo.AUTHORS_FRICTIONS[0], k))
 
     def rollout(envs, key):
         def one(envs, k):
@@ -577,11 +574,11 @@ def bench_ant(bench, ds, setups):
         work = f"baseline: bare MJX Ant physics, random actions, {seeds} seed(s) x {args.num_envs} envs"
         if not bench.variant("ant", work):  # MJX compiles slowly: --quick keeps only the two agents
             continue
-        configs, static = ant_ppo.resolve(args)
+        cfg = ant_ppo.env_config(args)
         vector_steps = args.updates_per_chunk * args.num_steps // args.num_envs
-        envs = jax.vmap(lambda k: ant_ppo.env_reset(static.env, k))(
+        envs = jax.vmap(lambda k: ant_ppo.env_reset(cfg, k))(
             jax.random.split(jax.random.key(0), seeds * args.num_envs))
-        rollout = precise(bare_ant_rollout(ant_ppo, static, vector_steps, args.fast_compile))
+        rollout = precise(bare_ant_rollout(ant_ppo, cfg, vector_steps, args.fast_compile))
         seconds, compile_s = bench.time(rollout, envs, jax.random.key(1), per=vector_steps * seeds * args.num_envs)
         bench.add("ant", f"bare{seeds}", work, seconds, unit="env-step", compile_s=compile_s)
     for agent, seeds in (("bp", 1), ("l2-er", 1), ("bp", sizes.ant_seeds), ("l2-er", sizes.ant_seeds)):
@@ -590,15 +587,12 @@ def bench_ant(bench, ds, setups):
                 f"{args.num_steps} samples")
         if seeds == 1 and not bench.variant("ant", work):
             continue
-        configs, static = ant_ppo.resolve(args)
-        config_index, member_seeds = common.stack_members(configs, [args.seed + i for i in range(seeds)])
-        hypers = ant_ppo.Hyper(*(jnp.asarray([configs[c][k] for c in config_index], jnp.float32)
-                                 for k in ("lr", "weight_decay", "er_lr")))
-        with jax.default_matmul_precision(pmnist.PRECISE):  # as ant_ppo runs (MJX needs full precision)
-            init, run_chunk, _ = ant_ppo.build(static)
-            states = init(jnp.asarray(member_seeds, jnp.int32))
+        entry, configs = ant_ppo.resolve(args)
+        members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
+        init, train, _ = ant_ppo.programs(args, entry, members.batching)  # train sets MJX's full precision
+        state, hp = init(members.seeds), members.hyperparameters(ant_ppo.SWEPT)
         env_steps = args.updates_per_chunk * args.num_steps * seeds
-        seconds, compile_s = bench.time(precise(run_chunk), states, hypers, jnp.int32(args.updates_per_chunk),
+        seconds, compile_s = bench.time(train, state, hp, members.seeds, jnp.int32(args.updates_per_chunk),
                                         per=env_steps)
         run = ANT_RUN["steps"] * ANT_RUN["seeds"] * seconds
         bench.add("ant", f"{agent}{seeds}", work, seconds, unit="env-step",

@@ -10,13 +10,15 @@ average pooling, two dense 512 + ReLU layers (--dense-width), a 100-way head. Ba
 training and running statistics (momentum 0.1, unbiased variance, as PyTorch) in evaluation; the statistics
 live beside the parameters, not in them.
 
-Agents (`AGENT_DEFAULTS`: Table 6's fixed-lr best values, Table 5's settings; a flag overrides one): bp; l2
-weight decay 1e-4 (coupled: added to the gradient); er ER lr 1e-4, --er-batch 5; l2-er weight decay 1e-3, ER
-lr 1e-3; cbp replacement rate 1e-6, maturity 100, decay 0.99; snp noise 1e-5 (Table 5); snp-l2 noise 1e-5 +
-L2's weight decay 1e-4 (the paper gives none); reset: a freshly initialized network, BatchNorm statistics and
-optimizer at every task. Seeds (--seeds) and swept values (--lr, --weight-decay, --er-lr) train together;
---seed-mode sequential (default) calls one compiled single-member program per member, vmap batches them
-(measured 2.2x slower per seed for this ResNet on an H100), map runs them with lax.map in one program.
+The agents are the table `AGENTS` below (Table 6's fixed-lr best values, Table 5's settings; a flag overrides
+one): bp; l2 weight decay 1e-4 (coupled: added to the gradient); er ER lr 1e-4, --er-batch 5; l2-er weight
+decay 1e-3, ER lr 1e-3; cbp replacement rate 1e-6, maturity 100, decay 0.99; snp noise 1e-5 (Table 5); snp-l2
+noise 1e-5 + L2's weight decay 1e-4 (the paper gives none); reset: a freshly initialized network, BatchNorm
+statistics and optimizer at every task. Seeds (--seeds) and swept values (--lr, --weight-decay, --er-lr) are
+"members" trained together: --member-batching map (auto's choice on one CPU device) calls one compiled
+single-member program per member, vmap (auto's choice elsewhere) batches them in one program (measured 2.2x
+slower per seed than one member after another for this ResNet on an H100: pass map there). Each jitted call
+runs --call-steps minibatch steps per member, so Ctrl-C stops within one call and --resume continues.
 
 Choices where the paper is silent or the sources disagree:
 - Input (the authors' code, on which Table 6's learning rates were tuned): pixels scaled to [0, 1], nothing
@@ -38,10 +40,11 @@ Choices where the paper is silent or the sources disagree:
 - --precision default lets GPUs use TF32 tensor cores for float32 convolutions and matmuls (as PyTorch does for
   convolutions); highest forces full float32 products.
 
-Data: tensorflow-datasets cifar100 the first time (downloads; needs tensorflow), or offline: put the official
-cifar-100-python.tar.gz (or cifar-100-binary.tar.gz) in a folder and pass --manual-dir FOLDER (read directly,
-no tensorflow). Either way the arrays are cached as <--data-dir>/cifar100.npz (default ~/tensorflow_datasets),
-and later runs read only that file. --synthetic-data: random images of the same shapes (timing only).
+Data (data.py): tensorflow-datasets cifar100 the first time (downloads; needs tensorflow), or offline: put the
+official cifar-100-python.tar.gz (or cifar-100-binary.tar.gz) in a folder and pass --manual-dir FOLDER (read
+directly, no tensorflow). Either way the arrays are cached as <--data-dir>/cifar100.npz (default
+$TFDS_DATA_DIR or ~/tensorflow_datasets), and later runs read only that file. --synthetic-data: random images
+of the same shapes (timing only).
 
 Outputs (run directory runs/cifar__<agent>__<UTC time>/ or --out-dir):
 - metrics.npz, axes [config, seed, task]: test_acc, test_loss (all test images of the seen classes, BatchNorm
@@ -54,8 +57,8 @@ Outputs (run directory runs/cifar__<agent>__<UTC time>/ or --out-dir):
   term) on --hessian-samples (2000) training images of the task's newly added classes, BatchNorm in eval mode
   (so the loss is a per-image average). init = the network that starts the task (for reset the fresh one),
   end = after it.
-- config.json; checkpoint.pkl (after a chunk of --chunk-epochs epochs once --checkpoint-minutes have passed,
-  and at the end; --resume --out-dir RUN continues, also from the middle of a task).
+- config.json; checkpoint.pkl (every --checkpoint-minutes, also in the middle of a task, at the end and on
+  Ctrl-C / SIGTERM; --resume --out-dir RUN continues it).
 
     python cifar.py --agent l2-er --seeds 5                              # the paper's setting, 5 seeds
     python cifar.py --agent reset --seeds 5                              # the RESET baseline
@@ -70,14 +73,11 @@ import os
 # A user's own OPENBLAS_NUM_THREADS wins. No effect on GPU runs.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import functools  # noqa: E402 (after the environment is set)
-import math
-import pickle
-import tarfile
+import math  # noqa: E402 (after the environment is set)
+import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -85,42 +85,34 @@ import numpy as np
 import optax
 
 import common
+import data
 import hessian
 
-AGENTS = ("bp", "l2", "er", "l2-er", "cbp", "snp", "snp-l2", "reset")
+# The agents (App. D and I; Table 6 "Fixed LR Best" with lr 0.01, Table 5's settings). An agent is its entry: the
+# hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
+# weight_decay -> coupled L2, er_lr -> the ER step, replacement_rate -> continual backprop (Dohare et al. 2024),
+# perturb_scale -> Shrink & Perturb (Ash & Adams 2020), reset -> a fresh network at every task (no flag).
+AGENTS = {
+    "bp": {},
+    "l2": dict(weight_decay=1e-4),
+    "er": dict(er_lr=1e-4, er_batch=5),
+    "l2-er": dict(weight_decay=1e-3, er_lr=1e-3, er_batch=5),  # the paper's method (Algorithm 1)
+    "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="contribution"),
+    "snp": dict(perturb_scale=1e-5),
+    "snp-l2": dict(perturb_scale=1e-5, weight_decay=1e-4),  # the paper gives no weight decay for it: L2's
+    "reset": dict(reset=True),
+}
+SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 
 
-@dataclass
+@dataclass(frozen=True)
 class Args:
-    agent: Literal["bp", "l2", "er", "l2-er", "cbp", "snp", "snp-l2", "reset"] = "bp"
-    """learning agent: bp, l2, er, l2-er, cbp, snp, snp-l2, or reset (re-initialize the network, its BatchNorm
-    statistics and the optimizer at every task)"""
+    agent: Literal[tuple(AGENTS)] = "bp"
+    """algorithm: an entry of AGENTS (its defaults are the paper's Table 6 fixed-lr best values)"""
     seed: int = 0
     """first seed; seeds seed .. seed+seeds-1 train together"""
     seeds: int = 1
     """number of seeds"""
-    seed_mode: Literal["sequential", "vmap", "map"] = "sequential"
-    """how seeds (and configs) share the device: sequential = one compiled single-seed chunk called once per
-    member; vmap = one batched program; map = jax.lax.map over members inside one program"""
-    lr: tuple[float, ...] | None = None
-    """SGD learning rate(s) (default 0.01, Table 6); several values sweep"""
-    weight_decay: tuple[float, ...] | None = None
-    """L2 weight decay(s) for l2 (1e-4), l2-er (1e-3) and snp-l2 (1e-4); several values sweep"""
-    er_lr: tuple[float, ...] | None = None
-    """effective-rank ascent step size(s) for er (1e-4) and l2-er (1e-3); several values sweep"""
-    er_batch: int = 5
-    """ER ascent step after every this many minibatches, on the features of those minibatches' images (Table 5)"""
-    replacement_rate: float | None = None
-    """cbp: units replaced per eligible unit per step (default 1e-6, Table 6)"""
-    maturity_threshold: int = 100
-    """cbp: steps before a unit may be replaced (Table 5)"""
-    decay_rate: float = 0.99
-    """cbp: decay of the running utility (Table 5)"""
-    cbp_utility: str = "contribution"
-    """CBP utility (Dohare et al.): "contribution" or "adaptable_contribution"; default as Dohare's config for
-    this benchmark"""
-    perturb_scale: float | None = None
-    """snp, snp-l2: std of the Gaussian noise added to every parameter after each step (default 1e-5, Table 5)"""
     tasks: int = 20
     """number of tasks (each adds --classes-per-task classes; 20 x 5 = all 100 classes)"""
     classes_per_task: int = 5
@@ -129,8 +121,26 @@ class Args:
     """epochs per task over all training images of the seen classes"""
     batch_size: int = 100
     """minibatch size"""
+    lr: tuple[float, ...] = (0.01,)
+    """SGD learning rate(s) (Table 6); several values sweep"""
     momentum: float = 0.9
     """SGD momentum"""
+    weight_decay: tuple[float, ...] | None = None
+    """coupled L2 weight decay(s), added to the gradient (agents with weight_decay in AGENTS); several values sweep"""
+    er_lr: tuple[float, ...] | None = None
+    """effective-rank ascent step size(s) (agents with er_lr); several values sweep"""
+    er_batch: int | None = None
+    """ER ascent step after every this many minibatches of an epoch, on those minibatches' images (agents with er_lr; Table 5: 5)"""
+    replacement_rate: float | None = None
+    """CBP (agent cbp): units replaced per eligible unit per step (Table 6: 1e-6)"""
+    decay_rate: float | None = None
+    """CBP: decay of the running utility (Table 5: 0.99)"""
+    maturity_threshold: int | None = None
+    """CBP: steps before a unit may be replaced (Table 5: 100)"""
+    cbp_utility: Literal[common.CBP_UTILITIES] | None = None
+    """CBP utility (Dohare et al.): contribution (their config for this benchmark) or adaptable_contribution"""
+    perturb_scale: float | None = None
+    """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb: snp, snp-l2; Table 5: 1e-5)"""
     width: int = 64
     """channels of the stem and first stage (stages use 1x, 2x, 4x, 8x); 64 is the paper's ResNet-18"""
     dense_width: int = 512
@@ -152,129 +162,32 @@ class Args:
     precision: Literal["default", "highest"] = "default"
     """matmul/conv precision of float32 work: default lets GPUs use TF32 tensor cores (as PyTorch does for
     convolutions), highest forces full fp32 products"""
-    chunk_epochs: int = 25
-    """epochs per compiled call (progress line and checkpoint opportunity after each)"""
-    checkpoint_minutes: float = 10.0
-    """write checkpoint.pkl after a chunk when this many minutes passed since the last one (and at the end)"""
-    data_dir: str = "~/tensorflow_datasets"
-    """folder of the cached arrays (cifar100.npz) and of tensorflow-datasets' files"""
+    data_dir: str | None = None
+    """folder of the cached arrays (cifar100.npz) and of tensorflow-datasets' files (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"""
     manual_dir: str | None = None
     """folder holding the official cifar-100-python.tar.gz or cifar-100-binary.tar.gz (offline preparation)"""
     synthetic_data: bool = False
-    """use random images and labels with CIFAR-100's shapes and class sizes instead of the data set (for timing
-    only: accuracies mean nothing)"""
+    """random images and labels with CIFAR-100's shapes and class sizes instead of the data set (timing only)"""
     out_dir: str | None = None
-    """run folder (default runs/cifar__<agent>__<UTC time>)"""
+    """run folder (default runs/cifar__<agent>__<UTC time>); with --resume, the run to continue"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint"""
+    checkpoint_minutes: float = 10.0
+    """minutes of work between checkpoints (one is also written at the end and on Ctrl-C)"""
+    call_steps: int = 200
+    """minibatch steps per member in one jitted call: Ctrl-C and checkpoints wait at most one call (results do not depend on it; fixed for a run, as --resume counts calls)"""
+    member_batching: Literal[common.MEMBER_BATCHING] = "auto"
+    """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto = map on one CPU device, else vmap"""
 
 
-# Table 6 best values (fixed lr 0.01); snp's noise is Table 5's perturb_scale, snp-l2 takes L2's weight decay.
-AGENT_DEFAULTS = {
-    "bp": {},
-    "l2": {"weight_decay": 1e-4},
-    "er": {"er_lr": 1e-4},
-    "l2-er": {"er_lr": 1e-3, "weight_decay": 1e-3},
-    "cbp": {"replacement_rate": 1e-6},
-    "snp": {"perturb_scale": 1e-5},
-    "snp-l2": {"perturb_scale": 1e-5, "weight_decay": 1e-4},
-    "reset": {},
-}
-DEFAULT_LR = 0.01
-# Flags a resumed run may change (speed, memory, paths, more tasks); all others must match the checkpoint.
-RESUME_FREE = ("tasks", "resume", "out_dir", "checkpoint_minutes", "data_dir", "manual_dir", "seed_mode",
-               "chunk_epochs", "eval_batch", "hessian_batch")
+# Args that may change between a run and its --resume (speed, memory, paths, more tasks; vmap and map round
+# differently, the results stay the same up to float rounding).
+RESUME_FREE = ("tasks", "resume", "out_dir", "checkpoint_minutes", "data_dir", "manual_dir", "member_batching",
+               "eval_batch", "hessian_batch")
+RENAMED = {"--seed-mode": "--member-batching (its sequential is now map)",
+           "--chunk-epochs": "--call-steps (minibatch steps per call)"}
 NUM_CLASSES = 100
-IMAGE_SHAPE = (32, 32, 3)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: the official CIFAR-100 archive (offline) or tensorflow-datasets, cached as one .npz
-# ----------------------------------------------------------------------------------------------------------
-ARCHIVES = ("cifar-100-python.tar.gz", "cifar-100-binary.tar.gz")
-MISSING_HINT = (f"put {ARCHIVES[0]} (or {ARCHIVES[1]}) from the CIFAR-100 site in a folder and pass it as "
-                f"--manual-dir, or run once with network access so tensorflow-datasets downloads cifar100")
-
-
-def read_python_archive(tar):
-    """cifar-100-python.tar.gz: pickled dicts with b'data' uint8 [N, 3072] (channel-first rows) and b'fine_labels'."""
-    out = {}
-    for split in ("train", "test"):
-        with tar.extractfile(f"cifar-100-python/{split}") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"], np.uint8)
-        out[f"x_{split}"] = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        out[f"y_{split}"] = np.asarray(batch[b"fine_labels"], np.int32)
-    return out
-
-
-def read_binary_archive(tar):
-    """cifar-100-binary.tar.gz: records of (coarse label byte, fine label byte, 3072 channel-first pixel bytes)."""
-    out = {}
-    for split in ("train", "test"):
-        with tar.extractfile(f"cifar-100-binary/{split}.bin") as f:
-            records = np.frombuffer(f.read(), np.uint8)
-        if records.size % 3074:
-            raise ValueError(f"{split}.bin is not a whole number of 3074-byte records")
-        records = records.reshape(-1, 3074)
-        out[f"y_{split}"] = records[:, 1].astype(np.int32)
-        out[f"x_{split}"] = records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return out
-
-
-def read_manual_archive(manual_dir):
-    """Arrays from the first official archive found in `manual_dir`."""
-    for name, reader in zip(ARCHIVES, (read_python_archive, read_binary_archive)):
-        path = Path(manual_dir).expanduser() / name
-        if path.exists():
-            try:
-                with tarfile.open(path, "r:gz") as tar:
-                    return reader(tar)
-            except (OSError, KeyError, EOFError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
-                common.fail(f"could not read {path}: {type(e).__name__}: {str(e)[:150]}")
-    common.fail(f"CIFAR-100 not found in {manual_dir}: {MISSING_HINT}")
-
-
-def tfds_cifar100(data_dir):
-    arrays = common.tfds_arrays("cifar100", data_dir, None, ["train", "test"], MISSING_HINT)
-    return {f"{k}_{split}": np.asarray(v, np.uint8 if k == "x" else np.int32)
-            for split, pair in arrays.items() for k, v in zip(("x", "y"), pair)}
-
-
-def synthetic_cifar100():
-    rng = np.random.default_rng(0)
-    return {"x_train": rng.integers(0, 256, (50000,) + IMAGE_SHAPE, np.uint8),
-            "y_train": np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), 500),
-            "x_test": rng.integers(0, 256, (10000,) + IMAGE_SHAPE, np.uint8),
-            "y_test": np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), 100)}
-
-
-def checked(data, source, hint=""):
-    """Stop with one line unless `data` holds uint8 [N, 32, 32, 3] images and N labels in 0..99, balanced."""
-    for split in ("train", "test"):
-        x, y = data[f"x_{split}"], data[f"y_{split}"]
-        if x.shape[1:] != IMAGE_SHAPE or x.dtype != np.uint8 or y.shape != x.shape[:1]:
-            common.fail(f"{source}: {split} images must be uint8 [N, 32, 32, 3] with N labels{hint}")
-        if y.size == 0 or y.min() < 0 or y.max() >= NUM_CLASSES:
-            common.fail(f"{source}: {split} labels must lie in 0..99{hint}")
-        counts = np.bincount(y, minlength=NUM_CLASSES)
-        if counts.min() == 0 or counts.min() != counts.max():
-            common.fail(f"{source}: every one of the 100 classes needs the same number of {split} images "
-                        f"(found {counts.min()}..{counts.max()}){hint}")
-    return data
-
-
-def load_cifar100(data_dir, manual_dir):
-    """{x_train, y_train, x_test, y_test}: uint8 NHWC images, int32 fine labels. Cached as <data_dir>/cifar100.npz."""
-    data_dir = Path(data_dir).expanduser()
-    cache = data_dir / "cifar100.npz"
-
-    def build():
-        if manual_dir:
-            return checked(read_manual_archive(manual_dir), Path(manual_dir).expanduser())
-        return checked(tfds_cifar100(str(data_dir)), "tensorflow-datasets cifar100")
-
-    return checked(common.load_cached(cache, build), cache, "; delete it to rebuild")
+PRINT_SECONDS = 60  # a progress line at the end of every task, and in between at most once a minute
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,66 +318,178 @@ def masked_loss_acc(logits, labels, seen):
     return loss, (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Training: one member (config x seed) at a time; the seed modes below batch or loop these functions
+# One member (a config x seed). Its randomness comes from jax.random.key(seed) and its class order from the seed
+# alone, never from its position among the members, so a seed run alone reproduces the same member of a sweep.
 # ----------------------------------------------------------------------------------------------------------
-class Static(NamedTuple):
-    """Everything that shapes the compiled programs (hashable: a jit static argument)."""
-    width: int
-    dense_width: int
-    batch_size: int
-    momentum: float
-    classes_per_task: int
-    use_er: bool
-    er_batch: int
-    use_cbp: bool
-    replacement_rate: float
-    decay_rate: float
-    maturity_threshold: int
-    cbp_utility: str
-    use_snp: bool
-    feature_samples: int
-    eval_batch: int
+INIT_STREAM, TRAIN_STREAM, EVAL_STREAM, HESSIAN_STREAM = 1, 2, 3, 4  # folded into the seed's key
 
 
-class Member(NamedTuple):
-    """Per-member inputs (leading member axis when stacked)."""
-    seed: jax.Array        # int32: the member's seed; all its randomness derives from jax.random.key(seed)
-    class_rank: jax.Array  # int32 [100]: position of each class in the seed's class order
-    lr: jax.Array
-    weight_decay: jax.Array
-    er_lr: jax.Array
-    perturb_scale: jax.Array
+def class_order(seed):
+    """The seed's order of the 100 classes (numpy's generator, on the host)."""
+    return np.random.default_rng(seed).permutation(NUM_CLASSES)
 
 
-# Streams of randomness, folded into jax.random.key(seed): independent of the member's position in a batch.
-INIT_STREAM, TRAIN_STREAM, EVAL_STREAM, HESSIAN_STREAM = 1, 2, 3, 4
+def steps_per_epoch(args, per_class, task):
+    """Minibatches in an epoch of task `task` (0-based; the remainder of the seen images is dropped)."""
+    return per_class * args.classes_per_task * (task + 1) // args.batch_size
 
 
-def optimizer(static, lr=DEFAULT_LR, weight_decay=0.0):
-    return common.sgd(lr, weight_decay, static.momentum)
+def cbp_layer_sizes(params):
+    """Units of CBP's layers: each block's inner channels, then the two dense layers."""
+    return ([b["a"]["conv"]["w"].shape[-1] for b in params["blocks"]]
+            + [params[name]["w"].shape[1] for name in ("dense1", "dense2")])
 
 
-def cbp_layer_sizes(static):
-    return [static.width * multiple for multiple, _ in STAGES for _ in range(2)] + [static.dense_width] * 2
+def make_train(args, agent, ds):
+    """The run's functions of one member (PureJaxRL's make_train). init(seed, task) -> state: a fresh network,
+    BatchNorm statistics and optimizer (the run's start, and RESET's every task; `task` picks the init's random
+    stream). train(state, hp, seed, classes, data, task, first, count) -> state after the task's minibatch steps
+    first .. first + count - 1, counted across its epochs. evaluate(state, seed, classes, data, task) -> metrics.
+    spectrum(state, seed, classes, data, task, phase, images) -> SLQ (nodes, weights). On the host: calls(task),
+    the (first, count) that make up a task, and hessian_images(seeds, task), each member's Hessian images.
+    `classes` [100] is each class's place in the member's class order; `data` holds the device arrays (an
+    argument: an array the functions closed over would be compiled into the program as a constant); `ds` the
+    same on the host; `agent` is the resolved AGENTS entry."""
+    B, cpt, per_class = args.batch_size, args.classes_per_task, len(ds["y_train"]) // NUM_CLASSES
+    feature_samples, y_host = min(args.feature_samples, len(ds["y_test"])), np.asarray(ds["y_train"])
+
+    def optimizer(hp):
+        return common.sgd(hp["lr"], hp["weight_decay"], args.momentum)
+
+    def init(seed, task):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), INIT_STREAM), task)
+        params, stats = init_net(key, args.width, args.dense_width)
+        zero = jnp.zeros(())
+        state = {"params": params, "stats": stats, "opt": optimizer({"lr": 0.0, "weight_decay": 0.0}).init(params),
+                 "train_acc": zero, "train_loss": zero, "acc_sum": zero, "loss_sum": zero}
+        if "replacement_rate" in agent:
+            state["cbp"] = [common.cbp_init(n) for n in cbp_layer_sizes(params)]
+        return state
+
+    def loss_fn(params, stats, x, y, seen):
+        logits, new_stats, acts = forward(params, stats, x, True)
+        loss, correct = masked_loss_acc(logits, y, seen)
+        return jnp.mean(loss), (new_stats, acts, jnp.mean(correct))
+
+    def er_step(params, stats, data, order, b, er_lr):
+        """ER ascent (App. D; the authors' code) on the images of the epoch's last er_batch minibatches,
+        re-featurized with the current parameters."""
+        window = jax.lax.dynamic_slice(order, ((b + 1 - agent["er_batch"]) * B,), (agent["er_batch"] * B,))
+        x = data["x_train"][window].astype(jnp.float32) / 255.0
+        return common.er_ascent(params, lambda p, x: forward(p, stats, x, True)[2]["dense"], x, er_lr)[0]
+
+    def sgd_step(state, hp, data, seen, order, epoch_key, b):
+        """Minibatch b of an epoch: an SGD step (momentum, coupled L2) on the masked cross-entropy, then Shrink &
+        Perturb's noise, continual backprop, and after every er_batch-th minibatch of the epoch the ER step."""
+        idx = jax.lax.dynamic_slice(order, (b * B,), (B,))
+        (loss, (stats, acts, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["stats"], data["x_train"][idx].astype(jnp.float32) / 255.0, data["y_train"][idx],
+            seen)
+        opt = optimizer(hp)
+        updates, opt_state = opt.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        step_key = jax.random.fold_in(epoch_key, b)
+        state = {**state, "loss_sum": state["loss_sum"] + loss, "acc_sum": state["acc_sum"] + acc}
+        if "perturb_scale" in agent:
+            params = common.shrink_perturb(params, jax.random.fold_in(step_key, 0), agent["perturb_scale"])
+        if "replacement_rate" in agent:
+            params, stats, opt_state, state["cbp"] = cbp_step(agent, opt, params, stats, opt_state, state["cbp"],
+                                                              acts, jax.random.fold_in(step_key, 1))
+        if "er_lr" in agent:
+            params = jax.lax.cond((b + 1) % agent["er_batch"] == 0,
+                                  lambda p: er_step(p, stats, data, order, b, hp["er_lr"]), lambda p: p, params)
+        return {**state, "params": params, "stats": stats, "opt": opt_state}
+
+    def train_epoch(state, hp, data, seen, epoch_key, lo, hi, steps):
+        """Minibatches lo .. hi - 1 of an epoch; at its end, its mean training loss and accuracy."""
+        # A random order of the seen images: unseen ones get keys above every seen one, so they sort last.
+        y = data["y_train"]
+        order = jnp.argsort(jnp.where(seen[y], jax.random.uniform(epoch_key, y.shape), 2.0))
+        state = {**state, **{k: jnp.where(lo == 0, 0.0, state[k]) for k in ("loss_sum", "acc_sum")}}
+        state = jax.lax.fori_loop(lo, hi, lambda b, s: sgd_step(s, hp, data, seen, order, epoch_key, b), state)
+        done = hi == steps
+        return {**state, "train_loss": jnp.where(done, state["loss_sum"] / steps, state["train_loss"]),
+                "train_acc": jnp.where(done, state["acc_sum"] / steps, state["train_acc"])}
+
+    def train(state, hp, seed, classes, data, task, first, count):
+        seen = classes < (task + 1) * cpt  # [100]
+        train_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), TRAIN_STREAM), task)
+        steps = steps_per_epoch(args, per_class, task)
+
+        def epoch(e, state):  # the call's steps that fall in epoch e
+            lo, hi = jnp.clip(first - e * steps, 0, steps), jnp.clip(first + count - e * steps, 0, steps)
+            return train_epoch(state, hp, data, seen, jax.random.fold_in(train_key, e), lo, hi, steps)
+
+        return jax.lax.fori_loop(first // steps, (first + count - 1) // steps + 1, epoch, state)
+
+    def evaluate(state, seed, classes, data, task):
+        """Test loss and accuracy over every test image of the seen classes (BatchNorm in eval mode); dead units
+        and effective rank of the dense layers on feature_samples of those images (fewer while fewer exist); the
+        last epoch's training loss and accuracy; parameter norm; finiteness."""
+        params, stats = state["params"], state["stats"]
+        seen = classes < (task + 1) * cpt
+        x_test, y_test = data["x_test"], data["y_test"]
+        test_seen = seen[y_test]
+
+        def per_image(xy):
+            x, y = xy
+            logits, _, acts = forward(params, stats, x[None].astype(jnp.float32) / 255.0, False)
+            loss, correct = masked_loss_acc(logits, y[None], seen)
+            return loss[0], correct[0], [a[0] for a in acts["dense"]]
+
+        loss, correct, feats = jax.lax.map(per_image, (x_test, y_test), batch_size=args.eval_batch)
+        count = jnp.sum(test_seen)
+        # A random subset of the seen test images; rows beyond the seen count are masked to 0, which changes
+        # neither the dead-unit test (0 never makes a unit alive) nor the singular values.
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), EVAL_STREAM), task)
+        pick = jnp.argsort(jnp.where(test_seen, jax.random.uniform(key, y_test.shape), 2.0))[:feature_samples]
+        feats = [f[pick] * (jnp.arange(pick.shape[0]) < count)[:, None] for f in feats]
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+        return {"test_acc": jnp.sum(jnp.where(test_seen, correct, 0.0)) / count,
+                "test_loss": jnp.sum(jnp.where(test_seen, loss, 0.0)) / count,
+                "train_acc": state["train_acc"], "train_loss": state["train_loss"],
+                "dead_units": jnp.stack([common.dead_units(f) for f in feats]),
+                "effective_rank": common.effective_ranks(feats), "param_norm": common.param_norm(params),
+                "finite": finite & jnp.isfinite(state["train_loss"])}
+
+    def spectrum(state, seed, classes, data, task, phase, images):
+        """SLQ of the masked cross-entropy (no L2/ER term) on training images `images` of the task's new classes;
+        phase 0 = task init, 1 = task end. BatchNorm runs in eval mode (running statistics), so the loss is a
+        plain per-image average and does not depend on batching."""
+        params, stats = state["params"], state["stats"]
+        seen = classes < (task + 1) * cpt
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), HESSIAN_STREAM), 2 * task + phase)
+
+        def loss_fn(p):
+            @jax.checkpoint  # recompute in the backward pass: memory grows with hessian_batch, not with the images
+            def per_image(xy):
+                logits = forward(p, stats, xy[0][None].astype(jnp.float32) / 255.0, False)[0]
+                return masked_loss_acc(logits, xy[1][None], seen)[0][0]
+            xy = (data["x_train"][images], data["y_train"][images])
+            return jnp.mean(jax.lax.map(per_image, xy, batch_size=args.hessian_batch))
+
+        return hessian.slq(loss_fn, params, key, args.lanczos_iters, args.hessian_probes)
+
+    def calls(task):
+        total = args.epochs * steps_per_epoch(args, per_class, task)
+        return [(first, min(args.call_steps, total - first)) for first in range(0, total, args.call_steps)]
+
+    def hessian_images(seeds, task):
+        """[members, n]: hessian_samples training images of the task's new classes per member, drawn from
+        (seed, task) on the host."""
+        picks = []
+        for seed in np.asarray(seeds).tolist():
+            pool = np.flatnonzero(np.isin(y_host, class_order(seed)[task * cpt:(task + 1) * cpt]))
+            rng = np.random.default_rng([seed, task])
+            picks.append(np.sort(rng.choice(pool, min(args.hessian_samples, len(pool)), replace=False)))
+        return np.stack(picks)
+
+    return init, train, evaluate, spectrum, calls, hessian_images
 
 
-def init_member(member, task, static):
-    """Fresh network, BatchNorm statistics, optimizer state and CBP state; task = index of the init stream."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(member.seed), INIT_STREAM), task)
-    params, stats = init_net(key, static.width, static.dense_width)
-    cbp = [common.cbp_init(n) for n in cbp_layer_sizes(static)] if static.use_cbp else None
-    return {"params": params, "stats": stats, "opt": optimizer(static).init(params), "cbp": cbp,
-            "train_acc": jnp.zeros(()), "train_loss": jnp.zeros(())}
-
-
-def begin_task(state, member, task, static):
-    """A fresh network, BatchNorm statistics and optimizer state (`state` is ignored): the start of a run, and
-    RESET's every task."""
-    return init_member(member, task, static)
-
-
-def cbp_step(params, stats, opt_state, cbp, acts, key, static):
+def cbp_step(agent, opt, params, stats, opt_state, cbp, acts, key):
     """Continual backprop by channel (Dohare et al.): each block's inner conv channels (conv a -> BN -> ReLU,
     outgoing weights in conv b) and both dense layers. A replaced channel also gets its BatchNorm scale 1,
     shift 0, running mean 0 and variance 1; the optimizer state of every replaced entry is zeroed. Fresh
@@ -479,11 +504,11 @@ def cbp_step(params, stats, opt_state, cbp, acts, key, static):
     params = jax.tree.map(lambda x: x, params)  # fresh containers, safe to update in place
     stats = jax.tree.map(lambda x: x, stats)
     masks = jax.tree.map(jnp.ones_like, params)
-    hp = dict(replacement_rate=static.replacement_rate, decay_rate=static.decay_rate,
-              maturity_threshold=static.maturity_threshold, utility=static.cbp_utility)
+    hp = dict(replacement_rate=agent["replacement_rate"], decay_rate=agent["decay_rate"],
+              maturity_threshold=agent["maturity_threshold"], utility=agent["cbp_utility"])
     new_cbp = []
-    for i, size in enumerate(cbp_layer_sizes(static)):
-        max_replace = common.cbp_max_replace(static.replacement_rate, size)
+    for i, size in enumerate(cbp_layer_sizes(params)):
+        max_replace = common.cbp_max_replace(agent["replacement_rate"], size)
         if i < num_blocks:
             p, m = params["blocks"][i], masks["blocks"][i]
             state, idx, valid = common.cbp_select(cbp[i], acts["blocks"][i], p["b"]["conv"]["w"],
@@ -508,333 +533,178 @@ def cbp_step(params, stats, opt_state, cbp, acts, key, static):
             masks[name]["w"], masks[name]["b"] = masks[name]["w"] * keep_in, masks[name]["b"] * keep_b
             masks[nxt]["w"] = masks[nxt]["w"] * keep_out
         new_cbp.append(state)
-    opt_state = common.mask_opt_state(optimizer(static), opt_state, masks)
-    return params, stats, opt_state, new_cbp
-
-
-def train_chunk(state, member, data, task, first_epoch, num_epochs, steps_per_epoch, static):
-    """Epochs [first_epoch, first_epoch + num_epochs) of task `task` (0-based). Each epoch visits the seen
-    classes' training images in a fresh random order, `steps_per_epoch` minibatches (the remainder is dropped)."""
-    B = static.batch_size
-    seen = member.class_rank < (task + 1) * static.classes_per_task  # [100]
-    x_train, y_train = data["x_train"], data["y_train"]
-    train_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(member.seed), TRAIN_STREAM), task)
-
-    def images(idx):
-        return x_train[idx].astype(jnp.float32) / 255.0
-
-    def loss_fn(params, stats, x, y):
-        logits, new_stats, acts = forward(params, stats, x, True)
-        loss, correct = masked_loss_acc(logits, y, seen)
-        return jnp.mean(loss), (new_stats, acts, jnp.mean(correct))
-
-    def epoch(e, state):
-        epoch_key = jax.random.fold_in(train_key, e)
-        # A random order of the seen images: unseen ones get keys above every seen one, so they sort last.
-        order = jnp.argsort(jnp.where(seen[y_train], jax.random.uniform(epoch_key, y_train.shape), 2.0))
-
-        def step(b, carry):
-            state, loss_sum, acc_sum = carry
-            step_key = jax.random.fold_in(epoch_key, b)
-            idx = jax.lax.dynamic_slice(order, (b * B,), (B,))
-            (loss, (stats, acts, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state["params"], state["stats"], images(idx), y_train[idx])
-            opt = optimizer(static, member.lr, member.weight_decay)
-            updates, opt_state = opt.update(grads, state["opt"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            if static.use_snp:
-                params = common.shrink_perturb(params, jax.random.fold_in(step_key, 0), member.perturb_scale)
-            cbp = state["cbp"]
-            if static.use_cbp:
-                params, stats, opt_state, cbp = cbp_step(params, stats, opt_state, cbp, acts,
-                                                         jax.random.fold_in(step_key, 1), static)
-            if static.use_er:
-                # ER ascent (App. D; the authors' code) after every er_batch-th minibatch of the epoch, on the
-                # images of the last er_batch minibatches, re-featurized with the current parameters.
-                def er(params):
-                    window = jax.lax.dynamic_slice(order, ((b + 1 - static.er_batch) * B,), (static.er_batch * B,))
-                    return common.er_ascent(params, lambda p, x: forward(p, stats, x, True)[2]["dense"],
-                                            images(window), member.er_lr)[0]
-                params = jax.lax.cond((b + 1) % static.er_batch == 0, er, lambda p: p, params)
-            state = dict(state, params=params, stats=stats, opt=opt_state, cbp=cbp)
-            return state, loss_sum + loss, acc_sum + acc
-
-        state, loss_sum, acc_sum = jax.lax.fori_loop(0, steps_per_epoch, step, (state, 0.0, 0.0))
-        return dict(state, train_loss=loss_sum / steps_per_epoch, train_acc=acc_sum / steps_per_epoch)
-
-    return jax.lax.fori_loop(first_epoch, first_epoch + num_epochs, epoch, state)
+    return params, stats, common.mask_opt_state(opt, opt_state, masks), new_cbp
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation (BatchNorm in eval mode: running statistics)
+# Settings (no need to modify to fork)
 # ----------------------------------------------------------------------------------------------------------
-def evaluate(state, member, data, task, static):
-    """Test loss/accuracy over every test image of the seen classes; dead units and effective rank of the
-    dense layers on `feature_samples` of those images (fewer while fewer exist); parameter norm; finiteness."""
-    params, stats = state["params"], state["stats"]
-    seen = member.class_rank < (task + 1) * static.classes_per_task
-    x_test, y_test = data["x_test"], data["y_test"]
-    test_seen = seen[y_test]
-
-    def per_image(xy):
-        x, y = xy
-        logits, _, acts = forward(params, stats, x[None].astype(jnp.float32) / 255.0, False)
-        loss, correct = masked_loss_acc(logits, y[None], seen)
-        return loss[0], correct[0], [a[0] for a in acts["dense"]]
-
-    loss, correct, feats = jax.lax.map(per_image, (x_test, y_test), batch_size=static.eval_batch)
-    count = jnp.sum(test_seen)
-    test_loss = jnp.sum(jnp.where(test_seen, loss, 0.0)) / count
-    test_acc = jnp.sum(jnp.where(test_seen, correct, 0.0)) / count
-
-    # A random subset of the seen test images; rows beyond the seen count are masked to 0, which changes
-    # neither the dead-unit test (0 never makes a unit alive) nor the singular values.
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(member.seed), EVAL_STREAM), task)
-    pick = jnp.argsort(jnp.where(test_seen, jax.random.uniform(key, y_test.shape), 2.0))[:static.feature_samples]
-    valid = (jnp.arange(pick.shape[0]) < count)[:, None]
-    feats = [f[pick] * valid for f in feats]
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-    return {"test_acc": test_acc, "test_loss": test_loss,
-            "dead_units": jnp.stack([common.dead_units(f) for f in feats]),
-            "effective_rank": common.effective_ranks(feats),
-            "param_norm": common.param_norm(params),
-            "finite": finite & jnp.isfinite(state["train_loss"])}
-
-
-def hessian_spectrum(params, stats, member, task, x, y, key, static, num_iters, num_probes, batch):
-    """SLQ of the masked cross-entropy (no L2/ER term) on images x of the task's new classes. BatchNorm runs in
-    eval mode (running statistics), so the loss is a plain per-image average and does not depend on batching."""
-    seen = member.class_rank < (task + 1) * static.classes_per_task
-
-    def loss_fn(p):
-        @jax.checkpoint  # recompute in the backward pass: memory grows with `batch`, not with len(x)
-        def per_image(xy):
-            logits = forward(p, stats, xy[0][None].astype(jnp.float32) / 255.0, False)[0]
-            return masked_loss_acc(logits, xy[1][None], seen)[0][0]
-        return jnp.mean(jax.lax.map(per_image, (x, y), batch_size=batch))
-
-    return hessian.slq(loss_fn, params, key, num_iters, num_probes)
+def resolve(args):
+    """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
+    stops with one line on a setting that would silently give wrong science, before any data is read."""
+    agent = dict(AGENTS[args.agent])
+    for name in sorted(set().union(*AGENTS.values())):
+        value = getattr(args, name, None)  # "reset" is the agent itself, not a flag
+        if value is not None and name not in agent:
+            users = ", ".join(a for a, entry in AGENTS.items() if name in entry)
+            common.fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
+        if value is not None:
+            agent[name] = value
+    for name in ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width",
+                 "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
+                 "hessian_batch", "call_steps"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    checks = [(args.tasks * args.classes_per_task <= NUM_CLASSES,
+               f"--tasks x --classes-per-task must be <= 100, got {args.tasks} x {args.classes_per_task}"),
+              (agent.get("er_batch", 1) >= 1, f"--er-batch must be >= 1, got {agent.get('er_batch')}"),
+              (args.hessian_every >= 0 and agent.get("maturity_threshold", 0) >= 0
+               and 0 <= agent.get("decay_rate", 0) < 1,
+               "--hessian-every and --maturity-threshold must be >= 0, --decay-rate in [0, 1)"),
+              (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
+              (agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
+               f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {agent.get('cbp_utility')!r}"),
+              (0 <= agent.get("replacement_rate", 0) < 1 and agent.get("perturb_scale", 0) >= 0,
+               "--replacement-rate must be in [0, 1) and --perturb-scale >= 0")]
+    for ok, message in checks:
+        if not ok:
+            common.fail(message)
+    swept = {name: tuple(np.atleast_1d(agent[name] if name in agent else args.lr).tolist())
+             for name in SWEPT if name in agent or name == "lr"}
+    return agent, common.sweep(**swept)
 
 
-HESSIAN = jax.jit(hessian_spectrum, static_argnames=("static", "num_iters", "num_probes", "batch"))
+def load_data(args, agent, dataset=None):
+    """CIFAR-100 (`dataset` if given, the synthetic stand-in with --synthetic-data), after the checks that need
+    its size."""
+    if dataset is None:
+        dataset = data.synthetic_cifar100() if args.synthetic_data else data.cifar100(args.data_dir, args.manual_dir)
+    first = len(dataset["y_train"]) // NUM_CLASSES * args.classes_per_task
+    if first < args.batch_size:
+        common.fail(f"--batch-size {args.batch_size} exceeds the {first} training images of the first task")
+    if agent.get("er_batch", 0) > first // args.batch_size:
+        common.fail(f"--er-batch {agent['er_batch']} exceeds the {first // args.batch_size} minibatches of an "
+                    f"epoch of task 1")
+    return dataset
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Seed modes: run a single-member function for every member (leading axis of `state` and `member`)
-# ----------------------------------------------------------------------------------------------------------
-@jax.jit
-def unstack(tree):
-    """Split the leading (member) axis into a list of trees (one compiled program, not one op per leaf)."""
-    return [jax.tree.map(lambda x: x[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0])]
+def class_ranks(seeds):
+    """[members, 100] int32: each class's place in each member's class order."""
+    return jnp.asarray(np.stack([np.argsort(class_order(s)) for s in np.asarray(seeds).tolist()]), jnp.int32)
 
 
-@jax.jit
-def stack(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def progress_from(args, calls, cursor):
+    """common.Progress over the run's minibatch steps per member, from the cursor's place."""
+    done = sum(c for t in range(cursor["unit"]) for _, c in calls(t)) + sum(
+        c for _, c in calls(cursor["unit"])[:cursor["call"]])
+    return common.Progress(sum(c for t in range(args.tasks) for _, c in calls(t)), "step", done)
 
 
-@functools.lru_cache(maxsize=None)
-def member_runner(fn, mode, **static_kwargs):
-    """fn(state, member, *shared, **static_kwargs) for every member, compiled once per (fn, mode, statics)."""
-    one = functools.partial(fn, **static_kwargs)
-    if mode == "vmap":
-        return jax.jit(lambda s, m, *shared: jax.vmap(lambda s, m: one(s, m, *shared))(s, m))
-    if mode == "map":
-        return jax.jit(lambda s, m, *shared: jax.lax.map(lambda sm: one(sm[0], sm[1], *shared), (s, m)))
-    single = jax.jit(one)
-
-    def sequential(s, m, *shared):
-        members = unstack(m)
-        states = unstack(s) if s is not None else [None] * len(members)
-        return stack([single(si, mi, *shared) for si, mi in zip(states, members)])
-    return sequential
+def save(run, measured):
+    """Run.save, then each seed's class order (class_order [configs, seeds, 100]) added to metrics.npz."""
+    run.save(measured)
+    with np.load(run.dir / "metrics.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    order = np.stack([class_order(s) for s in run.members.seed_list])
+    common.save_npz(run.dir / "metrics.npz", **arrays,
+                    class_order=np.broadcast_to(order, run.members.grid + (NUM_CLASSES,)))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Main
+# Driver: data, init or resume, then for each task: train (in calls), measure, record, checkpoint
 # ----------------------------------------------------------------------------------------------------------
-def resolve_hyperparameters(args):
-    """Configs (the sweep axis) and the scalar agent settings, with the agent's defaults filled in."""
-    defaults = AGENT_DEFAULTS[args.agent]
-    for field in ("weight_decay", "er_lr", "replacement_rate", "perturb_scale"):
-        if getattr(args, field) is not None and field not in defaults:
-            common.fail(f"--{field.replace('_', '-')} does not apply to agent {args.agent}")
-    sweep = {"lr": args.lr or (DEFAULT_LR,)}
-    for field in ("weight_decay", "er_lr"):
-        if field in defaults:
-            sweep[field] = getattr(args, field) or (defaults[field],)
-    replacement_rate, perturb_scale = (getattr(args, k) if getattr(args, k) is not None else defaults.get(k, 0.0)
-                                       for k in ("replacement_rate", "perturb_scale"))
-    if not 0 <= replacement_rate < 1 or perturb_scale < 0:
-        common.fail("--replacement-rate must be in [0, 1) and --perturb-scale >= 0")
-    return common.sweep(**sweep), replacement_rate, perturb_scale
-
-
-def validate(args):
+def main(args, dataset=None):
+    """Run the experiment. `dataset` (tests) replaces CIFAR-100: a dict of x_train [N, 32, 32, 3] uint8,
+    y_train [N] int, x_test [M, 32, 32, 3] uint8, y_test [M] int, every class equally often."""
     common.check_agent(args.agent, AGENTS)
-    positive = ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width", "er_batch",
-                "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
-                "hessian_batch", "chunk_epochs")
-    for field in positive:
-        if getattr(args, field) < 1:
-            common.fail(f"--{field.replace('_', '-')} must be >= 1, got {getattr(args, field)}")
-    if args.tasks * args.classes_per_task > NUM_CLASSES:
-        common.fail(f"--tasks x --classes-per-task must be <= 100, got {args.tasks} x {args.classes_per_task}")
-    if args.hessian_every < 0 or args.maturity_threshold < 0 or not 0 <= args.decay_rate < 1:
-        common.fail("--hessian-every and --maturity-threshold must be >= 0, --decay-rate in [0, 1)")
-    if not 0 <= args.momentum < 1:
-        common.fail(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.cbp_utility not in common.CBP_UTILITIES:
-        common.fail(f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {args.cbp_utility!r}")
-
-
-def main(args):
-    validate(args)
-    configs, replacement_rate, perturb_scale = resolve_hyperparameters(args)
+    agent, configs = resolve(args)
+    ds = load_data(args, agent, dataset)
     jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else "highest")
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    C, S, T = len(configs), len(seeds), args.tasks
-    data_np = synthetic_cifar100() if args.synthetic_data else load_cifar100(args.data_dir, args.manual_dir)
-    train_per_class = len(data_np["y_train"]) // NUM_CLASSES
-    steps_per_epoch = [train_per_class * args.classes_per_task * (t + 1) // args.batch_size for t in range(T)]
-    if steps_per_epoch[0] < 1:
-        common.fail(f"--batch-size {args.batch_size} exceeds the {train_per_class * args.classes_per_task} "
-                    f"training images of the first task")
-    if args.agent in ("er", "l2-er") and steps_per_epoch[0] < args.er_batch:
-        common.fail(f"--er-batch {args.er_batch} exceeds the {steps_per_epoch[0]} minibatches of an epoch of task 1")
+    members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
+    init, train, evaluate, spectrum, calls, hessian_images = make_train(args, agent, ds)
+    measured = list(range(0, args.tasks, args.hessian_every)) if args.hessian_every else []
+    run = common.Run("cifar", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
+    init = members.run(init, (0, None), batching="map")
+    state = init(members.seeds, 0) if run.state is None else run.state
+    hp, seeds, classes, state = common.shard_members(
+        (members.hyperparameters(SWEPT), members.seeds, class_ranks(members.seeds), state))
+    dev = {k: jnp.asarray(v) for k, v in ds.items()}
+    train = members.run(train, (0, 0, 0, 0, None, None, None, None))
+    evaluate = members.run(evaluate, (0, 0, 0, None, None))
+    spectrum = members.run(spectrum, (0, 0, 0, None, None, None, 0), batching="map")  # a Lanczos basis per member
+    stop, start, start_call = common.StopRequests(), run.cursor["unit"], run.cursor["call"]
+    progress, timer, last_checkpoint = progress_from(args, calls, run.cursor), common.StepTimer(), time.time()
+    done = progress.done  # minibatch steps per member
+    print(f"cifar {args.agent}: {members}, out {run.dir}", flush=True)
+    for task in range(start, args.tasks):
+        k, task_calls, fresh = measured.index(task) if task in measured else None, calls(task), run.cursor["call"] == 0
+        if fresh and task > 0 and "reset" in agent:  # RESET: a fresh network, statistics and optimizer
+            state = init(seeds, task)
+        if fresh and k is not None:  # "init": the network that starts the task, on its new classes
+            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
+                state, seeds, classes, dev, task, 0, hessian_images(seeds, task))
+        for i in range(run.cursor["call"], len(task_calls)):
+            first, count = task_calls[i]
+            with timer.timing(timed := (task, i) != (start, start_call)):  # the first call compiles
+                state = jax.block_until_ready(train(state, hp, seeds, classes, dev, task, first, count))
+            timer.steps, done = timer.steps + timed * count * members.count, done + count
+            run.accumulate(i + 1)
+            if i + 1 == len(task_calls):  # the task's end: measured, saved and checkpointed below
+                break
+            if time.perf_counter() - progress.last_time >= PRINT_SECONDS:
+                progress.update(done, (done - progress.done) * members.count, task=f"{task + 1}/{args.tasks}")
+            if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes:
+                run.checkpoint(state)
+                last_checkpoint = time.time()
+                if stop.requested:
+                    stop.exit(f"task {task + 1}/{args.tasks} was {i + 1}/{len(task_calls)} done",
+                              common.resume_command(args, run.dir))
+        metrics = jax.device_get(evaluate(state, seeds, classes, dev, task))
+        if k is not None:
+            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
+                state, seeds, classes, dev, task, 1, hessian_images(seeds, task))
+        run.record(task, metrics, f"task {task + 1}")
+        progress.update(done, (done - progress.done) * members.count, task=f"{task + 1}/{args.tasks}",
+                        test_acc=common.finite_mean(metrics["test_acc"]),
+                        train_acc=common.finite_mean(metrics["train_acc"]))
+        save(run, measured[:sum(t <= task for t in measured)])
+        if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or task + 1 == args.tasks:
+            run.checkpoint(state)
+            last_checkpoint = time.time()
+            if stop.requested and task + 1 < args.tasks:
+                stop.exit(f"task {task + 1}/{args.tasks}", common.resume_command(args, run.dir))
+    stop.close()
+    print(speed_line(args, timer, members.count), flush=True)
+    print(f"done: {run.dir}", flush=True)
+    return run.dir
 
-    # Members: config-major (member m = config m // S, seed m % S); class order drawn from the seed alone.
-    config_index, member_seed = common.stack_members(configs, seeds)
-    class_order = np.stack([np.random.default_rng(s).permutation(NUM_CLASSES) for s in seeds])
-    class_rank = np.argsort(class_order, axis=1)
-    member = Member(
-        seed=jnp.asarray(member_seed, jnp.int32),
-        class_rank=jnp.asarray(class_rank[np.asarray(member_seed) - args.seed], jnp.int32),
-        lr=jnp.asarray([configs[c]["lr"] for c in config_index], jnp.float32),
-        weight_decay=jnp.asarray([configs[c].get("weight_decay", 0.0) for c in config_index], jnp.float32),
-        er_lr=jnp.asarray([configs[c].get("er_lr", 0.0) for c in config_index], jnp.float32),
-        perturb_scale=jnp.full(len(config_index), perturb_scale, jnp.float32))
-    static = Static(width=args.width, dense_width=args.dense_width, batch_size=args.batch_size,
-                    momentum=float(args.momentum), classes_per_task=args.classes_per_task,
-                    use_er=args.agent in ("er", "l2-er"), er_batch=args.er_batch, use_cbp=args.agent == "cbp",
-                    replacement_rate=float(replacement_rate), decay_rate=float(args.decay_rate),
-                    maturity_threshold=args.maturity_threshold, cbp_utility=args.cbp_utility,
-                    use_snp=args.agent in ("snp", "snp-l2"),
-                    feature_samples=min(args.feature_samples, len(data_np["y_test"])),
-                    eval_batch=args.eval_batch)
-    data = {k: jnp.asarray(v) for k, v in data_np.items()}
-    # The seed mode matters for training; initialization and evaluation (once per task) run member by member,
-    # compiled without the update rule's settings so that agents share them.
-    run = functools.partial(member_runner, mode=args.seed_mode, static=static)
-    rule_free = static._replace(use_er=False, er_batch=0, use_snp=False, replacement_rate=0.0, decay_rate=0.0,
-                                maturity_threshold=0, cbp_utility="contribution")
-    run_alone = functools.partial(member_runner, mode="sequential", static=rule_free)
-    hessian_tasks = [t for t in range(T) if args.hessian_every and t % args.hessian_every == 0]
-    hessian_n = min(args.hessian_samples, train_per_class * args.classes_per_task)
 
-    run_dir, checkpoint = common.open_run("cifar", args, RESUME_FREE)
-    layers = 2
-    metrics = {k: np.full((C, S, T), np.nan, np.float32) for k in
-               ("test_acc", "test_loss", "train_acc", "train_loss", "param_norm")}
-    metrics.update({k: np.full((C, S, T, layers), np.nan, np.float32) for k in ("dead_units", "effective_rank")})
-    spectra = {f"{phase}_{part}": np.full((C, S, len(hessian_tasks), args.hessian_probes, args.lanczos_iters),
-                                          np.nan, np.float32)
-               for phase in ("init", "end") for part in ("nodes", "weights")}
-    diverged = np.zeros((C, S), bool)
-    start_task, start_epoch = 0, 0
-    if checkpoint is not None:
-        state, start_task, start_epoch = checkpoint["state"], checkpoint["task"], checkpoint["epoch"]
-        if start_task > T:
-            common.fail(f"--resume: the run already has {start_task} tasks, more than --tasks {T}")
-        for k, v in checkpoint["metrics"].items():
-            metrics[k][:, :, :v.shape[2]] = np.asarray(v)[:, :, :T]
-        for k, v in checkpoint["spectra"].items():
-            spectra[k][:, :, :v.shape[2]] = np.asarray(v)[:, :, :len(hessian_tasks)]
-        diverged = np.asarray(checkpoint["diverged"])
-    else:
-        state = run_alone(begin_task)(None, member, jnp.int32(0))
-    common.save_config(run_dir, args, configs, seeds)
+PAPER_STEPS = 200 * sum(500 * 5 * t // 100 for t in range(1, 21))  # per member: 20 tasks x 200 epochs
 
-    def save_outputs(done_tasks):
-        common.save_npz(run_dir / "metrics.npz", **{k: v[:, :, :done_tasks] for k, v in metrics.items()},
-                        diverged=diverged, class_order=np.broadcast_to(class_order, (C, S, NUM_CLASSES)))
-        if hessian_tasks:
-            k = sum(t < done_tasks for t in hessian_tasks)
-            common.save_npz(run_dir / "hessian.npz", tasks=np.asarray(hessian_tasks[:k]),
-                            **{name: v[:, :, :k] for name, v in spectra.items()})
 
-    def checkpoint_now(task, epoch):
-        common.save_checkpoint(run_dir, {"args": asdict(args), "state": state,
-                                         "task": task, "epoch": epoch, "metrics": metrics, "spectra": spectra,
-                                         "diverged": diverged})
+def speed_line(args, timer, members):
+    """Throughput of the timed calls; the paper-scale projection only from a run of the paper's network."""
+    if not timer.steps:
+        return "speed: not measured (only one call ran in this process; the first compiles)"
+    per_step = timer.seconds / timer.steps
+    line = f"speed at width {args.width}: {per_step * 1e3:.2f} ms per member-step ({1 / per_step:,.1f} member-steps/s)"
+    if (args.width, args.dense_width, args.batch_size) == (64, 512, 100):
+        line += (f"; the paper's run ({PAPER_STEPS:,} steps per member) of {members} members takes "
+                 f"{per_step * PAPER_STEPS * members / 3600:.1f} h")
+    return line
 
-    def measure_spectra(phase, task):
-        slot = hessian_tasks.index(task)
-        states, members = unstack(state), unstack(member)
-        for m in range(len(member_seed)):
-            seed = int(member_seed[m])
-            new = class_order[seed - args.seed][task * args.classes_per_task:(task + 1) * args.classes_per_task]
-            pool = np.flatnonzero(np.isin(data_np["y_train"], new))
-            pick = np.sort(np.random.default_rng([seed, task]).choice(pool, hessian_n, replace=False))
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), HESSIAN_STREAM),
-                                     2 * task + (phase == "end"))
-            nodes, weights = HESSIAN(states[m]["params"], states[m]["stats"], members[m],
-                                     jnp.int32(task), data["x_train"][pick], data["y_train"][pick], key,
-                                     static=rule_free, num_iters=args.lanczos_iters,
-                                     num_probes=args.hessian_probes, batch=args.hessian_batch)
-            c, s = divmod(m, S)
-            spectra[f"{phase}_nodes"][c, s, slot] = np.asarray(nodes)
-            spectra[f"{phase}_weights"][c, s, slot] = np.asarray(weights)
 
-    def steps_done(task, epoch):  # per member
-        return args.epochs * sum(steps_per_epoch[:task]) + epoch * steps_per_epoch[min(task, T - 1)]
+METRICS = {**{k: ((), np.float32) for k in ("test_acc", "test_loss", "train_acc", "train_loss", "param_norm")},
+           "dead_units": ((2,), np.float32), "effective_rank": ((2,), np.float32)}  # the two dense layers
 
-    print(f"cifar {args.agent}: {len(member_seed)} members ({C} configs x {S} seeds, --seed-mode {args.seed_mode}) "
-          f"on {jax.devices()[0].device_kind}; steps/s below counts the steps of all members", flush=True)
-    progress = common.Progress(steps_done(T, 0), "step", start_units=steps_done(start_task, start_epoch))
-    last_save = time.monotonic()
-    for task in range(start_task, T):
-        if start_epoch == 0:
-            if args.agent == "reset" and task > 0:
-                state = run_alone(begin_task)(None, member, jnp.int32(task))
-            if task in hessian_tasks:
-                measure_spectra("init", task)
-        epoch = start_epoch
-        while epoch < args.epochs:
-            n = min(args.chunk_epochs, args.epochs - epoch)
-            state = run(train_chunk)(state, member, data, jnp.int32(task), jnp.int32(epoch), jnp.int32(n),
-                                     jnp.int32(steps_per_epoch[task]))
-            jax.block_until_ready(state)
-            epoch += n
-            progress.update(steps_done(task, epoch), n * steps_per_epoch[task] * len(member_seed),
-                            task=f"{task + 1}/{T}", epoch=f"{epoch}/{args.epochs}",
-                            train_acc=float(jnp.nanmean(state["train_acc"])))
-            if epoch < args.epochs and time.monotonic() - last_save >= 60 * args.checkpoint_minutes:
-                checkpoint_now(task, epoch)
-                last_save = time.monotonic()
-        start_epoch = 0
-        result = jax.device_get(run_alone(evaluate)(state, member, data, jnp.int32(task)))
-        for k in metrics:
-            source = state if k in ("train_acc", "train_loss") else result
-            metrics[k][:, :, task] = np.asarray(source[k]).reshape((C, S) + metrics[k].shape[3:])
-        diverged = common.report_diverged(np.asarray(result["finite"]).reshape(C, S), configs, seeds,
-                                          f"task {task + 1}", known=diverged)
-        if task in hessian_tasks:
-            measure_spectra("end", task)
-        save_outputs(task + 1)
-        print(f"task {task + 1}/{T} done | test_acc {np.nanmean(metrics['test_acc'][:, :, task]):.4f} | "
-              f"train_acc {np.nanmean(metrics['train_acc'][:, :, task]):.4f} | "
-              f"dead_units {np.nanmean(metrics['dead_units'][:, :, task], axis=(0, 1))} | "
-              f"effective_rank {np.nanmean(metrics['effective_rank'][:, :, task], axis=(0, 1)).round(1)}",
-              flush=True)
-        if time.monotonic() - last_save >= 60 * args.checkpoint_minutes:
-            checkpoint_now(task + 1, 0)
-            last_save = time.monotonic()
-    checkpoint_now(T, 0)
-    save_outputs(T)
-    print(f"wrote {run_dir}", flush=True)
-    return run_dir
+
+def spectra_shapes(args):
+    shape = ((args.hessian_probes, args.lanczos_iters), np.float32)
+    return {f"{phase}_{part}": shape for phase in ("init", "end") for part in ("nodes", "weights")}
 
 
 if __name__ == "__main__":
+    for old, new in RENAMED.items():  # flags of earlier versions: one line naming the replacement
+        if any(a == old or a.startswith(old + "=") for a in sys.argv[1:]):
+            common.fail(f"{old} was replaced by {new}")
     main(common.cli(Args))

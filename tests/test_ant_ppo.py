@@ -1,14 +1,21 @@
 """Tests of ant_ppo.py: the Ant env (Brax's contact set, pose, control cost, resets, friction that acts as its
 coefficient), the slippery friction schedule, per-agent Adam betas, GAE, time-outs, every agent end to end,
-seeds/configs trained together, resume and the Hessian measurement.
+seeds/configs trained together, resume, interrupts and the Hessian measurement.
 
-MJX programs take tens of seconds to compile on a CPU, so every end-to-end run shares one tiny shape
-(4 envs x 16 steps per update, 2 updates, width 16) and one compiled program per agent family.
+MJX programs take tens of seconds to trace and compile on a CPU, and ant_ppo makes each program once per
+process (`ant_ppo.programs`; with member batching "map", the default on a CPU, one program serves any number of
+members), so the end-to-end runs use few distinct programs: the tiny shape of tests/test_equal_metrics.py
+(4 envs x 16 steps per update, 2 updates, width 16; in one pytest process both files share its programs) and
+one of 1-step episodes in chunks of 2 updates (SHORT), also vmapped.
 """
 import contextlib
 import io
+import os
+import signal
 import subprocess
 import sys
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import ant_ppo  # first: it sets OPENBLAS_NUM_THREADS before jax loads LAPACK
@@ -21,12 +28,17 @@ import jax.numpy as jnp
 import common
 from ant_ppo import mjx
 
+# As tests/test_equal_metrics.py's Ant runs (with seeds=2), so that the two files share compiled programs.
 TINY = dict(num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2, hidden_size=16, total_steps=128,
-            change_every=32, episode_length=8, updates_per_chunk=1, hessian_iters=4, fast_compile=True)
+            change_every=32, episode_length=8, updates_per_chunk=1, fast_compile=True)
+CBP = dict(agent="cbp", weight_decay=(0.1,), replacement_rate=0.05, maturity_threshold=0, hessian_iters=4)
+# 1-step episodes (every step starts from a reset, then times out: the physics stays short, see
+# test_seed_alone_matches_seed_together), chunks of 2 updates, one friction phase; one member at a time.
+SHORT = dict(agent="bp", episode_length=1, updates_per_chunk=2, change_every=640, member_batching="map")
 METRICS = ("episodic_return", "episodes", "friction", "loss", "dead_units", "effective_rank", "param_norm")
 CFG = ant_ppo.EnvConfig()  # the env defaults (test_env_defaults_match_the_flags ties them to Args)
 # Programs compile without XLA's backend optimizations here (as --fast-compile): half the compile time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+FAST_COMPILE = ant_ppo.FAST_COMPILE
 
 
 def run(tmp_path, name, **overrides):
@@ -54,11 +66,11 @@ def reset4(seed=0, cfg=CFG):
 
 
 def test_env_defaults_match_the_flags():
-    _, static = ant_ppo.resolve(ant_ppo.Args())
-    assert static.env == CFG == ant_ppo.EnvConfig(10, 20, "feet", "crouched", False, False, 1000)
-    assert static.normalize_obs is False and static.bootstrap_timeouts is False
-    assert static.frictions == ant_ppo.AUTHORS_FRICTIONS == (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
-    assert static.cbp_utility == "contribution"
+    args = ant_ppo.Args()
+    assert ant_ppo.env_config(args) == CFG == ant_ppo.EnvConfig(10, 20, "feet", "crouched", False, False, 1000)
+    assert args.normalize_obs is False and args.bootstrap_timeouts is False
+    assert ant_ppo.phase_frictions(args) == ant_ppo.AUTHORS_FRICTIONS == (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
+    assert ant_ppo.resolve(ant_ppo.Args(agent="cbp"))[0]["cbp_utility"] == "contribution"
 
 
 def test_model_and_shapes(step4):
@@ -249,53 +261,54 @@ def test_friction_schedule():
 
 
 def test_every_seed_gets_the_authors_frictions_by_default():
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 3))(jnp.arange(3))
-    _, static = ant_ppo.resolve(ant_ppo.Args())
-    table = ant_ppo.friction_schedule(static, keys, 5)
+    seeds = jnp.arange(3)
+    table = ant_ppo.friction_table(ant_ppo.Args(), seeds, 5)
     np.testing.assert_allclose(table, [[0.2961, 0.2399, 0.0387, 0.3528, 0.0829]] * 3, rtol=1e-6)
-    _, static = ant_ppo.resolve(ant_ppo.Args(frictions=(0.1, 0.2)))
-    np.testing.assert_allclose(ant_ppo.friction_schedule(static, keys, 3), [[0.1, 0.2, 0.1]] * 3, rtol=1e-6)
-    _, static = ant_ppo.resolve(ant_ppo.Args(fixed_friction=1.0))
-    np.testing.assert_allclose(ant_ppo.friction_schedule(static, keys, 2), 1.0)
-    _, static = ant_ppo.resolve(ant_ppo.Args(random_frictions=True))
-    drawn = ant_ppo.friction_schedule(static, keys, 5)
+    table = ant_ppo.friction_table(ant_ppo.Args(frictions=(0.1, 0.2)), seeds, 3)
+    np.testing.assert_allclose(table, [[0.1, 0.2, 0.1]] * 3, rtol=1e-6)
+    np.testing.assert_allclose(ant_ppo.friction_table(ant_ppo.Args(fixed_friction=1.0), seeds, 2), 1.0)
+    drawn = ant_ppo.friction_table(ant_ppo.Args(random_frictions=True), seeds, 5)
     assert np.all((drawn >= 0.02) & (drawn <= 2.0)) and len(np.unique(drawn)) == 15  # its own per seed
+    # the same draws as the schedule inside training: a function of the seed's friction key and the phase
+    key = ant_ppo.member_keys(2)[3]
+    np.testing.assert_allclose(drawn[2], [ant_ppo.phase_friction(key, p, None, (0.02, 2.0)) for p in range(5)],
+                               rtol=1e-6)
 
 
 def test_adam_betas_per_agent():
     """As the authors ran Slippery Ant: bp 0.9 / 0.999 (Table 8); l2, er, l2-er, cbp 0.99 / 0.99."""
     expected = {"bp": (0.9, 0.999), "l2": (0.99, 0.99), "er": (0.99, 0.99), "l2-er": (0.99, 0.99),
                 "cbp": (0.99, 0.99)}
-    for agent, betas in expected.items():
-        _, static = ant_ppo.resolve(ant_ppo.Args(agent=agent))
-        assert (static.beta1, static.beta2) == betas, agent
-    _, static = ant_ppo.resolve(ant_ppo.Args(agent="bp", beta1=0.99, beta2=0.99))
-    assert (static.beta1, static.beta2) == (0.99, 0.99)
-    _, static = ant_ppo.resolve(ant_ppo.Args(agent="l2-er", beta2=0.999))
-    assert (static.beta1, static.beta2) == (0.99, 0.999)
+    betas = lambda **flags: tuple(ant_ppo.resolve(ant_ppo.Args(**flags))[0][b] for b in ("beta1", "beta2"))
+    for agent, pair in expected.items():
+        assert betas(agent=agent) == pair, agent
+    assert betas(agent="bp", beta1=0.99, beta2=0.99) == (0.99, 0.99)
+    assert betas(agent="l2-er", beta2=0.999) == (0.99, 0.999)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Rollout: friction change at exactly --change-every, time-out bootstrap; GAE
 # ----------------------------------------------------------------------------------------------------------
 def test_rollout_friction_change_raw_obs_and_terminal_timeouts():
-    _, static = ant_ppo.resolve(ant_ppo.Args(**{**TINY, "change_every": 8}))
-    member = jax.tree.map(lambda x: x[0], ant_ppo.build(static)[0](jnp.asarray([3])))
-    sched = ant_ppo.schedule(static, member.friction_key)
+    args = ant_ppo.Args(**{**TINY, "change_every": 8})
+    agent, _ = ant_ppo.resolve(args)
+    member = ant_ppo.make_train(args, agent)[0](3)  # init, eagerly
+    sched = ant_ppo.schedule(args, ant_ppo.member_keys(3)[3])
     delta = 0.5
 
-    shifted = jax.tree.map(lambda x: x, member.params)
+    shifted = jax.tree.map(lambda x: x, member["params"])
     shifted["critic"]["out"]["b"] = shifted["critic"]["out"]["b"] + delta
-    pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), member.params, shifted)
-    go = lambda p: ant_ppo.rollout(static, p, member.env, member.obs_stats, member.steps, jax.random.key(5), sched)
+    pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), member["params"], shifted)
+    go = lambda p: ant_ppo.rollout(args, p, member["env"], member["obs_stats"], member["steps"], jax.random.key(5),
+                                   sched)
     carry, traj, _ = jax.jit(jax.vmap(go), compiler_options=FAST_COMPILE)(pair)
     traj, traj_shifted = (jax.tree.map(lambda x: x[i], traj) for i in (0, 1))
     carry = jax.tree.map(lambda x: x[0], carry)
-    steps_per_update = static.num_steps // static.num_envs
+    steps_per_update = args.num_steps // args.num_envs
     assert traj.obs.shape == (steps_per_update, 4, 27) and traj.action.shape == (steps_per_update, 4, 8)
-    assert int(carry[2]) == static.num_steps
+    assert int(carry[2]) == args.num_steps
     # Raw observations (no normalization by default): the first is the env's state itself.
-    np.testing.assert_array_equal(traj.obs[0], jax.vmap(ant_ppo.observe)(member.env))
+    np.testing.assert_array_equal(traj.obs[0], jax.vmap(ant_ppo.observe)(member["env"]))
     # The friction switches exactly every change_every = 8 env steps = 2 vector steps of 4 envs, through the
     # authors' five values (then from the first again).
     expected = [ant_ppo.AUTHORS_FRICTIONS[(t * 4 // 8) % 5] for t in range(steps_per_update)]
@@ -310,7 +323,7 @@ def test_rollout_friction_change_raw_obs_and_terminal_timeouts():
 def test_timeout_bootstrap_flag():
     """training_reward: a time-out adds gamma * V(final obs) only with bootstrap_timeouts; terminations and
     other steps never do."""
-    _, static = ant_ppo.resolve(ant_ppo.Args(**TINY))
+    args = ant_ppo.Args(**TINY)
     critic = ant_ppo.init_params(jax.random.key(0), 16)["critic"]
     critic["out"]["b"] = critic["out"]["b"] + 2.0
     final_obs = jax.random.normal(jax.random.key(1), (3, 27))
@@ -318,9 +331,9 @@ def test_timeout_bootstrap_flag():
                             truncated=jnp.asarray([True, False, False]), final_obs=final_obs,
                             episode_return=jnp.zeros(3))
     stats = ant_ppo.obs_stats_init()
-    np.testing.assert_array_equal(ant_ppo.training_reward(static, critic, stats, info), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(ant_ppo.training_reward(args, critic, stats, info), [1.0, 2.0, 3.0])
     value = ant_ppo.critic_apply(critic, final_obs[0])[0]
-    boot = ant_ppo.training_reward(static._replace(bootstrap_timeouts=True), critic, stats, info)
+    boot = ant_ppo.training_reward(replace(args, bootstrap_timeouts=True), critic, stats, info)
     np.testing.assert_allclose(boot, [1.0 + 0.99 * float(value), 2.0, 3.0], rtol=1e-6)
 
 
@@ -368,20 +381,34 @@ def test_vmapped_rank_computations_do_not_stall_on_cpu():
 # ----------------------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bp_two_seeds(tmp_path_factory):
-    """Also keeps what the run printed, in <run dir>/stdout.txt."""
+def printed_run(tmp_path, name, **overrides):
+    """run(), also keeping what it printed, in <run dir>/stdout.txt."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        out, metrics = run(tmp_path_factory.mktemp("bp"), "bp", agent="bp", seeds=2)
+        out, metrics = run(tmp_path, name, **overrides)
     (out / "stdout.txt").write_text(printed.getvalue())
     return out, metrics
+
+
+@pytest.fixture(scope="module")
+def cbp_two_seeds(tmp_path_factory):
+    """tests/test_equal_metrics.py's cbp run: CBP (a high replacement rate and no maturity wait, so units are
+    replaced in this short run) with L2, and the spectra at each friction phase's start and end."""
+    return printed_run(tmp_path_factory.mktemp("cbp"), "cbp", seeds=2, hessian_every_phase=True, **CBP)
+
+
+@pytest.fixture(scope="module")
+def short_full(tmp_path_factory):
+    """5 updates of the SHORT program (seed 1 alone, member batching map), in calls of 2, 2 and 1 updates: the
+    uninterrupted reference of the resume and interrupt tests."""
+    return run(tmp_path_factory.mktemp("short"), "full", seed=1, total_steps=320, **SHORT)
 
 
 def check_outputs(metrics, num_c, num_s, num_updates=2, change_every=TINY["change_every"]):
     for k in METRICS:
         assert metrics[k].shape[:3] == (num_c, num_s, num_updates), k
     assert metrics["dead_units"].shape[3] == metrics["effective_rank"].shape[3] == 2
+    assert metrics["layer_names"].tolist() == ["actor_hidden", "critic_hidden"]
     assert np.all(np.isfinite(metrics["loss"])) and np.all(np.isfinite(metrics["param_norm"]))
     assert np.all((metrics["effective_rank"] >= 1) & (metrics["effective_rank"] <= TINY["hidden_size"]))
     assert np.all((metrics["dead_units"] >= 0) & (metrics["dead_units"] <= TINY["hidden_size"]))
@@ -396,115 +423,174 @@ def check_outputs(metrics, num_c, num_s, num_updates=2, change_every=TINY["chang
                                np.broadcast_to(ant_ppo.AUTHORS_FRICTIONS[:phases], (num_c, num_s, phases)), rtol=1e-6)
 
 
-def test_bp_end_to_end(bp_two_seeds):
-    out, metrics = bp_two_seeds
+def test_end_to_end(cbp_two_seeds):
+    out, metrics = cbp_two_seeds
     check_outputs(metrics, 1, 2)
     # Both seeds share the schedule; change_every 32 < 64 samples per update: update 0 ends in phase 1
     # (env step 63), update 1 in phase 3 (env step 127).
     np.testing.assert_allclose(metrics["friction"][0], [[0.2399, 0.3528]] * 2, rtol=1e-6)
     assert (out / "config.json").exists() and (out / "checkpoint.pkl").exists()
     printed = (out / "stdout.txt").read_text()
-    assert "Adam betas 0.9 / 0.999" in printed
+    assert "Adam betas 0.99 / 0.99" in printed and "2 members (1 configs x 2 seeds)" in printed
     assert "friction schedule (every seed), one value per 32 env steps: 0.2961, 0.2399, 0.0387, 0.3528" in printed
+    assert "update 2/2 | phase 3 | episodic_return" in printed and "final episodic return" in printed
 
 
-def test_seeds_and_configs_together_match(tmp_path, bp_two_seeds):
-    """Seed 1 trained beside seed 0 == seed 1 trained beside an l2 config of itself (a member's results depend
-    on its own seed and config only). Same member count and bp's Adam betas, so both runs share one compiled
-    program."""
-    _, together = bp_two_seeds
-    _, sweep = run(tmp_path, "sweep", agent="l2", seed=1, seeds=1, weight_decay=(0.0, 1e-2), beta1=0.9, beta2=0.999)
+def test_seeds_and_configs_together_match(tmp_path, cbp_two_seeds):
+    """Seed 1 trained beside seed 0 == seed 1 trained beside a config of itself without weight decay (a member's
+    results depend on its own seed and config only, not on the other members or its place among them). Both
+    runs have 2 members, so they share one compiled program with either member batching."""
+    _, together = cbp_two_seeds
+    _, sweep = run(tmp_path, "sweep", seed=1, seeds=1, **{**CBP, "weight_decay": (0.1, 0.0)})
     check_outputs(sweep, 2, 1)
     for k in METRICS:
         np.testing.assert_allclose(sweep[k][0, 0], together[k][0, 1], rtol=1e-5, atol=1e-5, err_msg=k)
     assert not np.allclose(sweep["param_norm"][1, 0], sweep["param_norm"][0, 0])  # weight decay acts
 
 
-def test_seed_alone_matches_seed_together(tmp_path):
-    """Seed 1 trained alone (a one-member program) == seed 1 trained beside seed 0, to float rounding.
+def test_seed_alone_matches_seed_together(tmp_path, short_full):
+    """Seed 1 trained alone (member batching map: a one-member program) == seed 1 trained beside seed 0 in one
+    vmapped program, to float rounding: vmap and map compute the same, and a member depends on nothing else.
 
     The two programs differ in batch shape, so XLA may round differently (~1e-7), and contact dynamics amplify
     that chaotically (measured: 1e-3 in the observations after 16 steps with 8-step episodes). One-step episodes
     (every step starts from a reset, then times out) keep the physics short, so any difference larger than
-    rounding would be a real dependence on the other seed."""
-    short = dict(agent="bp", episode_length=1)
-    _, together = run(tmp_path, "together", seeds=2, **short)
-    _, alone = run(tmp_path, "alone", seed=1, seeds=1, **short)
+    rounding would be a real dependence on the other seed. Also bp's Adam betas and its outputs."""
+    out, together = printed_run(tmp_path, "together", seeds=2, **{**SHORT, "member_batching": "vmap"})
+    _, alone = short_full  # its first two updates: one call, as here
     assert (together["episodes"] == TINY["num_steps"]).all()  # every step ended an episode
     for k in METRICS:
-        np.testing.assert_allclose(alone[k][0, 0], together[k][0, 1], rtol=1e-4, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(alone[k][0, 0, :2], together[k][0, 1], rtol=1e-4, atol=1e-5, err_msg=k)
     assert not np.allclose(together["param_norm"][0, 0], together["param_norm"][0, 1])  # seeds differ
+    assert np.isfinite(together["loss"]).all() and not together["diverged"].any()
+    np.testing.assert_allclose(together["friction"], 0.2961, rtol=1e-6)  # one phase
+    assert "Adam betas 0.9 / 0.999" in (out / "stdout.txt").read_text()
 
 
-def test_resume_matches_uninterrupted(tmp_path, bp_two_seeds):
-    _, full = bp_two_seeds
-    run(tmp_path, "resumed", agent="bp", seeds=2, total_steps=64)
-    out, resumed = run(tmp_path, "resumed", agent="bp", seeds=2, total_steps=128, resume=True)
+def test_resume_matches_uninterrupted(tmp_path, cbp_two_seeds):
+    """One update, then resumed to two: the metrics and spectra of the uninterrupted run."""
+    out, full = cbp_two_seeds
+    cbp = dict(seeds=2, hessian_every_phase=True, **CBP)
+    run(tmp_path, "resumed", total_steps=64, **cbp)
+    with np.load(tmp_path / "resumed" / "hessian.npz") as f:
+        assert f["tasks"].tolist() == [0] and np.isfinite(f["end_nodes"]).all()  # measured at that run's end
+    _, resumed = run(tmp_path, "resumed", total_steps=128, resume=True, **cbp)
     for k in METRICS:
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+    with np.load(out / "hessian.npz") as a, np.load(tmp_path / "resumed" / "hessian.npz") as b:
+        for k in a.files:
+            np.testing.assert_array_equal(b[k], a[k], err_msg=k)
     with pytest.raises(SystemExit, match="different settings.*gamma"):
-        run(tmp_path, "resumed", agent="bp", seeds=2, total_steps=128, resume=True, gamma=0.9)
+        run(tmp_path, "resumed", total_steps=128, resume=True, gamma=0.9, **cbp)
     with pytest.raises(SystemExit, match="already holds a run"):  # a new run never overwrites one
-        run(tmp_path, "resumed", agent="bp", seeds=2)
+        run(tmp_path, "resumed", **cbp)
+    with pytest.raises(SystemExit, match="already has 2 updates, more than 1"):
+        run(tmp_path, "resumed", total_steps=64, resume=True, **cbp)
 
 
-def test_resume_longer_run_off_the_chunk_edges(tmp_path):
+def test_resume_longer_run_off_the_chunk_edges(tmp_path, short_full):
     """3 updates in chunks of 2 (edges 0, 2, 3), resumed to 5 (edges 0, 2, 4, 5): update 3 is not an edge of the
     longer run, and the resumed run must still do exactly updates 4 and 5."""
-    longer = dict(agent="bp", updates_per_chunk=2, change_every=640)
-    _, full = run(tmp_path, "full", total_steps=320, **longer)
-    run(tmp_path, "resumed", total_steps=192, **longer)
-    _, resumed = run(tmp_path, "resumed", total_steps=320, resume=True, **longer)
+    _, full = short_full
+    run(tmp_path, "resumed", seed=1, total_steps=192, **SHORT)
+    _, resumed = run(tmp_path, "resumed", seed=1, total_steps=320, resume=True, **SHORT)
     for k in METRICS:
         assert resumed[k].shape[2] == 5, k
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
 
 
-@pytest.mark.parametrize("agent", ["er", "l2-er"])
-def test_er_agents_end_to_end(tmp_path, agent):
-    _, metrics = run(tmp_path, agent, agent=agent, er_lr=(0.5,))
-    check_outputs(metrics, 1, 1)
+class SignalAfterFirstChunk(common.Progress):
+    """common.Progress that sends this process a SIGTERM after the first chunk's line (as `kill` would)."""
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        if not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_cbp_end_to_end_with_hessian(tmp_path):
-    # A high replacement rate and no maturity wait, so units are replaced in this short run.
-    cbp = dict(agent="cbp", replacement_rate=0.05, maturity_threshold=0, change_every=64)
-    out, metrics = run(tmp_path, "cbp_h", hessian_every_phase=True, **cbp)
-    check_outputs(metrics, 1, 1, change_every=64)
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, short_full, monkeypatch, capsys):
+    """A SIGTERM during a run stops it at the end of the chunk of updates in progress: it checkpoints, prints
+    the command that resumes it and exits 143; that command finishes the run with the uninterrupted metrics."""
+    import tyro
+
+    _, full = short_full
+    args = ant_ppo.Args(**{**TINY, **SHORT, "seed": 1, "total_steps": 320, "out_dir": str(tmp_path / "cut")})
+    monkeypatch.setattr(common, "Progress", SignalAfterFirstChunk)
+    with pytest.raises(SystemExit) as e:
+        ant_ppo.main(args)
+    assert e.value.code == 143
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("interrupted after")]
+    assert len(lines) == 1 and lines[0].startswith("interrupted after update 2/5; resume with: python ant_ppo.py ")
+    with np.load(tmp_path / "cut" / "metrics.npz") as f:
+        assert f["loss"].shape == (1, 1, 2)
+    command = lines[0].split("resume with: ")[1].split()
+    resumed = tyro.cli(ant_ppo.Args, args=command[2:])
+    assert resumed == replace(args, resume=True)
+    monkeypatch.undo()
+    ant_ppo.main(resumed)
+    with np.load(tmp_path / "cut" / "metrics.npz") as f:
+        for k in full:
+            np.testing.assert_array_equal(f[k], full[k], err_msg=k)
+
+
+def test_er_agent_end_to_end(tmp_path):
+    """l2-er (er runs the same program with its weight decay at 0; its outputs, which pass these checks, are
+    pinned by tests/test_equal_metrics.py)."""
+    _, metrics = run(tmp_path, "l2-er", agent="l2-er", seeds=2, er_lr=(0.5,), weight_decay=(0.1,))
+    check_outputs(metrics, 1, 2)
+
+
+def test_cbp_end_to_end_with_hessian(tmp_path, cbp_two_seeds):
+    out, metrics = cbp_two_seeds  # its outputs: test_end_to_end
     with np.load(out / "hessian.npz") as f:
         spectra = {k: f[k] for k in f.files}
-    np.testing.assert_array_equal(spectra["tasks"], [0, 1])  # one phase per update here
+    # Spectra where phases start, at update boundaries: update 0 (phase 0) and update 1 (phases 1 and 2 began
+    # during update 0: the first of them).
+    np.testing.assert_array_equal(spectra["tasks"], [0, 1])
     for k in ("init_nodes", "init_weights", "end_nodes", "end_weights"):
-        assert spectra[k].shape == (1, 1, 2, 1, TINY["hessian_iters"]) and np.all(np.isfinite(spectra[k])), k
+        assert spectra[k].shape == (1, 2, 2, 1, CBP["hessian_iters"]) and np.all(np.isfinite(spectra[k])), k
     np.testing.assert_allclose(spectra["init_weights"].sum(-1), 1.0, rtol=1e-4)
     # Measuring the Hessian (on copies of the envs) leaves training untouched.
-    _, plain = run(tmp_path, "cbp", **cbp)
+    _, plain = run(tmp_path, "cbp", seeds=2, **CBP)
     for k in METRICS:
         np.testing.assert_array_equal(plain[k], metrics[k], err_msg=k)
 
 
+# 16 samples of 16 units, each unit on its own scale, so the two utilities rank units differently.
+CBP_HIDDEN = np.asarray(jax.random.uniform(jax.random.key(2), (16, 16)) * jnp.linspace(0.5, 2.0, 16)[::-1]
+                        + 0.3 * jnp.arange(16))
+
+
+@pytest.fixture(scope="module")
+def cbp_steps():
+    """{utility: (params before, (params, Adam state, CBP states) after one CBP step)}, with maturity 0 and
+    rate 0.5, both utilities in one compiled program."""
+    args = ant_ppo.Args(**{**TINY, "agent": "cbp", "replacement_rate": 0.5, "maturity_threshold": 0})
+    agents = {u: ant_ppo.resolve(replace(args, cbp_utility=u))[0] for u in common.CBP_UTILITIES}
+    assert [agent["cbp_utility"] for agent in agents.values()] == list(common.CBP_UTILITIES)
+
+    @partial(jax.jit, compiler_options=FAST_COMPILE)
+    def steps():
+        params = ant_ppo.init_params(jax.random.key(0), 16)
+        out = {}
+        for utility, agent in agents.items():
+            opt = common.adam(1e-3, agent["beta1"], agent["beta2"], args.adam_eps, 0.0)
+            _, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
+            cbp = (common.cbp_init(16), common.cbp_init(16))
+            out[utility] = (params, ant_ppo.cbp_step(agent, opt, params, opt_state, cbp, [jnp.asarray(CBP_HIDDEN)] * 2,
+                                                     jax.random.key(1)))
+        return out
+
+    return steps()
+
+
 @pytest.mark.parametrize("utility", common.CBP_UTILITIES)
-def test_cbp_replaces_units(utility):
+def test_cbp_replaces_units(utility, cbp_steps):
     """With maturity 0 and a high rate, CBP replaces units on the first update: their outgoing weights are
     reset to 0 and their Adam moments zeroed (checked directly on one CBP step), with either utility."""
-    _, static = ant_ppo.resolve(ant_ppo.Args(**{**TINY, "agent": "cbp", "replacement_rate": 0.5,
-                                                "maturity_threshold": 0, "cbp_utility": utility}))
-    assert static.cbp_utility == utility
-    hyper = ant_ppo.Hyper(jnp.float32(1e-3), jnp.float32(0.0), jnp.float32(0.0))
-
-    @jax.jit
-    def one_cbp_step():
-        opt = ant_ppo.optimizer(static, hyper)
-        params = ant_ppo.init_params(jax.random.key(0), 16)
-        grads = jax.tree.map(jnp.ones_like, params)
-        _, opt_state = opt.update(grads, opt.init(params), params)
-        cbp = (common.cbp_init(16), common.cbp_init(16))
-        return params, ant_ppo.cbp_step(static, opt, params, opt_state, cbp, hiddens, jax.random.key(1))
-
-    # 16 samples of 16 units, each unit on its own scale, so the two utilities rank units differently.
-    h = np.asarray(jax.random.uniform(jax.random.key(2), (16, 16)) * jnp.linspace(0.5, 2.0, 16)[::-1] + 0.3 * jnp.arange(16))
-    hiddens = [jnp.asarray(h), jnp.asarray(h)]
-    before, (params, opt_state, cbp) = one_cbp_step()
+    before, (params, opt_state, cbp) = cbp_steps[utility]
+    h = CBP_HIDDEN
     replaced = np.asarray(cbp[0].age == 0)
     # First step (age 1): the bias-corrected utility is this step's utility; rate 0.5 x 16 mature units = the
     # 8 lowest are replaced.
@@ -525,8 +611,10 @@ def test_cbp_replaces_units(utility):
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_envs=3), "multiple of --num-envs"),
     (dict(change_every=30), "--change-every"),
-    (dict(agent="bp", er_lr=(1e-3,)), "--er-lr applies"),
-    (dict(agent="l2", replacement_rate=1e-4), "--replacement-rate applies"),
+    (dict(agent="bp", er_lr=(1e-3,)), "--er-lr does not apply to agent bp \\(only er, l2-er\\)"),
+    (dict(agent="bp", weight_decay=(1e-3,)), "--weight-decay does not apply to agent bp \\(only l2, l2-er, cbp\\)"),
+    (dict(agent="l2", replacement_rate=1e-4), "--replacement-rate does not apply to agent l2"),
+    (dict(agent="er", decay_rate=0.9), "--decay-rate does not apply to agent er"),
     (dict(agent="nope"), "unknown agent"),
     (dict(total_steps=10), "--total-steps"),
     (dict(fixed_friction=0.0), "--fixed-friction"),
@@ -534,9 +622,19 @@ def test_cbp_replaces_units(utility):
     (dict(random_frictions=True, fixed_friction=1.0), "exclude each other"),
     (dict(solver_iterations=0), "--solver-iterations"),
     (dict(agent="cbp", cbp_utility="nope"), "--cbp-utility must be one of contribution, adaptable_contribution"),
+    (dict(agent="cbp", replacement_rate=2.0), "--replacement-rate must be in"),
     (dict(beta1=1.0), "--beta1 and --beta2"),
+    (dict(lr=(0.0,)), "--lr needs"),
     (dict(resume=True, out_dir=None), "--resume needs --out-dir"),
 ])
 def test_bad_input_fails_cleanly(overrides, message):
     with pytest.raises(SystemExit, match=message):
         ant_ppo.main(ant_ppo.Args(**{**TINY, **overrides}))
+
+
+def test_command_line_error_is_one_line():
+    root = Path(ant_ppo.__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "ant_ppo.py", "--agent", "bp", "--er-lr", "1e-3"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --er-lr does not apply to agent bp (only er, l2-er)"

@@ -1,9 +1,15 @@
-"""cifar.py: the CIFAR-100 loader on small archives in the official formats, the ResNet's BatchNorm and masked
-logits, continual backprop by channel, every agent end to end on a tiny network, RESET, seed modes, resume."""
+"""cifar.py: the CIFAR-100 loader (data.py) on small archives in the official formats, the ResNet's BatchNorm and
+masked logits, continual backprop by channel, every agent end to end on a tiny network, RESET, member batching,
+resume, and Ctrl-C / SIGTERM in the middle of a task."""
 import io
 import math
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +17,11 @@ import numpy as np
 import pytest
 
 import cifar
-from init_stats import assert_truncated_normal, assert_truncated_shape, truncated_normal_moments
 import common
+import data as datasets
+from init_stats import assert_truncated_normal, assert_truncated_shape, truncated_normal_moments
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 2
 # One tiny configuration for every end-to-end run, so all of them share compiled programs.
@@ -57,7 +66,7 @@ def data_dir(tmp_path_factory, arrays):
     manual = tmp_path_factory.mktemp("manual")
     write_archive(manual / "cifar-100-python.tar.gz", arrays, "python")
     data = tmp_path_factory.mktemp("data")
-    cifar.load_cifar100(data, manual)
+    datasets.cifar100(data, manual)
     return data
 
 
@@ -75,7 +84,7 @@ def test_loader_reads_official_archive_and_caches(tmp_path, arrays, fmt, archive
     manual = tmp_path / "manual"
     manual.mkdir()
     write_archive(manual / archive, arrays, fmt)
-    data = cifar.load_cifar100(tmp_path / "data", manual)
+    data = datasets.cifar100(tmp_path / "data", manual)
     for split, (x, y) in arrays.items():
         images = data[f"x_{split}"]
         assert images.shape == (100 * (TRAIN_PER_CLASS if split == "train" else TEST_PER_CLASS), 32, 32, 3)
@@ -84,9 +93,9 @@ def test_loader_reads_official_archive_and_caches(tmp_path, arrays, fmt, archive
         # pixel (row 5, col 7) of channel c is byte c*1024 + 5*32 + 7 of the record
         for c in range(3):
             np.testing.assert_array_equal(images[:, 5, 7, c], x[:, c * 1024 + 5 * 32 + 7])
-    assert (tmp_path / "data" / "cifar100.npz").exists()
+    assert (tmp_path / "data" / datasets.CIFAR100_CACHE).exists()
     (manual / archive).unlink()  # later runs read the cache only
-    cached = cifar.load_cifar100(tmp_path / "data", None)
+    cached = datasets.cifar100(tmp_path / "data", None)
     for k in data:
         np.testing.assert_array_equal(cached[k], data[k])
 
@@ -94,19 +103,19 @@ def test_loader_reads_official_archive_and_caches(tmp_path, arrays, fmt, archive
 def test_loader_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
-        cifar.load_cifar100(tmp_path / "data", tmp_path / "empty")
+        datasets.cifar100(tmp_path / "data", tmp_path / "empty")
     assert "cifar-100-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "cifar-100-python.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(SystemExit) as e:
-        cifar.load_cifar100(tmp_path / "data", tmp_path / "bad")
+        datasets.cifar100(tmp_path / "data", tmp_path / "bad")
     assert "could not read" in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "unbalanced").mkdir()
     x, y = official_arrays()["train"]
     write_archive(tmp_path / "unbalanced" / "cifar-100-python.tar.gz", {"train": (x[1:], y[1:]), "test": (x, y)},
                   "python")
     with pytest.raises(SystemExit, match="same number"):
-        cifar.load_cifar100(tmp_path / "data2", tmp_path / "unbalanced")
+        datasets.cifar100(tmp_path / "data2", tmp_path / "unbalanced")
     assert not (tmp_path / "data2" / "cifar100.npz").exists()  # nothing cached from bad data
     with pytest.raises(SystemExit, match="does not apply"):
         cifar.main(cifar.Args(agent="bp", er_lr=(0.1,), data_dir=str(tmp_path)))
@@ -114,7 +123,7 @@ def test_loader_errors_are_one_line(tmp_path):
         cifar.main(cifar.Args(tasks=21, data_dir=str(tmp_path)))
     with pytest.raises(SystemExit, match="--cbp-utility must be one of contribution, adaptable_contribution"):
         cifar.main(cifar.Args(agent="cbp", cbp_utility="utility", data_dir=str(tmp_path)))
-    assert cifar.Args().cbp_utility == "contribution"  # Dohare et al.'s Incremental CIFAR config
+    assert cifar.AGENTS["cbp"]["cbp_utility"] == "contribution"  # Dohare et al.'s Incremental CIFAR config
 
 
 # ------------------------------------------------------------------------------------ network, BN, masking
@@ -175,14 +184,15 @@ def test_init_is_the_authors():
 def test_cbp_reinit_draws_from_the_init_distribution():
     """Replacement rate 1 with every unit mature: one CBP step replaces every unit of every CBP layer, so each
     block's first conv and both dense layers are all fresh draws, which must have their layer's init."""
-    static = static_for(width=16, dense_width=64, use_cbp=True, replacement_rate=1.0, maturity_threshold=0)
+    agent = {**cifar.AGENTS["cbp"], "replacement_rate": 1.0, "maturity_threshold": 0}
     params, stats = jax.jit(cifar.init_net, static_argnums=(1, 2))(jax.random.key(0), 16, 64)
     x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
     acts = forward(params, stats, x, True)[2]
-    opt_state = cifar.optimizer(static).init(params)
-    cbp = [common.cbp_init(n) for n in cifar.cbp_layer_sizes(static)]
-    new, _, _, new_cbp = jax.jit(cifar.cbp_step, static_argnames="static")(
-        params, stats, opt_state, cbp, acts, jax.random.key(2), static=static)
+    opt = common.sgd(0.01, 0.0, 0.9)
+    opt_state = opt.init(params)
+    cbp = [common.cbp_init(n) for n in cifar.cbp_layer_sizes(params)]
+    new, _, _, new_cbp = jax.jit(lambda *a: cifar.cbp_step(agent, opt, *a))(
+        params, stats, opt_state, cbp, acts, jax.random.key(2))
     fresh = [(f"block {i}", new["blocks"][i]["a"]["conv"]["w"], params["blocks"][i]["a"]["conv"]["w"])
              for i in range(8)]
     fresh += [(name, new[name]["w"], params[name]["w"]) for name in ("dense1", "dense2")]
@@ -238,24 +248,17 @@ def test_masked_logits_ignore_unseen_classes():
 CBP = dict(replacement_rate=0.03, maturity_threshold=0)
 
 
-def static_for(**kw):
-    """The Static that main() builds for TINY (its compiled programs are then shared with these tests)."""
-    base = dict(width=4, dense_width=16, batch_size=10, momentum=0.9, classes_per_task=5, use_er=False, er_batch=5,
-                use_cbp=False, replacement_rate=0.0, decay_rate=0.99, maturity_threshold=100,
-                cbp_utility="contribution", use_snp=False, feature_samples=100, eval_batch=100)
-    return cifar.Static(**{**base, **kw})
-
-
-def rule_free(static):
-    """main()'s settings for the programs that do not depend on the update rule (init, evaluation)."""
-    return static._replace(use_er=False, er_batch=0, use_snp=False, replacement_rate=0.0, decay_rate=0.0,
-                           maturity_threshold=0, cbp_utility="contribution")
-
-
-def one_member(seed=0):
-    return cifar.Member(seed=jnp.array([seed], jnp.int32), lr=jnp.array([0.01]), weight_decay=jnp.array([0.0]),
-                        class_rank=jnp.asarray(np.argsort(np.random.default_rng(seed).permutation(100)))[None],
-                        er_lr=jnp.array([0.0]), perturb_scale=jnp.array([0.0]))
+def one_member(data_dir, seed=0, **kw):
+    """make_train's functions for TINY (+ kw), each jitted for one member (seed `seed`, lr 0.01, the agent's
+    other values), and that member's inputs: the same single-member programs main() runs in map mode."""
+    args = cifar.Args(**{**TINY, **kw})
+    agent, configs = cifar.resolve(args)
+    ds = datasets.cifar100(data_dir, None)
+    init, train, evaluate, spectrum, calls, _ = cifar.make_train(args, agent, ds)
+    hp = {k: jnp.float32(configs[0].get(k, 0.0)) for k in cifar.SWEPT}
+    inputs = dict(hp=hp, seed=np.int32(seed), classes=cifar.class_ranks([seed])[0],
+                  data={k: jnp.asarray(v) for k, v in ds.items()})
+    return (jax.jit(init), jax.jit(train), jax.jit(evaluate), calls), inputs
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +271,7 @@ def bp_alone(tmp_path_factory, data_dir):
 def agent_runs(tmp_path_factory, data_dir, bp_alone):
     out = tmp_path_factory.mktemp("agents")
     results = {"bp": bp_alone[0]}
-    for agent in cifar.AGENTS[1:]:
+    for agent in list(cifar.AGENTS)[1:]:
         extra = CBP if agent == "cbp" else {}
         if agent == "l2":
             extra = {"hessian_every": 1, "hessian_samples": 20, "hessian_batch": 10, "lanczos_iters": 4}
@@ -307,18 +310,14 @@ def test_every_agent_runs(agent_runs):
 
 def test_cbp_replaces_channels_with_their_batchnorm_and_optimizer_state(data_dir):
     """Train step by step with the end-to-end CBP settings and check every unit right after its replacement."""
-    static = static_for(use_cbp=True, **CBP)
-    run_fn = lambda fn: cifar.member_runner(fn, mode="sequential", static=static)
-    init = cifar.member_runner(cifar.begin_task, mode="sequential", static=rule_free(static))
-    member = one_member()
-    data = {k: jnp.asarray(v) for k, v in cifar.load_cifar100(data_dir, None).items()}
-    sizes = cifar.cbp_layer_sizes(static)
-    state = init(None, member, jnp.int32(0))
+    (init, train, _, _), member = one_member(data_dir, agent="cbp", **CBP)
+    state = init(member["seed"], 0)
+    sizes = cifar.cbp_layer_sizes(state["params"])
     seen_replaced = np.zeros(len(sizes), int)
-    for step in range(10):  # the 4-unit layers reach their first replacement (0.03 x 4 x 9 >= 1) at step 9
-        before = jax.tree.map(lambda v: np.asarray(v[0]), state)
-        state = run_fn(cifar.train_chunk)(state, member, data, *map(jnp.int32, (0, step, 1, 1)))
-        after = jax.tree.map(lambda v: np.asarray(v[0]), state)
+    for step in range(10):  # task 1's steps one by one; the 4-unit layers first replace one (0.03 x 4 x 9 >= 1) at 9
+        before = jax.tree.map(np.asarray, state)
+        state = train(state, member["hp"], member["seed"], member["classes"], member["data"], 0, step, 1)
+        after = jax.tree.map(np.asarray, state)
         p, s, mom = after["params"], after["stats"], after["opt"][1][0].trace
         chosen = [np.flatnonzero(c.age == 0) for c in after["cbp"]]
         expected = [int(np.floor(0.03 * n * (step + 1))) - int(np.floor(0.03 * n * step)) for n in sizes]
@@ -357,40 +356,55 @@ def test_cbp_replaces_channels_with_their_batchnorm_and_optimizer_state(data_dir
     assert np.all(seen_replaced >= 1)
 
 
-def test_reset_reinitializes_everything(data_dir, agent_runs):
-    static, member = static_for(), one_member()
-    data = {k: jnp.asarray(v) for k, v in cifar.load_cifar100(data_dir, None).items()}
-    train = cifar.member_runner(cifar.train_chunk, mode="sequential", static=static)
-    init, evaluate = (cifar.member_runner(fn, mode="sequential", static=rule_free(static))
-                      for fn in (cifar.begin_task, cifar.evaluate))
-    first = init(None, member, jnp.int32(0))
-    fresh = init(None, member, jnp.int32(1))
-    trained = train(first, member, data, *map(jnp.int32, (0, 0, 1, 5)))
+@pytest.fixture(scope="module")
+def bp_member(data_dir):
+    return one_member(data_dir, agent="bp")
+
+
+def test_calls_split_anywhere_equal_one_call(bp_member):
+    """Two epochs of task 1 (5 steps each) in one call, or in calls of 3 steps (two across the epoch boundary, one
+    of them starting mid-epoch): the same state, bit for bit, including the epochs' training loss and accuracy."""
+    (init, train, _, _), m = bp_member
+    start = init(m["seed"], 0)
+    whole = train(start, m["hp"], m["seed"], m["classes"], m["data"], 0, 0, 10)
+    split = start
+    for first, count in ((0, 3), (3, 3), (6, 3), (9, 1)):
+        split = train(split, m["hp"], m["seed"], m["classes"], m["data"], 0, first, count)
+    jax.tree.map(np.testing.assert_array_equal, split, whole)
+    assert 0 < float(whole["train_loss"]) and float(whole["train_loss"]) != float(start["train_loss"])
+
+
+def test_reset_reinitializes_everything(bp_member, agent_runs):
+    """The reset run's task 2 is bp's training of task 2 from a fresh network (reset changes nothing else)."""
+    (init, train, evaluate, _), m = bp_member
+    first, fresh = init(m["seed"], 0), init(m["seed"], 1)
+    trained = train(first, m["hp"], m["seed"], m["classes"], m["data"], 0, 0, 5)
     assert float(jnp.max(jnp.abs(trained["opt"][1][0].trace["head"]["w"]))) > 0
     assert not np.allclose(trained["stats"]["stem"]["mean"], 0.0)
     assert not np.allclose(fresh["params"]["dense1"]["w"], first["params"]["dense1"]["w"])
     assert all(float(jnp.max(jnp.abs(v))) == 0 for v in jax.tree.leaves(fresh["opt"]))
     np.testing.assert_array_equal(fresh["stats"]["stem"]["var"], 1.0)
-    # The reset run's second task equals training task 2 from that fresh network: nothing carried over.
-    fresh_trained = train(fresh, member, data, *map(jnp.int32, (1, 0, 1, 10)))
-    result = evaluate(fresh_trained, member, data, jnp.int32(1))
+    # The reset run's second task equals training task 2 (10 steps) from that fresh network: nothing carried over.
+    fresh_trained = train(fresh, m["hp"], m["seed"], m["classes"], m["data"], 1, 0, 10)
+    result = evaluate(fresh_trained, m["seed"], m["classes"], m["data"], 1)
     reset = agent_runs["reset"]
     for k in ("test_acc", "test_loss", "param_norm", "effective_rank", "dead_units"):
-        np.testing.assert_allclose(reset[k][0, 0, 1], result[k][0], rtol=1e-6, err_msg=k)
+        np.testing.assert_allclose(reset[k][0, 0, 1], result[k], rtol=1e-6, err_msg=k)
     assert not np.allclose(reset["param_norm"][0, 0, 1], agent_runs["bp"]["param_norm"][0, 0, 1])
 
 
-@pytest.mark.parametrize("mode", ["vmap", "map"])
-def test_seeds_together_equal_seeds_alone(tmp_path, data_dir, bp_alone, mode):
+@pytest.mark.parametrize("batching", ["vmap", "map"])
+def test_seeds_together_equal_seeds_alone(tmp_path, data_dir, bp_alone, batching):
     # Two lr configs x two seeds in one process; config 0 (lr 0.01) must match the single-seed runs.
-    together = run(tmp_path, mode, agent="bp", seeds=2, seed_mode=mode, lr=(0.01, 0.03), data_dir=data_dir)
+    together = run(tmp_path, batching, agent="bp", seeds=2, member_batching=batching, lr=(0.01, 0.03),
+                   data_dir=data_dir)
     assert together["test_acc"].shape == (2, 2, 2)
     assert not np.allclose(together["param_norm"][1], together["param_norm"][0])
     for s in (0, 1):
         alone = {k: v[0, 0] for k, v in bp_alone[s].items()}
-        if mode == "map":  # the same single-member program inside lax.map: the same numbers
+        if batching == "map":  # the single-member program the runs alone used (auto = map on one CPU device)
             for k in KEYS:
-                np.testing.assert_allclose(together[k][0, s], alone[k], rtol=1e-6, err_msg=k)
+                np.testing.assert_array_equal(together[k][0, s], alone[k], err_msg=k)
             continue
         # vmap batches the convolutions, which rounds differently (steps agree to ~1e-7). A width-4 net on
         # random pixels amplifies that over many steps (BatchNorm of near-constant channels), so the first
@@ -401,28 +415,56 @@ def test_seeds_together_equal_seeds_alone(tmp_path, data_dir, bp_alone, mode):
         np.testing.assert_allclose(together["param_norm"][0, s], alone["param_norm"], rtol=1e-4)
 
 
-def test_resume_matches_uninterrupted(tmp_path, data_dir, bp_alone, monkeypatch):
-    run(tmp_path, "resumed", agent="bp", tasks=1, data_dir=data_dir)
-    resumed = run(tmp_path, "resumed", agent="bp", resume=True, data_dir=data_dir)
-    for k in KEYS:
-        np.testing.assert_array_equal(resumed[k], bp_alone[0][k], err_msg=k)
-    # Killed in the middle of a task (after a checkpoint at epoch 1 of 2), then resumed.
-    uninterrupted = run(tmp_path, "two-epochs", agent="bp", epochs=2, chunk_epochs=1, data_dir=data_dir)
-    calls = []
+def signal_after(monkeypatch, calls, signum):
+    """Send `signum` to this process right after its `calls`-th training call, as a Ctrl-C or a kill would."""
+    done, accumulate = [], common.Run.accumulate
 
-    def crash_on_second_update(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(common.Progress, "update", crash_on_second_update)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "killed", agent="bp", epochs=2, chunk_epochs=1, checkpoint_minutes=0, data_dir=data_dir)
-    assert common.load_checkpoint(tmp_path / "killed")["epoch"] == 1
+    def accumulate_then_signal(self, calls_done, **sums):
+        accumulate(self, calls_done, **sums)
+        done.append(calls_done)
+        if len(done) == calls:
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(common.Run, "accumulate", accumulate_then_signal)
+
+
+def test_ctrl_c_sigterm_and_more_tasks_then_resume_equal_uninterrupted(tmp_path, data_dir, agent_runs, monkeypatch,
+                                                                        capsys):
+    """l2-er in calls of 3 steps: task 1 (5 steps; its ER step on the 5 minibatches of both calls) is 2 calls. A
+    1-task run gets SIGINT after the first: checkpoint, the resume command, exit 130. Resumed with --tasks 2, it
+    gets SIGTERM in task 1's last call: it finishes the task, exits 143. The next resume ends with the metrics of
+    the 2-task run that took each task in one call."""
+    cut = dict(agent="l2-er", call_steps=3, data_dir=data_dir)
+    signal_after(monkeypatch, 1, signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "cut", tasks=1, **cut)
+    assert e.value.code == 130
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("interrupted after")]
+    assert line and line[0].startswith("interrupted after task 1/1 was 1/2 done; resume with: python cifar.py ")
+    assert line[0].endswith(f"--resume --out-dir {tmp_path / 'cut'}") and "--call-steps 3 " in line[0]
+    assert common.load_checkpoint(tmp_path / "cut")["cursor"]["call"] == 1
+    signal_after(monkeypatch, 1, signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "cut", resume=True, **cut)
+    assert e.value.code == 143 and "interrupted after task 1/2; resume with:" in capsys.readouterr().out
     monkeypatch.undo()
-    resumed = run(tmp_path, "killed", agent="bp", epochs=2, chunk_epochs=1, resume=True, data_dir=data_dir)
+    resumed = run(tmp_path, "cut", resume=True, **cut)
     for k in KEYS:
-        np.testing.assert_array_equal(resumed[k], uninterrupted[k], err_msg=k)
+        np.testing.assert_array_equal(resumed[k], agent_runs["l2-er"][k], err_msg=k)
     with pytest.raises(SystemExit, match="different settings.*epochs"):
-        run(tmp_path, "killed", agent="bp", epochs=3, resume=True, data_dir=data_dir)
+        run(tmp_path, "cut", epochs=3, resume=True, **cut)
     with pytest.raises(SystemExit, match="already holds a run"):  # a new run never overwrites one
-        run(tmp_path, "killed", agent="bp", data_dir=data_dir)
+        run(tmp_path, "cut", **cut)
+
+
+def test_renamed_flags_and_bad_sizes_fail_in_one_line(tmp_path, data_dir):
+    for flag, new in (("--seed-mode", "--member-batching"), ("--chunk-epochs", "--call-steps")):
+        proc = subprocess.run([sys.executable, "cifar.py", flag, "map"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert new in proc.stderr
+    for bad, match in ((dict(agent="bp", er_batch=5), "--er-batch does not apply to agent bp"),
+                       (dict(agent="er", er_batch=6), "--er-batch 6 exceeds the 5 minibatches"),
+                       (dict(batch_size=51), "--batch-size 51 exceeds the 50 training images"),
+                       (dict(call_steps=0), "--call-steps must be >= 1")):
+        with pytest.raises(SystemExit, match=match):
+            run(tmp_path, "bad", data_dir=data_dir, **bad)

@@ -108,3 +108,65 @@ def test_real_files_read_directly_match_tensorflow_datasets(tmp_path):
         a, b = key(direct[f"{split}_x"], direct[f"{split}_y"]), key(images, labels)
         np.testing.assert_array_equal(direct[f"{split}_x"][a], images[b])
         np.testing.assert_array_equal(direct[f"{split}_y"][a], labels[b])
+
+
+# ------------------------------------------------------------------------------------------------- CIFAR-100
+# (the official archives in both formats: tests/test_cifar.py, which writes small ones)
+def test_cifar100_offline_without_archive_or_cache_fails_fast_leaving_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "online", lambda host, timeout=5.0: False)
+    monkeypatch.setattr(data.common, "tfds_arrays", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(SystemExit, match="offline.*cifar-100-python.tar.gz.*--manual-dir") as e:
+        data.cifar100(str(tmp_path / "cache"), None)
+    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "cache").exists()
+
+
+def test_cifar100_offline_run_fails_within_seconds(tmp_path):
+    """cifar.py end to end with nothing cached: one line, exit 1, no folder left (skipped where online)."""
+    if data.online(data.CIFAR100_HOST, timeout=2.0):
+        pytest.skip("online: the download route would run")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "cifar.py", "--data-dir", str(tmp_path / "d"), "--tasks", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--manual-dir" in proc.stderr and time.time() - start < 30
+    assert not (tmp_path / "d").exists()
+
+
+def test_cifar100_cache_is_used_and_a_bad_cache_is_one_line(tmp_path, monkeypatch):
+    arrays = {"x_train": np.zeros((200, 32, 32, 3), np.uint8), "y_train": np.tile(np.arange(100, dtype=np.int32), 2),
+              "x_test": np.ones((100, 32, 32, 3), np.uint8), "y_test": np.arange(100, dtype=np.int32)}
+    data.common.save_npz(tmp_path / data.CIFAR100_CACHE, **arrays)
+    monkeypatch.setattr(data, "read_cifar100_archive", lambda *a, **k: pytest.fail("cache not used"))
+    loaded = data.cifar100(str(tmp_path), "/nonexistent")
+    assert sorted(loaded) == sorted(arrays) and all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
+    data.common.save_npz(tmp_path / data.CIFAR100_CACHE, **{**arrays, "y_test": np.zeros(100, np.int32)})
+    with pytest.raises(SystemExit, match="same number of test images.*delete it to rebuild"):
+        data.cifar100(str(tmp_path), None)
+    (tmp_path / data.CIFAR100_CACHE).write_bytes(b"not a zip")
+    with pytest.raises(SystemExit, match="delete it to rebuild") as e:
+        data.cifar100(str(tmp_path), None)
+    assert len(str(e.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageNet 32x32 (the readers on files in the real format: tests/test_imagenet.py)
+# ---------------------------------------------------------------------------------------------------------
+def test_imagenet32_offline_fails_fast_leaving_nothing_behind(tmp_path, monkeypatch):
+    """No files, no cache, no network: the hint at once (naming the zip, the folder and --manual-dir), before
+    tensorflow-datasets is asked for anything or any folder is made."""
+    monkeypatch.setattr(data, "online", lambda host, timeout=5.0: False)
+    monkeypatch.setattr(data.common, "tfds_batches", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(SystemExit, match=f"offline.*{data.IMAGENET32_ZIP}.*{tmp_path / 'm'}.*--manual-dir") as e:
+        data.imagenet32(str(tmp_path / "cache"), str(tmp_path / "m"), 700)
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "m").exists()
+
+
+def test_imagenet32_bad_cache_is_one_line(tmp_path):
+    cache = data.imagenet32_cache(tmp_path, 3)
+    cache.write_bytes(b"not an npy file")
+    with pytest.raises(SystemExit, match="cannot read the ImageNet32 cache.*delete it to rebuild"):
+        data.imagenet32(str(tmp_path), None, 3)
+    np.save(cache, np.zeros((4, 3, 32, 32), np.uint8))  # no channel axis
+    with pytest.raises(SystemExit, match=r"expected uint8 \[classes>=2, 3, 32, 32, 3\]; delete it to rebuild"):
+        data.imagenet32(str(tmp_path), None, 3)

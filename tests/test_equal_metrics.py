@@ -41,19 +41,20 @@ def toy_runs():
 def imagenet_runs():
     import imagenet
     import test_imagenet as t  # its tiny ImageNet32 zip and settings
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, t.shared_compilations():  # runs of the same programs share them
         manual, data = Path(tmp) / "manual", Path(tmp) / "data"
         manual.mkdir()
-        with zipfile.ZipFile(manual / imagenet.TRAIN_ZIP, "w") as zf:
+        with zipfile.ZipFile(manual / imagenet.data.IMAGENET32_ZIP, "w") as zf:
             for number, blob in sorted(t.batch_files().items()):
                 zf.writestr(f"train_data_batch_{number}.npz", blob)
+        # vmap: the batching these values were recorded with (the default then; map rounds differently)
         small = dict(t.TINY, data_dir=str(data), manual_dir=str(manual), hessian_every=1, lanczos_iters=4,
-                     lr=(1e-2,))
+                     lr=(1e-2,), member_batching="vmap")
         extra = {"l2": dict(weight_decay=(0.1,)), "l2-er": dict(weight_decay=(0.1,), er_lr=(1e-2,)),
                  "er": dict(er_lr=(1e-2,)), "cbp": t.CBP_TINY, "snp": dict(perturb_scale=1e-3),
                  "snp-l2": dict(perturb_scale=1e-3, weight_decay=(0.1,))}
         for agent in imagenet.AGENTS:
-            for seed in (0, 1):  # one member per run: the shape tests/test_imagenet.py compiles
+            for seed in (0, 1):  # one member per run; the two seeds share their programs
                 yield f"{agent}_seed{seed}", (lambda out, agent=agent, seed=seed: imagenet.main(imagenet.Args(
                     agent=agent, seed=seed, out_dir=str(out), **small, **extra.get(agent, {}))))
 
@@ -76,7 +77,23 @@ def cifar_runs():
                 agent=agent, out_dir=str(out), **small, **extra.get(agent, {}))))
 
 
-SCRIPTS = {"pmnist": pmnist_runs, "toy": toy_runs, "imagenet": imagenet_runs, "cifar": cifar_runs}
+def ant_ppo_runs():
+    import ant_ppo
+    # tests/test_ant_ppo.py's tiny shape (4 envs x 16 steps per update, 2 updates, width 16, 8-step episodes,
+    # four friction phases), 2 seeds. Strengths raised so that each mechanism moves these few Adam steps'
+    # numbers; spectra for one agent (each phase's init and end).
+    small = dict(seeds=2, num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2, hidden_size=16,
+                 total_steps=128, change_every=32, episode_length=8, updates_per_chunk=1, fast_compile=True)
+    extra = {"l2": dict(weight_decay=(0.1,)), "er": dict(er_lr=(0.5,)), "l2-er": dict(weight_decay=(0.1,), er_lr=(0.5,)),
+             "cbp": dict(weight_decay=(0.1,), replacement_rate=0.05, maturity_threshold=0, hessian_every_phase=True,
+                         hessian_iters=4)}
+    for agent in ant_ppo.AGENTS:
+        yield agent, (lambda out, agent=agent: ant_ppo.main(ant_ppo.Args(
+            agent=agent, out_dir=str(out), **small, **extra.get(agent, {}))))
+
+
+SCRIPTS = {"pmnist": pmnist_runs, "toy": toy_runs, "imagenet": imagenet_runs, "cifar": cifar_runs,
+           "ant_ppo": ant_ppo_runs}
 
 
 def collect(script, tmp):
