@@ -286,7 +286,7 @@ def bench_pmnist(bench, ds, setups):
                                      ("snp", sizes.seeds, {}), ("spectral-reg", sizes.seeds, {}),
                                      ("spectral-reg", sizes.seeds, persistent), ("layernorm-l2", sizes.seeds, {}),
                                      ("redo", sizes.seeds, {}), ("bp", 1, {})):
-        label = agent_name + (" --spectral-persistent --power-iters 1" if flags else "")
+        label = agent_name + (" --spectral-persistent True --power-iters 1" if flags else "")
         work = f"`pmnist` {label}, {seeds} seed(s) ({batching}), {steps:,}-step call"
         if agent_name not in ("bp", "l2-er") and not bench.variant("pmnist", work):
             continue

@@ -6,7 +6,10 @@ shuffled passes over its 1,200 training images (600 per class) in minibatches of
 no learning-rate schedule, then is scored on its 200 held-out images (100 per class). The network is Dohare et
 al.'s ConvNet with VALID padding: conv5x5-32, conv3x3-64, conv3x3-128 (each ReLU + 2x2 max-pool), flatten 512,
 dense 128, dense 128, dense 2; the output layer is kept between tasks (App. H.1). The agents are the table
-`AGENTS` below (Table 4's best values; a flag overrides one, a flag that does not apply is an error).
+`AGENTS` below (a flag overrides one of its values, a flag that does not apply is an error): bp, l2, er, l2-er
+(the paper's method) and cbp (Dohare et al.) with Table 4's best values; snp and snp-l2 (Ash & Adams 2020);
+layernorm-l2 and spectral-reg (the authors' later runs, their chosen values); redo (Sokar et al. 2023, our
+values).
 
 Seeds and swept hyperparameters (--lr, --weight-decay, --er-lr) are "members" trained together: vmapped on
 accelerators, one after another on one CPU device (--member-batching). Each jitted call trains whole epochs
@@ -33,6 +36,19 @@ Choices where the paper is silent or the sources disagree:
   their momentum. Fresh incoming weights come from the init above.
 - Shrink & Perturb is not in Table 4: N(0, 1e-5^2) noise on every parameter after every step (Table 3's and
   Dohare et al.'s scale), Table 4's lr and, for snp-l2, its weight decay.
+- Agents beyond Table 4: layernorm-l2 and spectral-reg as the authors' later Continual ImageNet runs.
+  layernorm-l2: LayerNorm (learnable scale and shift, eps 1e-6) before the ReLU of each conv (per pixel, over
+  its channels) and of the two dense hidden layers, none on the output layer; coupled L2 on every parameter,
+  LayerNorm scales and shifts included (lr 1e-3, weight decay 1e-5). spectral-reg: lambda x sum over the six
+  kernels (conv kernels as (kh*kw*in, out) matrices, output layer included) of (sigma_max^2 - 2)^2, plus lambda
+  x the squared biases, sigma_max by 10 power iterations from fixed start vectors, differentiated through; no
+  weight decay (lr 1e-2, lambda 1e-2). --spectral-persistent True --power-iters 1 is our cheaper variant.
+- ReDo (Sokar et al. 2023): every --redo-every steps of a task, the hidden units (conv: channels) whose score
+  mean|h_i| / (layer mean of mean|h_k|), post-ReLU (conv: after the pool, what the next layer sees) on that
+  step's minibatch, is <= --redo-tau get fresh incoming weights (the init above), bias 0, outgoing weights 0
+  (conv3 -> fc1: the channel's 4 rows, as CBP) and zeroed momentum; never the output layer. No source gives
+  tau or a period for this benchmark: 0.025 and 1000 are our choices (from our Permuted MNIST sweep), with
+  the benchmark's BP lr 1e-4.
 - --conv-impl auto: patches + matrix multiply (im2col) on CPU, where it measured 9-20x faster; XLA
   convolutions elsewhere. Same math.
 
@@ -90,7 +106,9 @@ import hessian
 # the hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
 # weight_decay -> coupled L2, er_lr -> the ER step (er_every 0 = once per epoch), replacement_rate -> continual
 # backprop (Dohare et al. 2024), perturb_scale -> Shrink & Perturb (Ash & Adams 2020; not in Table 4: Table 3's
-# and Dohare et al.'s scale, with Table 4's lr and, for snp-l2, its weight decay).
+# and Dohare et al.'s scale, with Table 4's lr and, for snp-l2, its weight decay), layer_norm -> LayerNorm before
+# each hidden ReLU, spectral_lambda -> the spectral penalty (Lewandowski et al. 2024, the authors' form),
+# redo_tau -> ReDo (Sokar et al. 2023).
 AGENTS = {
     "bp": dict(lr=1e-4),
     "l2": dict(lr=1e-4, weight_decay=1e-3),
@@ -100,6 +118,10 @@ AGENTS = {
                 cbp_utility="adaptable_contribution"),
     "snp": dict(lr=1e-4, perturb_scale=1e-5),
     "snp-l2": dict(lr=1e-4, weight_decay=1e-3, perturb_scale=1e-5),
+    "layernorm-l2": dict(lr=1e-3, weight_decay=1e-5, layer_norm=True),  # the authors' chosen run
+    "spectral-reg": dict(lr=1e-2, spectral_lambda=1e-2, spectral_k=2.0, spectral_target=2.0, power_iters=10,
+                         spectral_persistent=False),  # the authors' chosen run
+    "redo": dict(lr=1e-4, redo_tau=0.025, redo_every=1000),  # Sokar et al.; no source value: our pMNIST sweep's
 }
 SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 
@@ -136,6 +158,22 @@ class Args:
     """CBP utility (Dohare et al.): contribution, or adaptable_contribution (their Continual ImageNet config)"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb)"""
+    spectral_lambda: float | None = None
+    """weight of the spectral penalty: sum over kernels of (sigma_max^k - target)^2, plus squared biases (Lewandowski et al. 2024; default: the authors' chosen 1e-2)"""
+    spectral_k: float | None = None
+    """power of sigma_max in the spectral penalty (the authors: 2)"""
+    spectral_target: float | None = None
+    """target of sigma_max^k (the authors: 2; Lewandowski et al.'s "close to one": 1)"""
+    power_iters: int | None = None
+    """power iterations per kernel and step for sigma_max, from a fixed start vector (the authors: 10)"""
+    spectral_persistent: bool | None = None
+    """start each step's power iterations from the last step's vectors (carried in the state) instead of the fixed ones; with --power-iters 1 it costs ~1/10 (our option, not the authors')"""
+    layer_norm: bool | None = None
+    """LayerNorm (learnable scale and shift, eps 1e-6) before each hidden ReLU, conv layers per pixel over channels (agents with layer_norm)"""
+    redo_tau: float | None = None
+    """ReDo: recycle hidden units (conv: channels) whose score mean|h_i| / (layer mean of mean|h_k|) is <= tau (our choice 0.025, from our Permuted MNIST sweep; no source gives one for ImageNet)"""
+    redo_every: int | None = None
+    """ReDo: score and recycle every K minibatch steps of a task, on that step's minibatch (our choice 1000, from our Permuted MNIST sweep; no source gives one for ImageNet)"""
     momentum: float = 0.9
     """SGD momentum (paper Table 3: 0.9)"""
     input_norm: Literal["center", "imagenet", "unit"] = "center"
@@ -190,15 +228,21 @@ DENSES = (("fc1", 512, 128), ("fc2", 128, 128), ("out", 128, 2))
 HIDDEN = ("conv1", "conv2", "conv3", "fc1", "fc2")
 NEXT = ("conv2", "conv3", "fc1", "fc2", "out")
 HIDDEN_UNITS = (32, 64, 128, 128, 128)
+FLAT = (2, 2, 128)  # conv3's pooled output [h, w, c]: fc1's input, flattened in this order (channels last)
 
 
-def init_params(key):
-    """Every conv (HWIO) and dense ([in, out]) layer: `KERNEL_INIT` weights, zero bias."""
+def init_params(key, layer_norm=False):
+    """Every conv (HWIO) and dense ([in, out]) layer: `KERNEL_INIT` weights, zero bias; with `layer_norm`, each
+    hidden layer also has a LayerNorm scale (1) and shift (0) per unit (conv: per channel)."""
     shapes = [(name, (size, size, cin, cout)) for name, size, cin, cout in CONVS]
     shapes += [(name, (fin, fout)) for name, fin, fout in DENSES]
     keys = jax.random.split(key, len(shapes))
-    return {name: {"w": KERNEL_INIT(k, shape, jnp.float32), "b": jnp.zeros(shape[-1], jnp.float32)}
-            for k, (name, shape) in zip(keys, shapes)}
+    params = {name: {"w": KERNEL_INIT(k, shape, jnp.float32), "b": jnp.zeros(shape[-1], jnp.float32)}
+              for k, (name, shape) in zip(keys, shapes)}
+    if layer_norm:
+        for name, units in zip(HIDDEN, HIDDEN_UNITS):
+            params[name] |= {"scale": jnp.ones(units, jnp.float32), "shift": jnp.zeros(units, jnp.float32)}
+    return params
 
 
 def conv(x, layer, impl):
@@ -219,16 +263,24 @@ def max_pool(x):
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def activate(h, layer):
+    """ReLU, after LayerNorm over the last axis (conv: each pixel's channels) when the layer has one
+    (agents with layer_norm: the authors' layernorm-l2 runs normalize before the ReLU)."""
+    if "scale" in layer:
+        h = common.layer_norm(h, layer["scale"], layer["shift"])
+    return jax.nn.relu(h)
+
+
 def forward(params, x, impl):
     """Logits [n, 2] and the hidden activations (post-ReLU; conv layers after pooling) of HIDDEN."""
     acts = []
     h = x
     for name, *_ in CONVS:
-        h = max_pool(jax.nn.relu(conv(h, params[name], impl)))
+        h = max_pool(activate(conv(h, params[name], impl), params[name]))
         acts.append(h)
     h = h.reshape(h.shape[0], -1)
     for name in ("fc1", "fc2"):
-        h = jax.nn.relu(h @ params[name]["w"] + params[name]["b"])
+        h = activate(h @ params[name]["w"] + params[name]["b"], params[name])
         acts.append(h)
     return h @ params["out"]["w"] + params["out"]["b"], acts
 
@@ -280,8 +332,10 @@ def make_train(args, agent, ds):
         return common.sgd(hp["lr"], hp.get("weight_decay", 0.0), args.momentum)
 
     def init(seed):
-        params = init_params(member_key(seed, 0, 0))
+        params = init_params(member_key(seed, 0, 0), agent.get("layer_norm", False))
         state = {"params": params, "opt": optimizer({"lr": 0.0}).init(params)}
+        if agent.get("spectral_persistent"):
+            state["spectral_v"] = common.spectral_starts(params)
         if "replacement_rate" in agent:
             state["cbp"] = [common.cbp_init(units) for units in HIDDEN_UNITS]
         return state
@@ -303,22 +357,35 @@ def make_train(args, agent, ds):
     def train(state, hp, seed, task, x_train, first, count):
         x, opt, key = prepare(x_train), optimizer(hp), member_key(seed, 1, task)
 
-        def loss_fn(params, xb, yb):
+        def loss_fn(params, xb, yb, starts):
             logits, acts = forward(params, xb, impl)
-            return cross_entropy(logits, yb), (logits, acts)
+            loss, vectors = cross_entropy(logits, yb), None
+            if "spectral_lambda" in agent:  # spectral regularization, in the loss
+                penalty, vectors = common.spectral_penalty(params, agent["spectral_k"], agent["spectral_target"],
+                                                           agent["power_iters"], starts)
+                loss = loss + agent["spectral_lambda"] * penalty
+            return loss, (logits, acts, vectors)
 
         def step(state, batch):
-            """One minibatch: predict (counted for training accuracy), update, then S&P or CBP."""
-            idx, step_key = batch
+            """One minibatch: predict (counted for training accuracy), update, then S&P, CBP or ReDo."""
+            idx, step_key, number = batch  # number: the step's index within the task
             xb, yb = x[idx], y_train[idx]
-            (_, (logits, acts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], xb, yb)
+            (_, (logits, acts, vectors)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], xb, yb, state.get("spectral_v"))
             updates, opt_state = opt.update(grads, state["opt"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             if "perturb_scale" in agent:
                 params = common.shrink_perturb(params, step_key, agent["perturb_scale"])
             state = {**state, "params": params, "opt": opt_state}
+            if "spectral_v" in state:
+                state["spectral_v"] = vectors
             if "replacement_rate" in agent:
                 state = cbp_step(agent, opt, state, acts, step_key)
+            if "redo_tau" in agent:  # after every redo_every-th step of the task, scored on its minibatch
+                # A cond, not a mask: the scoring forward pass runs only when due (`number` is the same for
+                # every member, so the cond stays one under vmap).
+                state = jax.lax.cond((number + 1) % agent["redo_every"] == 0,
+                                     lambda s: redo_step(agent, opt, s, xb, step_key, impl), lambda s: s, state)
             return state, jnp.mean(jnp.argmax(logits, axis=-1) == yb)
 
         def group(state, batches):
@@ -332,7 +399,8 @@ def make_train(args, agent, ds):
             order_key, steps_key = jax.random.split(jax.random.fold_in(key, e))
             order = jax.random.permutation(order_key, x.shape[0])[:steps * args.batch_size]
             batches = (order.reshape(steps // er_every, er_every, args.batch_size),
-                       jax.random.split(steps_key, steps).reshape(steps // er_every, er_every))
+                       jax.random.split(steps_key, steps).reshape(steps // er_every, er_every),
+                       (e * steps + jnp.arange(steps)).reshape(steps // er_every, er_every))
             state, accs = jax.lax.scan(group, state, batches)
             return state, jnp.mean(accs)
 
@@ -363,32 +431,64 @@ def make_train(args, agent, ds):
     return init, task_data, train, evaluate, spectrum, calls
 
 
+def outgoing(params, layer):
+    """(outgoing weights of hidden layer `layer`, their unit axis): conv -> conv: the next kernel's input
+    channels (HWIO axis 2); conv3 -> fc1: fc1 viewed as [2, 2, 128, 128] (flatten order h, w, c), so channel c
+    owns the 4 rows h * 256 + w * 128 + c, one per spatial position; dense -> dense: rows (axis 0)."""
+    w_out = params[NEXT[layer]]["w"]
+    if HIDDEN[layer] == "conv3":
+        w_out = w_out.reshape(FLAT + (w_out.shape[-1],))
+    return w_out, 2 if HIDDEN[layer].startswith("conv") else 0
+
+
+def reinit_units(params, keep, layer, key, idx, valid):
+    """Units idx[valid] of hidden layer `layer` (conv: channels): fresh incoming weights from KERNEL_INIT,
+    bias 0, outgoing weights 0 (common.cbp_replace); `keep` (params-shaped 0/1 masks) marks those entries
+    for zeroing their optimizer state. Returns the new (params, keep) dicts."""
+    name, nxt = HIDDEN[layer], NEXT[layer]
+    w_out, axis = outgoing(params, layer)
+    w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+        key, params[name]["w"], params[name]["b"], w_out, idx, valid, out_unit_axis=axis, init=KERNEL_INIT)
+    shape_out = params[nxt]["w"].shape
+    params = {**params, name: {**params[name], "w": w_in, "b": b_in},
+              nxt: {**params[nxt], "w": w_out.reshape(shape_out)}}
+    keep = {**keep, name: {**keep[name], "w": keep[name]["w"] * keep_in, "b": keep[name]["b"] * keep_b},
+            nxt: {**keep[nxt], "w": keep[nxt]["w"] * keep_out.reshape(shape_out)}}
+    return params, keep
+
+
 def cbp_step(agent, opt, state, acts, key):
     """Continual backprop after an SGD step (Dohare et al.): per hidden layer, by unit (conv: by channel),
-    update utilities with this step's activations and replace the chosen units. conv3's outgoing weights are
-    fc1's rows; fc1 is viewed as [2, 2, 128, 128] (flatten order h, w, c) so channel c owns 4 rows."""
-    params = dict(state["params"])
+    update utilities with this step's activations and replace the chosen units (conv3's outgoing weights:
+    `outgoing`)."""
+    params = state["params"]
     keep = jax.tree.map(jnp.ones_like, params)
     cbp_states = []
-    for layer, (name, nxt, key_l) in enumerate(zip(HIDDEN, NEXT, jax.random.split(key, len(HIDDEN)))):
-        w_out = params[nxt]["w"]
-        if name == "conv3":
-            w_out = w_out.reshape(acts[layer].shape[1:] + (w_out.shape[-1],))
-        axis = 2 if name.startswith("conv") else 0
+    for layer, key_l in enumerate(jax.random.split(key, len(HIDDEN))):
+        w_out, axis = outgoing(params, layer)
         cbp_state, idx, valid = common.cbp_select(
-            state["cbp"][layer], acts[layer], w_out, w_in=params[name]["w"], utility=agent["cbp_utility"],
+            state["cbp"][layer], acts[layer], w_out, w_in=params[HIDDEN[layer]]["w"], utility=agent["cbp_utility"],
             replacement_rate=agent["replacement_rate"], decay_rate=agent["decay_rate"],
             maturity_threshold=agent["maturity_threshold"], out_unit_axis=axis,
             max_replace=common.cbp_max_replace(agent["replacement_rate"], HIDDEN_UNITS[layer]))
-        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
-            key_l, params[name]["w"], params[name]["b"], w_out, idx, valid, out_unit_axis=axis, init=KERNEL_INIT)
-        shape_out = params[nxt]["w"].shape
-        params[name] = {"w": w_in, "b": b_in}
-        params[nxt] = {"w": w_out.reshape(shape_out), "b": params[nxt]["b"]}
-        keep[name] = {"w": keep[name]["w"] * keep_in, "b": keep[name]["b"] * keep_b}
-        keep[nxt] = {"w": keep[nxt]["w"] * keep_out.reshape(shape_out), "b": keep[nxt]["b"]}
+        params, keep = reinit_units(params, keep, layer, key_l, idx, valid)
         cbp_states.append(cbp_state)
     return {**state, "params": params, "cbp": cbp_states, "opt": common.mask_opt_state(opt, state["opt"], keep)}
+
+
+def redo_step(agent, opt, state, x, key, impl):
+    """ReDo (Sokar et al. 2023): per hidden layer, the units (conv: channels) dormant on the images x
+    (common.dormant_units on the post-ReLU activations, conv layers after the pool; all scored before any
+    change) get fresh incoming weights (the layer's init), bias 0, outgoing weights 0 (conv3's: `outgoing`)
+    and zeroed optimizer state; the output layer is never recycled. A unit that was exactly 0 on every input
+    leaves the network's outputs unchanged."""
+    params = state["params"]
+    _, acts = forward(params, x, impl)
+    keep = jax.tree.map(jnp.ones_like, params)
+    for layer, key_l in enumerate(jax.random.split(key, len(HIDDEN))):
+        dormant = common.dormant_units(acts[layer], agent["redo_tau"])
+        params, keep = reinit_units(params, keep, layer, key_l, jnp.arange(dormant.shape[0]), dormant)
+    return {**state, "params": params, "opt": common.mask_opt_state(opt, state["opt"], keep)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,7 +523,9 @@ def resolve(args):
                f"--er-every {agent.get('er_every')} must divide the {steps} minibatches of an epoch"),
               (0 <= agent.get("replacement_rate", 0) <= 1 and agent.get("perturb_scale", 0) >= 0
                and 0 < agent.get("decay_rate", 0.5) < 1,
-               "--replacement-rate must be in [0, 1], --perturb-scale >= 0, --decay-rate in (0, 1)")]
+               "--replacement-rate must be in [0, 1], --perturb-scale >= 0, --decay-rate in (0, 1)"),
+              (agent.get("power_iters", 1) >= 1 and agent.get("redo_every", 1) >= 1 and agent.get("redo_tau", 0) >= 0,
+               "--power-iters and --redo-every must be >= 1 and --redo-tau >= 0")]
     for ok, message in checks:
         if not ok:
             common.fail(message)

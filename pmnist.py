@@ -24,7 +24,7 @@ Choices where the paper is silent or the sources disagree (we follow the runs be
   weights, so its 0.938 at task 800 is not expected to match exactly.
 - Agents beyond the paper's table: layernorm-l2 and spectral-reg as the authors' later runs (lr 1e-2; weight decay
   1e-5 on every parameter, LayerNorm scales included / lambda 1e-3, sigma_max^2 pulled to 2 by 10 power iterations
-  from fixed vectors, no weight decay). --spectral-persistent --power-iters 1 is our cheaper variant. ReDo (Sokar
+  from fixed vectors, no weight decay). --spectral-persistent True --power-iters 1 is our cheaper variant. ReDo (Sokar
   et al. 2023): no source gives tau or a period for this benchmark; ours come from a width-100 sweep (README).
 - Effective rank, the ER step and the Hessian run at full float32 matmul precision; the SGD steps at JAX's
   default (TF32 on some GPUs). Dead units and effective rank are measured on the 2,000 eval images.

@@ -53,7 +53,7 @@ def imagenet_runs():
         extra = {"l2": dict(weight_decay=(0.1,)), "l2-er": dict(weight_decay=(0.1,), er_lr=(1e-2,)),
                  "er": dict(er_lr=(1e-2,)), "cbp": t.CBP_TINY, "snp": dict(perturb_scale=1e-3),
                  "snp-l2": dict(perturb_scale=1e-3, weight_decay=(0.1,))}
-        for agent in imagenet.AGENTS:
+        for agent in ("bp", "l2", "er", "l2-er", "cbp", "snp", "snp-l2"):
             for seed in (0, 1):  # one member per run; the two seeds share their programs
                 yield f"{agent}_seed{seed}", (lambda out, agent=agent, seed=seed: imagenet.main(imagenet.Args(
                     agent=agent, seed=seed, out_dir=str(out), **small, **extra.get(agent, {}))))
@@ -72,7 +72,7 @@ def cifar_runs():
         extra = {"l2": dict(weight_decay=(1e-2,), **hessian), "l2-er": dict(weight_decay=(1e-2,), er_lr=(1e-2,)),
                  "er": dict(er_lr=(1e-2,)), "cbp": t.CBP, "snp": dict(perturb_scale=1e-3),
                  "snp-l2": dict(perturb_scale=1e-3, weight_decay=(1e-2,))}
-        for agent in cifar.AGENTS:
+        for agent in ("bp", "l2", "er", "l2-er", "cbp", "snp", "snp-l2", "reset"):
             yield agent, (lambda out, agent=agent: cifar.main(cifar.Args(
                 agent=agent, out_dir=str(out), **small, **extra.get(agent, {}))))
 
@@ -87,7 +87,7 @@ def ant_ppo_runs():
     extra = {"l2": dict(weight_decay=(0.1,)), "er": dict(er_lr=(0.5,)), "l2-er": dict(weight_decay=(0.1,), er_lr=(0.5,)),
              "cbp": dict(weight_decay=(0.1,), replacement_rate=0.05, maturity_threshold=0, hessian_every_phase=True,
                          hessian_iters=4)}
-    for agent in ant_ppo.AGENTS:
+    for agent in ("bp", "l2", "er", "l2-er", "cbp"):
         yield agent, (lambda out, agent=agent: ant_ppo.main(ant_ppo.Args(
             agent=agent, out_dir=str(out), **small, **extra.get(agent, {}))))
 

@@ -36,6 +36,7 @@ FILE_COUNTS = {10: 4, 2: 3, 1: 3}  # class order = batch 1, 2, 10 -> 10 images p
 MARKER = 250  # R value at (row 0, column 1) of every image: catches a row/column swap
 TINY = dict(tasks=2, epochs=2, batch_size=4, train_per_class=6, test_per_class=1)
 CBP_TINY = dict(replacement_rate=0.1, maturity_threshold=1)  # replacements happen within a few steps
+REDO_TINY = dict(redo_every=3, redo_tau=0.5)  # recycles within a task's 6 steps (the default period is 1000)
 METRICS = ("test_acc", "train_acc", "dead_units", "effective_rank", "param_norm")
 # Every run compiles its own programs (make_train closes over the run's settings). JAX's persistent compilation
 # cache, on while these tests run, lets runs of the same programs (other seeds, other out dirs, the same agent)
@@ -394,11 +395,188 @@ def test_cbp_conv_to_dense_boundary_replaces_the_right_rows():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# LayerNorm, the spectral penalty and ReDo
+# ---------------------------------------------------------------------------------------------------------
+ONE_STEP = dict(train_per_class=2, test_per_class=1, batch_size=4, epochs=1)  # a task is one minibatch step
+
+
+@functools.cache
+def one_step(agent, **kw):
+    """(initial state, jitted step(state, hp) -> state after one SGD step of task 0) of a one-member `agent`
+    run on --synthetic-data (the run's own init and train, one epoch of one minibatch)."""
+    args = imagenet.Args(agent=agent, synthetic_data=True, **{**TINY, **ONE_STEP, **kw})
+    resolved, _ = imagenet.resolve(args)
+    init, task_data, train, *_ = imagenet.make_train(args, resolved, imagenet.load_data(args))
+    x_train = task_data(np.array([0]), 0)[0][0]
+    return jax.jit(init)(0), jax.jit(lambda state, hp: train(state, hp, 0, 0, x_train, 0, 1)[0])
+
+
+def test_layer_norm_only_in_layernorm_l2_and_its_scales_decay():
+    """layernorm-l2: a LayerNorm (scale 1, shift 0) in each hidden layer, none on the output layer nor in any
+    other agent; conv layers normalize each pixel over its channels, before the ReLU (and the pool). The
+    coupled L2 acts on every parameter: on the first step (momentum still 0) a weight decay wd moves every
+    leaf, LayerNorm scales included, by exactly -lr x wd x its value more than wd 0 does."""
+    params = init_state_of_run("layernorm-l2")["params"]
+    for name, units in zip(imagenet.HIDDEN, imagenet.HIDDEN_UNITS):
+        assert set(params[name]) == {"w", "b", "scale", "shift"}
+        np.testing.assert_array_equal(params[name]["scale"], np.ones(units))
+        np.testing.assert_array_equal(params[name]["shift"], np.zeros(units))
+    assert set(params["out"]) == {"w", "b"}
+    for agent in imagenet.AGENTS:
+        if agent != "layernorm-l2":
+            assert all(set(layer) == {"w", "b"} for layer in init_state_of_run(agent)["params"].values()), agent
+    assert len(common.spectral_starts(params)) == 6  # the LayerNorm scales are not kernels
+    # The forward pass against numpy, with a scale and shift that are not the identity.
+    normed = {**params, "conv2": {**params["conv2"], "scale": jnp.linspace(0.5, 2.0, 64), "shift": jnp.full(64, 0.3)},
+              "fc2": {**params["fc2"], "scale": jnp.full(128, 2.0), "shift": jnp.full(128, -0.1)}}
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    _, acts = forward(normed, x, "xla")
+    z = np.asarray(imagenet.conv(acts[0], normed["conv2"], "xla"), np.float64)  # [3, 12, 12, 64]
+    z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-6)
+    z = np.maximum(z * np.linspace(0.5, 2.0, 64) + 0.3, 0)
+    np.testing.assert_allclose(acts[1], z.reshape(3, 6, 2, 6, 2, 64).max(axis=(2, 4)), rtol=1e-4, atol=1e-4)
+    d = np.asarray(acts[3] @ normed["fc2"]["w"] + normed["fc2"]["b"], np.float64)
+    d = np.maximum(2 * (d - d.mean(-1, keepdims=True)) / np.sqrt(d.var(-1, keepdims=True) + 1e-6) - 0.1, 0)
+    np.testing.assert_allclose(acts[4], d, rtol=1e-4, atol=1e-4)
+    # Weight decay on all parameters.
+    state, step = one_step("layernorm-l2")
+    lr, wd = 0.1, 0.5
+    decayed, plain = (step(state, {"lr": jnp.float32(lr), "weight_decay": jnp.float32(w)}) for w in (wd, 0.0))
+    for (path, a), b, p in zip(jax.tree_util.tree_flatten_with_path(decayed["params"])[0],
+                               jax.tree.leaves(plain["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_allclose(a - b, -lr * wd * np.asarray(p), rtol=1e-3, atol=1e-6, err_msg=str(path))
+    for name in imagenet.HIDDEN:  # the scales shrank towards 0 by lr x wd (their gradient moves both alike)
+        np.testing.assert_allclose(decayed["params"][name]["scale"] - plain["params"][name]["scale"], -lr * wd,
+                                   rtol=1e-4)
+
+
+def test_spectral_reg_adds_the_penalty_to_the_loss():
+    """The kernels are exactly the six "w" leaves (conv HWIO as (kh*kw*in, out)), the biases the "b" leaves.
+    First step (momentum 0) at lr 1: spectral-reg's parameters minus bp's are -lambda x the gradient of
+    common.spectral_penalty(params, k=2, target=2, iters=10); --spectral-persistent True starts from the same
+    fixed vectors and carries the penalty's last right vectors in the state."""
+    params = init_state_of_run("spectral-reg")["params"]
+    starts = common.spectral_starts(params)
+    assert [s.shape for s in starts] == [(32,), (64,), (128,), (128,), (128,), (2,)]  # conv1..3, fc1, fc2, out
+    lam = 0.5
+    state, step = one_step("spectral-reg", spectral_lambda=lam, spectral_persistent=True)
+    jax.tree.map(np.testing.assert_array_equal, state["spectral_v"], starts)
+    bp_state, bp_step = one_step("bp")
+    jax.tree.map(np.testing.assert_array_equal, state["params"], bp_state["params"])  # same init
+    hp = {"lr": jnp.float32(1.0)}
+    reg, plain = step(state, hp), bp_step(bp_state, hp)
+    (penalty, vectors), grad = jax.jit(jax.value_and_grad(lambda p: common.spectral_penalty(p, 2.0, 2.0, 10),
+                                                          has_aux=True))(state["params"])
+    assert float(penalty) > 0.1  # sigma_max^2 of the init's kernels is not 2
+    for (path, a), b, g in zip(jax.tree_util.tree_flatten_with_path(reg["params"])[0],
+                               jax.tree.leaves(plain["params"]), jax.tree.leaves(grad)):
+        np.testing.assert_allclose(a - b, -lam * np.asarray(g), rtol=1e-3, atol=2e-6, err_msg=str(path))
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad)) > 1e-2  # the comparison has teeth
+    for carried, v in zip(reg["spectral_v"], vectors):
+        np.testing.assert_allclose(carried, v, rtol=1e-5, atol=1e-6)
+
+
+def dead_channels(params, units):
+    """`params` with the given {layer: [units]} made dead on every input (bias -1e3, before the ReLU)."""
+    return {**params, **{name: {**params[name], "b": params[name]["b"].at[np.array(idx)].set(-1e3)}
+                         for name, idx in units.items()}}
+
+
+def redo(state, x, tau=0.0):
+    opt = common.sgd(0.1, 0.0, 0.9)
+    return jax.jit(lambda s, x: imagenet.redo_step({"redo_tau": tau}, opt, s, x, jax.random.key(2), "xla"))(state, x)
+
+
+def fc1_rows(channels):
+    """fc1's rows fed by conv3's channels [128] (bool): the flatten is (h, w, c), so row p * 128 + c for each of
+    the 4 spatial positions p."""
+    return np.tile(channels, 4)
+
+
+def test_redo_recycles_only_dormant_units_and_keeps_the_function():
+    """ReDo with tau 0 (dormant = mean|h| = 0 on the batch): dead channels/units in every hidden layer get fresh
+    incoming weights and bias 0; their outgoing weights (conv3: fc1's rows of every spatial position) and the
+    momentum of exactly those weights become 0; nothing else changes, and the outputs stay the same. Besides
+    the units killed here, the init (zero biases) already has units that are 0 on every image from conv3 on
+    (measured: 25 of conv3's channels, 51 and 45 units of fc1 and fc2 on these 16 images)."""
+    params = dead_channels(init_state_of_run("redo")["params"],
+                           {"conv1": [0, 5], "conv2": [3], "conv3": [7, 100], "fc1": [0, 1, 2], "fc2": [64]})
+    opt = common.sgd(0.1, 0.0, 0.9)
+    state = {"params": params, "opt": jax.tree.map(jnp.ones_like, opt.init(params))}  # momentum 1 everywhere
+    x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+    new = redo(state, x)
+    old_p, new_p = params, new["params"]
+    _, acts = forward(params, x, "xla")
+    dormant = [np.asarray(jnp.all(a.reshape(-1, a.shape[-1]) == 0, axis=0)) for a in acts]
+    for d, killed in zip(dormant, ([0, 5], [3], [7, 100], [0, 1, 2], [64])):
+        assert d[killed].all() and d.sum() < 0.6 * d.size
+    # The same outputs on the scored images (the init's all-zero units may fire on other images).
+    np.testing.assert_allclose(forward(new_p, x, "xla")[0], forward(params, x, "xla")[0], atol=1e-4)
+    momentum = new["opt"][1][0].trace
+    inputs = np.ones(3, bool)  # conv1's input channels
+    for layer, name in enumerate(imagenet.HIDDEN + ("out",)):
+        w_old, w_new, trace = (np.asarray(p[name]["w"]) for p in (old_p, new_p, momentum))
+        unit = dormant[layer] if layer < 5 else np.zeros(2, bool)  # the output layer is never recycled
+        rows = fc1_rows(inputs) if name == "fc1" else inputs
+        keep = rows.reshape((1,) * (w_old.ndim - 2) + (-1, 1)) & ~unit  # untouched weights
+        np.testing.assert_array_equal(trace, keep.astype(np.float32) * np.ones_like(w_old), err_msg=name)
+        np.testing.assert_array_equal(w_new[np.broadcast_to(keep, w_old.shape)],
+                                      w_old[np.broadcast_to(keep, w_old.shape)], err_msg=name)
+        zeroed = np.broadcast_to(~rows.reshape((1,) * (w_old.ndim - 2) + (-1, 1)) & ~unit, w_old.shape)
+        assert (w_new[zeroed] == 0).all() and (w_old[zeroed] != 0).all(), name  # outgoing of recycled units
+        fresh = w_new[..., unit]
+        assert (fresh[..., rows, :] != w_old[..., unit][..., rows, :]).all(), name  # redrawn incoming weights
+        np.testing.assert_array_equal(new_p[name]["b"], np.where(unit, 0.0, old_p[name]["b"]))
+        np.testing.assert_array_equal(momentum[name]["b"], (~unit).astype(np.float32))
+        inputs = ~unit
+    # The fresh incoming weights come from the init (LeCun-normal, truncated at 2 std).
+    bound = 2 * math.sqrt(1 / FAN_IN["conv3"] / truncated_normal_moments()[0])
+    assert np.abs(new_p["conv3"]["w"][..., [7, 100]]).max() <= bound * (1 + 1e-6)
+
+
+def test_redo_conv_to_dense_boundary_keeps_the_outputs():
+    """A dead conv3 channel, recycled: its fresh weights make it fire again, and only zeroing its fc1 rows in the
+    (h, w, c) flatten order (every spatial position's row) keeps the outputs unchanged; a channel-major layout
+    (rows 4c .. 4c + 3) would leave its old rows feeding the revived channel and the outputs would move. (The
+    init's own all-zero units, conv3's and fc1's, are recycled too; fc1's get fresh columns.)"""
+    j = 37
+    params = dead_channels(init_state_of_run("redo")["params"], {"conv3": [j]})
+    state = {"params": params, "opt": common.sgd(0.1, 0.0, 0.9).init(params)}
+    x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+    new_p = redo(state, x)["params"]
+    acts = forward(params, x, "xla")[1]
+    conv3, fc1 = (np.asarray(jnp.all(a.reshape(-1, a.shape[-1]) == 0, axis=0)) for a in acts[2:4])
+    assert conv3[j] and conv3.sum() < 64 and fc1.sum() < 96
+    assert np.flatnonzero(fc1_rows(np.arange(128) == j)).tolist() == [j, 128 + j, 256 + j, 384 + j]
+    w_old, w_new = (np.asarray(p["fc1"]["w"])[:, ~fc1] for p in (params, new_p))  # fc1's kept units
+    np.testing.assert_array_equal(w_new[fc1_rows(conv3)], 0.0)
+    np.testing.assert_array_equal(w_new[~fc1_rows(conv3)], w_old[~fc1_rows(conv3)])
+    revived = forward(new_p, x, "xla")[1][2]
+    assert float(jnp.abs(revived[..., j]).mean()) > 0.05  # the recycled channel is alive now
+    np.testing.assert_allclose(forward(new_p, x, "xla")[0], forward(params, x, "xla")[0], atol=1e-4)
+    # Channel j's old fc1 rows left in place (what a wrong layout does) move the outputs: the check has teeth.
+    rows = fc1_rows(np.arange(128) == j)
+    wrong = {**new_p, "fc1": {**new_p["fc1"], "w": new_p["fc1"]["w"].at[rows].set(params["fc1"]["w"][rows])}}
+    assert np.abs(forward(wrong, x, "xla")[0] - forward(params, x, "xla")[0]).max() > 1e-3
+
+
+def test_redo_acts_every_redo_every_steps(run):
+    """The default period (1000 steps) never comes in a 6-step task: exactly bp (same lr 1e-4); every 3 steps
+    with tau 0.5 it recycles and the run differs."""
+    bp = run(agent="bp")[0]
+    never = run(agent="redo")[0]
+    for key in METRICS:
+        np.testing.assert_array_equal(never[key], bp[key], err_msg=key)
+    acting = run(agent="redo", **REDO_TINY)[0]
+    assert not np.allclose(acting["param_norm"], bp["param_norm"])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Training runs
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("agent", imagenet.AGENTS)
 def test_every_agent_runs(agent, run):
-    extra = CBP_TINY if agent == "cbp" else {}
+    extra = {"cbp": CBP_TINY, "redo": REDO_TINY}.get(agent, {})
     if agent == "snp-l2":  # also the random images of --synthetic-data (1000 classes, drawn on demand)
         extra = dict(synthetic_data=True)
     m, run_dir = run(agent=agent, **extra)
@@ -539,6 +717,11 @@ def test_interrupt_mid_task_then_resume_equals_uninterrupted(run, data_dir, tmp_
     (dict(tasks=0), "must be >= 1"),
     (dict(agent="cbp", cbp_utility="utility"), "--cbp-utility must be one of contribution, adaptable_contribution"),
     (dict(agent="cbp", decay_rate=1.0), "--decay-rate in"),
+    (dict(agent="bp", redo_tau=0.1), "--redo-tau does not apply to agent bp .only redo"),
+    (dict(agent="l2", layer_norm=True), "--layer-norm does not apply to agent l2 .only layernorm-l2"),
+    (dict(agent="l2-er", spectral_lambda=1e-3), "--spectral-lambda does not apply"),
+    (dict(agent="redo", redo_every=0), "--redo-every must be >= 1"),
+    (dict(agent="spectral-reg", power_iters=0), "--power-iters and --redo-every must be >= 1"),
 ])
 def test_bad_flags_fail_cleanly(bad, message):
     with pytest.raises(SystemExit, match=message):
