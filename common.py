@@ -1,8 +1,8 @@
-"""The small shared core of the experiment scripts.
+"""The science the experiment scripts share, then their plumbing.
 
-Init, the regularizers and interventions the paper compares (L2, ER, L2-ER, continual backprop, Shrink &
-Perturb), plasticity metrics (effective rank, dead units, parameter norm), and run plumbing (errors, run
-directories, atomic files, checkpoints, sweeps, progress). Everything numerical is pure and jittable.
+Science (pure, jittable): Kaiming init, effective rank and the ER step, optimizers with coupled L2, spectral
+regularization, LayerNorm, ReDo, Shrink & Perturb, continual backprop, plasticity metrics. Plumbing (below the
+banner): one-line errors and the CLI, members and sweeps, run folders, atomic files, checkpoints, progress.
 """
 import contextlib
 import itertools
@@ -10,11 +10,12 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -27,81 +28,31 @@ import optax
 REPO_DIR = Path(__file__).resolve().parent
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Errors
-# ----------------------------------------------------------------------------------------------------------
-def fail(message):
-    """Stop with a one-line error on stderr and exit status 1 (no traceback)."""
-    raise SystemExit(f"error: {message}")
-
-
-def check_agent(agent, agents):
-    """Stop with one line unless `agent` is one of `agents` (the scripts' main() can be called without tyro)."""
-    if agent not in agents:
-        fail(f"unknown agent {agent!r}; choose one of {', '.join(agents)}")
-
-
-def cli(args_class):
-    """Parse the command line into `args_class` with tyro (--help as usual). An unknown option (a typo) stops
-    with one line and exit status 1; a malformed value gets tyro's own message (it names the flag and what it
-    accepts) and exit status 2."""
-    import tyro  # only the command line needs it (machines without tyro can import the scripts)
-
-    args, unknown = tyro.cli(args_class, return_unknown_args=True)
-    if unknown:
-        options = [u for u in unknown if u.startswith("-")] or unknown
-        fail(f"unrecognized option{'s' * (len(options) > 1)} {' '.join(options)} (see --help)")
-    return args
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Init (paper App. G.1: Kaiming-uniform weights, zero biases)
-# ----------------------------------------------------------------------------------------------------------
+# Init (paper App. G.1): He/Kaiming-uniform weights for ReLU, U(-b, b) with b = sqrt(6 / fan_in); zero biases.
 def kaiming_bound(fan_in):
-    """Bound of He/Kaiming-uniform init for ReLU: U(-b, b) with b = sqrt(6 / fan_in)."""
     return math.sqrt(6.0 / fan_in)
 
 
 def dense_init(key, fan_in, fan_out):
-    """Dense layer {"w": [fan_in, fan_out], "b": [fan_out]}: Kaiming-uniform weights, zero bias."""
+    """{"w": [fan_in, fan_out], "b": [fan_out]}."""
     bound = kaiming_bound(fan_in)
     return {"w": jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -bound, bound),
             "b": jnp.zeros(fan_out, jnp.float32)}
 
 
-def conv_init(key, kh, kw, cin, cout):
-    """Conv layer {"w": [kh, kw, cin, cout] (HWIO), "b": [cout]}: Kaiming-uniform with fan_in = kh*kw*cin."""
-    bound = kaiming_bound(kh * kw * cin)
-    return {"w": jax.random.uniform(key, (kh, kw, cin, cout), jnp.float32, -bound, bound),
-            "b": jnp.zeros(cout, jnp.float32)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Effective rank (Roy & Vetterli 2007) and the ER regularizer (paper App. D)
-# ----------------------------------------------------------------------------------------------------------
+# Effective rank (Roy & Vetterli 2007) and the ER step (paper App. D)
 def singular_values(features, method="svd"):
-    """Singular values of a [n, d] feature matrix.
-
-    method "svd": `jnp.linalg.svd`, accurate down to ~machine eps x the largest value (the metric).
-    method "qr": the ER step's route. A QR factorization of the tall side leaves a small square triangular
-    factor R (min(n, d) wide) with the same singular values, which an SVD of R gives cheaply. Its gradient is
-    the exact one, U diag(g) V^T, written out (`_singular_values_qr`): differentiating the QR itself would
-    divide by R's diagonal, which is 0 when features have dead units. Exact down to the smallest singular
-    value, so the collapsed directions the ER step exists to revive (paper App. D) get their gradient.
-    method "gram": square roots of the eigenvalues of the smaller Gram matrix, cheapest, but eigenvalues below
-    the Gram matrix's noise level (largest x max(n, d) x eps) count as zeros, so every singular value below
-    ~sqrt(max(n, d) x eps) of the largest (~1% for 1,000 units in float32) is dropped along with its
-    gradient; on a spectrum spanning four decades the ER gradient points elsewhere (cosine 0.28 with the
-    exact one). Kept only as the speed baseline of `bench.py`.
-    """
-    if features.ndim != 2:
-        raise ValueError(f"features must be a [n, d] matrix, got shape {features.shape}")
+    """Singular values of a [n, d] matrix. "svd": the metric. "qr": QR of the tall side, then an SVD of the small
+    R, with the exact gradient U diag(g) V^T written out (differentiating QR divides by R's diagonal, 0 with dead
+    units): the ER step, which must reach the collapsed directions. "gram": eigenvalues of the smaller Gram
+    matrix; drops every value below ~sqrt(max(n, d) eps) of the largest with its gradient (cosine 0.28 with the
+    exact ER gradient on a four-decade spectrum), so only bench.py's speed baseline uses it."""
+    if features.ndim != 2 or method not in ("svd", "qr", "gram"):
+        raise ValueError(f"need a [n, d] matrix and method 'svd', 'qr' or 'gram', got {features.shape}, {method!r}")
     if method == "svd":
         return jnp.linalg.svd(features, compute_uv=False)
     if method == "qr":
         return _singular_values_qr(features)
-    if method != "gram":
-        raise ValueError(f"method must be 'svd', 'qr' or 'gram', got {method!r}")
     n, d = features.shape
     gram = features @ features.T if n <= d else features.T @ features
     eigenvalues = jnp.linalg.eigvalsh(gram)
@@ -111,7 +62,6 @@ def singular_values(features, method="svd"):
 
 
 def _svd_via_qr(features):
-    """(U, s, Vt) of a [n, d] matrix from a QR of its tall side and an SVD of the small R factor."""
     tall = features if features.shape[0] >= features.shape[1] else features.T
     q, r = jnp.linalg.qr(tall)
     u_r, s, vt = jnp.linalg.svd(r, full_matrices=False)
@@ -130,8 +80,8 @@ def _singular_values_qr_fwd(features):
 
 
 def _singular_values_qr_bwd(residuals, g):
-    # d s_i / d A = u_i v_i^T. Where singular values repeat, the u_i, v_i are not unique, but the sum over a
-    # repeated value of g_i u_i v_i^T is (g is equal there: it depends on s only), so the gradient is exact.
+    # d s_i / dA = u_i v_i^T. For a repeated value u_i, v_i are not unique, but g is equal there (it depends on s
+    # only), so the sum of g_i u_i v_i^T over it is, and the gradient is exact.
     u, vt = residuals
     return ((u * g) @ vt,)
 
@@ -140,9 +90,8 @@ _singular_values_qr.defvjp(_singular_values_qr_fwd, _singular_values_qr_bwd)
 
 
 def effective_rank(features, method="svd"):
-    """Effective rank of a [n, d] feature matrix: exp of the entropy of p = s / sum(s) over its singular
-    values s (not squared, as the authors' code). 0 for an all-zero matrix. `method` as in
-    `singular_values`: "svd" for metrics, "qr" (exact gradient) for the ER step."""
+    """exp(entropy of p = s / sum(s)) over the singular values s (not squared, as the authors' code); 0 for an
+    all-zero matrix. `method` as in `singular_values`."""
     s = singular_values(features, method)
     total = jnp.sum(s)
     p = s / jnp.where(total > 0, total, 1.0)
@@ -151,10 +100,9 @@ def effective_rank(features, method="svd"):
 
 
 def effective_ranks(features_list, method="svd"):
-    """`effective_rank` of each [n, d] matrix in the list, stacked, computed one after another: on a CPU, batched
-    LAPACK solvers that XLA runs at the same time (independent layers, vmapped members) can deadlock its thread
-    pool. Adding min(previous rank, 0) = 0 to the next features makes each solve wait for the previous one (an
-    optimization barrier does not: XLA drops it before scheduling); stop_gradient keeps the gradient exact."""
+    """Stacked `effective_rank`s, one solve after another: concurrent batched LAPACK solves can deadlock XLA's CPU
+    thread pool. Adding min(previous rank, 0) = 0 orders them (XLA drops optimization barriers before scheduling);
+    stop_gradient keeps the gradient exact."""
     ranks = []
     for features in features_list:
         if ranks:
@@ -164,9 +112,8 @@ def effective_ranks(features_list, method="svd"):
 
 
 def er_ascent(params, features_fn, inputs, er_lr):
-    """One ER step as the authors' code applies it: plain gradient ascent, outside the optimizer
-    (no momentum, no decay), on the mean over layers of the effective rank of `features_fn(params, inputs)`
-    (a list of [n, d] matrices). Returns `(new_params, mean_effective_rank)` (the rank before the step)."""
+    """One ER step as the authors' code: plain gradient ascent outside the optimizer (no momentum, no decay) on the
+    mean effective rank of the [n, d] matrices `features_fn(params, inputs)`. Returns (params, rank before)."""
     def mean_rank(p):
         return jnp.mean(effective_ranks(features_fn(p, inputs), method="qr"))
 
@@ -174,63 +121,43 @@ def er_ascent(params, features_fn, inputs, er_lr):
     return jax.tree.map(lambda p, g: p + er_lr * g, params, grads), value
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Optimizers with coupled L2 (the authors' code: weight decay is added to the gradient before the optimizer)
-# ----------------------------------------------------------------------------------------------------------
+# Optimizers with coupled L2 (the authors' code adds weight_decay * params to the gradient; not AdamW)
 def sgd(lr, weight_decay=0.0, momentum=0.0):
-    """SGD on `grad + weight_decay * params`; `lr` and `weight_decay` may be traced scalars,
-    `momentum` is a Python float (0 = plain SGD, no optimizer state)."""
+    """`lr`, `weight_decay` may be traced; `momentum` a Python float (0: plain SGD, no state)."""
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.sgd(lr, momentum=momentum if momentum else None))
 
 
 def adam(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0):
-    """Adam on `grad + weight_decay * params` (coupled L2, not AdamW)."""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr, b1=b1, b2=b2, eps=eps))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Spectral regularization (Lewandowski et al. 2024, in the form of the authors' later runs)
-# ----------------------------------------------------------------------------------------------------------
-def power_iteration(w, iters, start):
-    """(sigma_max, v) of a [m, n] matrix after `iters` power iterations from the vector `start` [n]; v is the
-    last right vector, gradient-free (to carry to the next step). Differentiable through the iterations
-    (unrolled, as the authors' code differentiates through them)."""
-    v = start / jnp.linalg.norm(start)
-    for _ in range(iters):
-        u = w @ v
-        u = u / (jnp.linalg.norm(u) + 1e-12)
-        v = w.T @ u
-        v = v / (jnp.linalg.norm(v) + 1e-12)
-    return jnp.linalg.norm(w @ v), jax.lax.stop_gradient(v)
-
-
-def sigma_max(w, iters, start):
-    """Largest singular value of a [m, n] matrix by `iters` power iterations from `start` (differentiable)."""
-    return power_iteration(w, iters, start)[0]
-
-
+# Spectral regularization (Lewandowski et al. 2024, in the form of the authors' later runs) and LayerNorm
 def spectral_starts(params):
-    """The fixed start vector of each kernel's power iteration (a key from its position among the leaves)."""
+    """Each kernel's fixed power-iteration start vector, keyed by its position among the leaves."""
     return [jax.random.normal(jax.random.key(i), (x.shape[-1],), x.dtype)
             for i, (path, x) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])
             if getattr(path[-1], "key", None) == "w"]
 
 
 def spectral_penalty(params, k=2.0, target=2.0, iters=10, starts=None):
-    """sum over kernels W of (sigma_max(W)^k - target)^2 + sum of squared biases; a leaf named "w" is a kernel
-    (conv kernels [.., in, out] as (kh*kw*in, out)), "scale" a normalization scale (penalized towards 1),
-    every other leaf a bias. The authors: k = 2, target = 2; Lewandowski et al.: sigma_max near 1.
-    `starts`: the kernels' power-iteration start vectors; None = the same fixed vectors every step
-    (`spectral_starts`, the authors' form); the vectors a previous call returned = a persistent iteration.
-    Returns (penalty, the kernels' last right vectors)."""
+    """(sum over kernels "w" of (sigma_max^k - target)^2 + sum of (scale - 1)^2 + sum of squared other leaves,
+    the kernels' last right vectors). Conv kernels count as (kh*kw*in, out). The authors: k = target = 2.
+    sigma_max: `iters` power iterations, unrolled so the penalty differentiates through them (as the authors'
+    code), from `starts`: None = `spectral_starts` every step (the authors), the returned vectors = persistent."""
     starts = spectral_starts(params) if starts is None else starts
     total, ends = 0.0, []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = getattr(path[-1], "key", None)
         if name == "w":
-            sigma, v = power_iteration(x.reshape(-1, x.shape[-1]), iters, starts[len(ends)])
-            total, ends = total + (sigma ** k - target) ** 2, ends + [v]
+            w = x.reshape(-1, x.shape[-1])
+            v = starts[len(ends)] / jnp.linalg.norm(starts[len(ends)])
+            for _ in range(iters):
+                u = w @ v
+                u = u / (jnp.linalg.norm(u) + 1e-12)
+                v = w.T @ u
+                v = v / (jnp.linalg.norm(v) + 1e-12)
+            total, ends = total + (jnp.linalg.norm(w @ v) ** k - target) ** 2, ends + [jax.lax.stop_gradient(v)]
         elif name == "scale":
             total = total + jnp.sum(jnp.square(x - 1.0))
         else:
@@ -239,39 +166,30 @@ def spectral_penalty(params, k=2.0, target=2.0, iters=10, starts=None):
 
 
 def layer_norm(x, scale, shift, eps=1e-6):
-    """LayerNorm over the last axis with a learnable scale and shift (the authors' layernorm-l2 runs; Lyle
-    et al. 2024 pair it with L2)."""
+    """LayerNorm over the last axis (the authors' layernorm-l2 runs; Lyle et al. 2024 pair it with L2)."""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + shift
 
 
-# ----------------------------------------------------------------------------------------------------------
-# ReDo (Sokar et al. 2023): recycle dormant units
-# ----------------------------------------------------------------------------------------------------------
+# ReDo (Sokar et al. 2023) and Shrink & Perturb (Ash & Adams 2020; the shrink is weight decay)
 def dormant_units(activations, tau):
-    """[units] bool: units whose score s_i = mean|h_i| / (mean over the layer's units of mean|h_k|) is <= tau,
-    on a batch of post-activation features [..., units] (conv: channels last). A layer that is all zero
-    scores 0 everywhere (every unit is dormant)."""
+    """[units] bool: score mean|h_i| / (layer mean of mean|h_k|) <= tau on post-activations [..., units] (conv:
+    channels last); an all-zero layer scores 0 (all dormant)."""
     score = jnp.mean(jnp.abs(activations.reshape(-1, activations.shape[-1])), axis=0)
     layer_mean = jnp.mean(score)
     return score / jnp.where(layer_mean > 0, layer_mean, 1.0) <= tau
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Shrink & Perturb (Ash & Adams 2020): the shrink is weight decay (agent snp-l2), the perturb is below
-# ----------------------------------------------------------------------------------------------------------
 def shrink_perturb(params, key, perturb_scale):
-    """Add N(0, perturb_scale^2) noise to every parameter."""
+    """Add N(0, perturb_scale^2) noise to every parameter, an independent draw per leaf."""
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    noisy = [x + perturb_scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
+    return jax.tree.unflatten(treedef, [x + perturb_scale * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Continual backprop (Dohare et al. 2024: their algorithm and utilities), one hidden layer at a time
-# ----------------------------------------------------------------------------------------------------------
 CBP_UTILITIES = ("contribution", "adaptable_contribution")
 
 
@@ -279,7 +197,7 @@ class CBPState(NamedTuple):
     utility: jax.Array          # [units] running average (decay_rate) of the utility, not bias-corrected
     mean_activation: jax.Array  # [units] running average of the activation (centres adaptable_contribution)
     age: jax.Array              # [units] int32 steps since the unit was (re)initialized
-    pending: jax.Array          # scalar: accumulated fractional number of units to replace
+    pending: jax.Array          # accumulated fractional number of units to replace
 
 
 def cbp_init(num_units):
@@ -288,7 +206,7 @@ def cbp_init(num_units):
 
 
 def cbp_max_replace(replacement_rate, num_units):
-    """Static bound on units replaced in one step: pending < 1 before a step adds rate x eligible."""
+    """Static bound on the units one step replaces: pending < 1 before a step adds rate x eligible."""
     return max(1, min(num_units, int(math.floor(1.0 + replacement_rate * num_units))))
 
 
@@ -299,21 +217,15 @@ def _mean_abs_except(w, axis):
 
 def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", replacement_rate, decay_rate,
                maturity_threshold, max_replace, out_unit_axis=0):
-    """Update ages and utilities of one hidden layer and choose the units to replace this step.
-
-    The utility of unit j is a running average (`decay_rate`) of, per step, as Dohare et al.'s configs use it:
-    - "contribution" (their Incremental CIFAR and Slippery Ant): mean|h_j| x mean|outgoing weights of j|;
-    - "adaptable_contribution" (their Permuted MNIST and Continual ImageNet): mean|h_j - m_j| x
-      mean|outgoing weights of j| / mean|incoming weights of j|, with m_j the running average of h_j,
-      bias-corrected by 1 - decay_rate^age. Needs `w_in` (unit axis last: dense [in, units], conv HWIO).
-    Units older than `maturity_threshold` are eligible; replacement_rate x #eligible accumulates in
-    `pending`, and its integer part is replaced now: the eligible units of lowest bias-corrected utility.
-    `activations` is [..., units] (conv: channels last, so a channel is a unit); `w_out` holds the unit axis
-    at `out_unit_axis`. Returns `(new_state, idx [max_replace], valid [max_replace])`: units `idx[valid]` are
-    to be replaced (`cbp_replace`); their utility, running mean and age are already reset to 0.
-    """
-    if utility not in CBP_UTILITIES:
-        raise ValueError(f"utility must be one of {CBP_UTILITIES}, got {utility!r}")
+    """Update one layer's ages and utilities; pick the units to replace. Per step, utility of unit j (as Dohare et
+    al.'s configs): "contribution" (their CIFAR, Ant) mean|h_j| x mean|w_out of j|; "adaptable_contribution"
+    (their pMNIST, ImageNet) mean|h_j - m_j| x mean|w_out of j| / mean|w_in of j|, m_j the running mean of h_j
+    bias-corrected by 1 - decay^age (needs `w_in`, unit axis last). Units older than `maturity_threshold` are
+    eligible; rate x #eligible accumulates in `pending`, whose integer part is replaced now, lowest bias-corrected
+    utility first. `activations` [..., units]; `w_out` has the unit axis at `out_unit_axis`. Returns (state, idx,
+    valid) ([max_replace] each; units idx[valid] go to `cbp_replace`, their statistics already reset to 0)."""
+    if utility not in CBP_UTILITIES or (utility == "adaptable_contribution" and w_in is None):
+        raise ValueError(f"utility must be one of {CBP_UTILITIES} (adaptable_contribution needs w_in), got {utility!r}")
     num_units = state.utility.shape[0]
     h = activations.reshape(-1, num_units)
     age = state.age + 1
@@ -323,8 +235,6 @@ def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", 
     if utility == "contribution":
         step_utility = jnp.mean(jnp.abs(h), axis=0) * mean_out_weight
     else:
-        if w_in is None:
-            raise ValueError("utility 'adaptable_contribution' needs the incoming weights w_in")
         centred = jnp.mean(jnp.abs(h - mean_activation / bias_correction), axis=0)
         step_utility = centred * mean_out_weight / _mean_abs_except(w_in, -1)
     new_utility = decay_rate * state.utility + (1 - decay_rate) * step_utility
@@ -345,17 +255,10 @@ def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", 
 
 
 def cbp_replace(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0, init=None):
-    """Re-initialize units `idx[valid]` of one hidden layer: fresh incoming weights from the init
-    distribution, bias 0, outgoing weights 0 (so the network's output is unchanged).
-
-    `init`: the layer's initializer as `init(key, shape, dtype)` (jax.nn.initializers style), called with
-    w_in's full shape so that fan-in and fan-out are the layer's; None: Kaiming-uniform (`dense_init`).
-
-    `w_in` has the unit axis last (dense [in, units] or conv HWIO); `w_out` has it at `out_unit_axis`
-    (dense [units, out]: 0; conv HWIO: 2; a dense layer after a flatten, reshaped to [h, w, c, out]: 2).
-    Returns `(w_in, b_in, w_out, keep_in, keep_b, keep_out)`: the keep_* masks (1 = untouched, 0 = replaced)
-    have the parameters' shapes, to zero the replaced entries of optimizer state (`mask_opt_state`).
-    """
+    """Re-initialize units idx[valid]: incoming weights from the init (`init(key, w_in.shape, dtype)`, None:
+    Kaiming-uniform), bias 0, outgoing weights 0 (the output is unchanged). `w_in` has the unit axis last, `w_out`
+    at `out_unit_axis` (dense [units, out]: 0; conv HWIO or a flattened conv output as [h, w, c, out]: 2).
+    Returns (w_in, b_in, w_out, keep_in, keep_b, keep_out), the 0/1 masks for `mask_opt_state`."""
     if init is None:
         bound = kaiming_bound(math.prod(w_in.shape[:-1]))
         fresh = jax.random.uniform(key, w_in.shape[:-1] + idx.shape, w_in.dtype, -bound, bound)
@@ -367,228 +270,74 @@ def cbp_replace(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0, init=None):
     moved = jnp.moveaxis(w_out, out_axis, 0)
     valid_rows = valid.reshape((-1,) + (1,) * (moved.ndim - 1))
     w_out = jnp.moveaxis(moved.at[idx].set(jnp.where(valid_rows, 0.0, moved[idx])), 0, out_axis)
-
     keep_units = jnp.ones(b_in.shape, w_in.dtype).at[idx].set(jnp.where(valid, 0.0, 1.0))
-    keep_in = jnp.broadcast_to(keep_units, w_in.shape)
     out_shape = [1] * w_out.ndim
     out_shape[out_axis] = keep_units.shape[0]
-    keep_out = jnp.broadcast_to(keep_units.reshape(out_shape), w_out.shape)
-    return w_in, b_in, w_out, keep_in, keep_units, keep_out
+    return (w_in, b_in, w_out, jnp.broadcast_to(keep_units, w_in.shape), keep_units,
+            jnp.broadcast_to(keep_units.reshape(out_shape), w_out.shape))
 
 
 def mask_opt_state(optimizer, opt_state, keep_masks):
-    """Multiply every params-shaped part of an optax state (momentum, Adam moments) by `keep_masks`,
-    a params-shaped tree of 0/1 masks; counts and other scalars are left alone."""
+    """Multiply the params-shaped parts of an optax state (momentum, Adam moments) by 0/1 `keep_masks`."""
     return optax.tree_utils.tree_map_params(optimizer, lambda s, m: s * m, opt_state, keep_masks,
                                             transform_non_params=lambda s: s)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Plasticity metrics
-# ----------------------------------------------------------------------------------------------------------
 def dead_units(activations):
-    """Number of units (last axis) whose post-ReLU output is exactly 0 on every input (paper Def. 6.1)."""
-    num_units = activations.shape[-1]
-    return jnp.sum(jnp.all(activations.reshape(-1, num_units) == 0, axis=0))
+    """Units (last axis) whose post-ReLU output is exactly 0 on every input (paper Def. 6.1)."""
+    return jnp.sum(jnp.all(activations.reshape(-1, activations.shape[-1]) == 0, axis=0))
 
 
 def param_norm(params):
-    """Global L2 norm of all parameters."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sweeps and seeds: a run trains config x seed "members" together; member m = (config m // S, seed m % S)
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# Plumbing: errors and the CLI, members and sweeps, run folders and checkpoints, progress and stop requests
+# ==========================================================================================================
+def fail(message):
+    """Stop with a one-line error, exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_agent(agent, agents):
+    if agent not in agents:  # main() may be called without tyro, which checks the choice
+        fail(f"unknown agent {agent!r}; choose one of {', '.join(agents)}")
+
+
+def cli(args_class):
+    """tyro's parse; an unknown option (a typo) is one line, exit 1 (tyro names a bad value itself, exit 2)."""
+    import tyro  # only the command line needs it
+
+    args, unknown = tyro.cli(args_class, return_unknown_args=True)
+    if unknown:
+        options = [u for u in unknown if u.startswith("-")] or unknown
+        fail(f"unrecognized option{'s' * (len(options) > 1)} {' '.join(options)} (see --help)")
+    return args
+
+
 def sweep(**values):
-    """Cartesian product of the given value tuples: one dict per config, in row-major order. Every swept
-    hyperparameter (learning rates, weight decay) must be finite and >= 0, and a learning rate `lr` > 0."""
+    """One dict per combination, row-major. Swept values must be finite and >= 0, `lr` > 0."""
     for name, vals in values.items():
         if not vals or any(not np.isfinite(v) or v < 0 or (name == "lr" and v == 0) for v in vals):
             fail(f"--{name.replace('_', '-')} needs finite values >= 0 (lr > 0), got {tuple(vals)}")
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 
-def stack_members(configs, seeds):
-    """Config index and seed of every member, flattened config-major: two int arrays of length C*S."""
-    return np.repeat(np.arange(len(configs)), len(seeds)), np.tile(np.asarray(seeds), len(configs))
-
-
-def shard_members(tree):
-    """Spread the leading (member) axis of every leaf over the local devices, when there are several and
-    the axis divides evenly; otherwise return the tree unchanged."""
-    devices = jax.local_devices()
-    leading = {x.shape[0] for x in jax.tree.leaves(tree)}
-    if len(devices) < 2 or len(leading) != 1 or leading.pop() % len(devices):
-        return tree
-    mesh = jax.sharding.Mesh(np.array(devices), ("members",))
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("members")))
-
-
-def report_diverged(finite, configs, seeds, where, known=None):
-    """Warn (one line each) about members whose values are no longer finite; the others go on.
-
-    `finite` is [C, S] bool; members already in `known` ([C, S] bool) are not reported again.
-    Returns the updated [C, S] mask of diverged members.
-    """
-    diverged = ~np.asarray(finite, bool)
-    known = np.zeros_like(diverged) if known is None else np.asarray(known, bool)
-    for c, s in zip(*np.nonzero(diverged & ~known)):
-        print(f"warning: config {configs[c]} seed {seeds[s]} diverged (non-finite values) at {where}; "
-              f"its metrics are NaN from here, the other members continue", file=sys.stderr, flush=True)
-    return diverged | known
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Run output: every file is written to a temporary name in the same folder, then renamed over the target
-# ----------------------------------------------------------------------------------------------------------
-def make_run_dir(script, agent, out_dir=None):
-    """`out_dir` if given, else `runs/<script>__<agent>__<UTC timestamp>` (created)."""
-    if out_dir is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        out_dir = Path("runs") / f"{script}__{agent}__{stamp}"
-        suffix = 1
-        while out_dir.exists():
-            suffix += 1
-            out_dir = Path("runs") / f"{script}__{agent}__{stamp}-{suffix}"
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path, write):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_npz(path, **arrays):
-    """Write a compressed .npz atomically."""
-    _atomic_write(path, lambda f: np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()}))
-
-
-def save_json(path, obj):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def script_name(args):
-    """The file name (stem) of the script whose Args these are: `my_idea` for a fork saved as my_idea.py."""
-    return Path(sys.modules[type(args).__module__].__file__).stem
-
-
-def save_config(run_dir, args, configs, seeds, benchmark=None):
-    """Write config.json: the script, the benchmark it runs (plot.py groups runs by it, so a fork's runs
-    overlay its parent's), every Args field, the config axis, the seeds and provenance."""
-    script = script_name(args)
-    save_json(Path(run_dir) / "config.json", {
-        "script": script,
-        "benchmark": benchmark or script,
-        "agent": getattr(args, "agent", None),
-        "args": asdict(args) if is_dataclass(args) else dict(vars(args)),
-        "configs": list(configs),
-        "seeds": [int(s) for s in seeds],
-        "git_commit": git_commit(),
-        "jax_version": jax.__version__,
-        "device_kind": jax.devices()[0].device_kind,
-        "num_devices": jax.device_count(),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
-
-
-def open_run(script, args, resume_free):
-    """The run directory and, with `args.resume`, the checkpoint to continue (None for a new run).
-
-    A resumed run must repeat the checkpoint's flags (`checkpoint["args"]`, as `asdict(args)` stored them)
-    except those named in `resume_free`; a new run refuses a folder that already holds a checkpoint.
-    """
-    if not args.resume:
-        if args.out_dir is not None and (Path(args.out_dir) / "checkpoint.pkl").exists():
-            fail(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
-        return make_run_dir(script, args.agent, args.out_dir), None
-    if args.out_dir is None:
-        fail("--resume needs --out-dir pointing at the run to continue")
-    run_dir = Path(args.out_dir)
-    checkpoint = load_checkpoint(run_dir)
-    if checkpoint is None:
-        fail(f"--resume: no checkpoint.pkl in {run_dir}")
-    saved = checkpoint["args"]
-    changed = sorted(k for k, v in asdict(args).items() if k not in resume_free and saved.get(k) != v)
-    if changed:
-        fail(f"--resume with different settings than the run in {run_dir}: {', '.join(changed)}")
-    return run_dir, checkpoint
-
-
-class _PRNGKeys(NamedTuple):
-    """Pickle-able stand-in for a typed PRNG key array."""
-    impl: str
-    data: np.ndarray
-
-
-def save_checkpoint(run_dir, state):
-    """Pickle `state` (a pytree of arrays, typed PRNG keys and Python values) to checkpoint.pkl atomically."""
-    def to_host(x):
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return _PRNGKeys(str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)))
-        return np.asarray(x) if isinstance(x, jax.Array) else x
-
-    host_state = jax.tree.map(to_host, state)
-    _atomic_write(Path(run_dir) / "checkpoint.pkl", lambda f: pickle.dump(host_state, f))
-
-
-def load_checkpoint(run_dir):
-    """The state saved by `save_checkpoint`, with arrays back on the device; None if there is none."""
-    path = Path(run_dir) / "checkpoint.pkl"
-    if not path.exists():
-        return None
-    with open(path, "rb") as f:
-        host_state = pickle.load(f)
-
-    def to_device(x):
-        if isinstance(x, _PRNGKeys):
-            return jax.random.wrap_key_data(jnp.asarray(x.data), impl=x.impl)
-        return jnp.asarray(x) if isinstance(x, np.ndarray) else x
-
-    return jax.tree.map(to_device, host_state, is_leaf=lambda x: isinstance(x, _PRNGKeys))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Members together, metrics arrays, interrupts and resume commands (the redesigned scripts' driver pieces)
-# ----------------------------------------------------------------------------------------------------------
 MEMBER_BATCHING = ("auto", "vmap", "map")
 
 
 def resolve_batching(choice):
-    """"auto" -> "map" on a single CPU device (measured ~2x faster per member there), else "vmap"."""
+    """"auto": "map" on one CPU device (measured ~2x faster per member there), else "vmap"."""
     if choice == "auto":
         return "map" if jax.default_backend() == "cpu" and jax.local_device_count() == 1 else "vmap"
     return choice
 
 
 def over_members(fn, batching, in_axes):
-    """`fn` of one member, run for every member: `in_axes` marks each argument 0 (member axis leading) or
-    None (shared). "vmap": one jitted batched program. "map": one jitted single-member program called for
-    each member in turn (one executable for any member count; members are split and stacked on the host)."""
+    """`fn` of one member run for every member (`in_axes`: 0 = member axis leading, None = shared). "vmap": one
+    batched program; "map": one single-member program called per member (members split and stacked on the host)."""
     if batching == "vmap":
         return jax.jit(jax.vmap(fn, in_axes=in_axes))
     single = jax.jit(fn)
@@ -603,32 +352,25 @@ def over_members(fn, batching, in_axes):
     return run
 
 
-def new_metrics(shapes, members, units):
-    """{name: array [members, units, *shape]}: NaN for float metrics, 0 for integer ones; `shapes` maps
-    name -> (shape, dtype). Units (tasks, updates) are filled in as they finish."""
-    return {k: np.full((members, units) + tuple(shape), np.nan if np.issubdtype(dtype, np.floating) else 0, dtype)
-            for k, (shape, dtype) in shapes.items()}
-
-
-def grow_metrics(metrics, units):
-    """Pad every [members, old_units, ...] array to `units` (a resumed run asked for more tasks)."""
-    def grow(a):
-        pad = np.full((a.shape[0], units - a.shape[1]) + a.shape[2:],
-                      np.nan if np.issubdtype(a.dtype, np.floating) else 0, a.dtype)
-        return np.concatenate([a, pad], axis=1) if units > a.shape[1] else a
-
-    return {k: grow(np.array(a)) for k, a in metrics.items()}  # writable host copies
+def shard_members(tree):
+    """Spread the leading (member) axis over the local devices when there are several and it divides evenly."""
+    devices = jax.local_devices()
+    leading = {x.shape[0] for x in jax.tree.leaves(tree)}
+    if len(devices) < 2 or len(leading) != 1 or leading.pop() % len(devices):
+        return tree
+    mesh = jax.sharding.Mesh(np.array(devices), ("members",))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("members")))
 
 
 class Members:
-    """The configs x seeds a run trains together: member m = (config m // S, seed m % S)."""
+    """The configs x seeds a run trains together, config-major: member m = (config m // S, seed m % S)."""
 
     def __init__(self, configs, seeds, batching="auto"):
         self.configs, self.seed_list = list(configs), [int(s) for s in seeds]
-        self.config_index, member_seed = stack_members(self.configs, self.seed_list)
-        self.seeds = jnp.asarray(member_seed, jnp.int32)
-        self.count, self.grid = len(member_seed), (len(self.configs), len(self.seed_list))
-        self.batching = resolve_batching(batching)
+        self.grid = (len(self.configs), len(self.seed_list))
+        self.count, self.batching = self.grid[0] * self.grid[1], resolve_batching(batching)
+        self.config_index = np.repeat(np.arange(self.grid[0]), self.grid[1])
+        self.seeds = jnp.asarray(np.tile(np.asarray(self.seed_list), self.grid[0]), jnp.int32)
 
     def hyperparameters(self, names):
         """{name: float32 [members]} of the swept hyperparameters (0 where a config lacks one)."""
@@ -646,39 +388,166 @@ class Members:
                 f"{jax.devices()[0].device_kind}, member batching {self.batching}")
 
 
+def finite_mean(values):
+    """Mean over the finite entries (diverged members are NaN); NaN if there are none."""
+    values = np.asarray(values, np.float64)
+    return float(np.mean(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
+
+
+def _script(args):
+    """The file of the script whose Args these are (`my_idea.py` for a fork)."""
+    return Path(sys.modules[type(args).__module__].__file__)
+
+
+def make_run_dir(script, agent, out_dir=None):
+    """`out_dir`, else a new runs/<script>__<agent>__<UTC stamp>[-n] (created)."""
+    if out_dir is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out_dir = Path("runs") / f"{script}__{agent}__{stamp}"
+        for suffix in itertools.count(2):
+            if not out_dir.exists():
+                break
+            out_dir = Path("runs") / f"{script}__{agent}__{stamp}-{suffix}"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return Path(out_dir)
+
+
+def _atomic_write(path, write):
+    """Write to a temporary name beside `path`, then rename: a killed run never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz(path, **arrays):
+    _atomic_write(path, lambda f: np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def save_json(path, obj):
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def save_config(run_dir, args, configs, seeds, benchmark=None):
+    """config.json: the script, its benchmark (plot.py overlays a fork's runs on its parent's), every Args field,
+    the config axis, the seeds and provenance."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    save_json(Path(run_dir) / "config.json", {
+        "script": _script(args).stem, "benchmark": benchmark or _script(args).stem,
+        "agent": getattr(args, "agent", None), "args": asdict(args), "configs": list(configs),
+        "seeds": [int(s) for s in seeds], "git_commit": commit or "unknown", "jax_version": jax.__version__,
+        "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+class _PRNGKeys(NamedTuple):  # a typed PRNG key array, pickle-able
+    impl: str
+    data: np.ndarray
+
+
+def save_checkpoint(run_dir, state):
+    """Pickle `state` (arrays, typed PRNG keys, Python values) to checkpoint.pkl atomically."""
+    def to_host(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return _PRNGKeys(str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)))
+        return np.asarray(x) if isinstance(x, jax.Array) else x
+
+    host_state = jax.tree.map(to_host, state)
+    _atomic_write(Path(run_dir) / "checkpoint.pkl", lambda f: pickle.dump(host_state, f))
+
+
+def load_checkpoint(run_dir):
+    """The state `save_checkpoint` saved, arrays back on the device; None if there is none."""
+    path = Path(run_dir) / "checkpoint.pkl"
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        host_state = pickle.load(f)
+
+    def to_device(x):
+        if isinstance(x, _PRNGKeys):
+            return jax.random.wrap_key_data(jnp.asarray(x.data), impl=x.impl)
+        return jnp.asarray(x) if isinstance(x, np.ndarray) else x
+
+    return jax.tree.map(to_device, host_state, is_leaf=lambda x: isinstance(x, _PRNGKeys))
+
+
+def _with_units(metrics, units):
+    """[members, units, ...] host copies: unfilled units appended (NaN for floats, 0 for integers) or cut."""
+    def resize(a):
+        pad = np.full((a.shape[0], max(units - a.shape[1], 0)) + a.shape[2:],
+                      np.nan if np.issubdtype(a.dtype, np.floating) else 0, a.dtype)
+        return np.concatenate([np.asarray(a)[:, :units], pad], axis=1)
+
+    return {k: resize(a) for k, a in metrics.items()}
+
+
 class Run:
-    """A run directory and everything resume needs, in one checkpoint dict: the args, the training state,
-    the metrics ([members, units, ...] arrays, NaN / 0 until filled), the spectra, the diverged members and
-    the cursor (the unit in progress, the calls of it done, and its partial sums). New or resumed by `args`."""
+    """A run folder and all resume needs in one checkpoint: args, training state, metrics and spectra ([members,
+    units, ...], NaN / 0 until filled), diverged members and the cursor (unit in progress, its calls done, their
+    partial sums). A resume must repeat every flag but `resume_free` and keep the units done; both are checked
+    before config.json is rewritten. Units may grow, or shrink down to those done (only unfilled ones go)."""
 
     def __init__(self, benchmark, args, resume_free, members, units, shapes, spectra_shapes=None, spectra_units=0):
-        self.args, self.members = args, members
-        self.dir, ckpt = open_run(script_name(args), args, resume_free)  # runs/<script>__<agent>__<stamp>
+        self.args, self.members, ckpt = args, members, None
+        if args.resume:
+            if args.out_dir is None:
+                fail("--resume needs --out-dir pointing at the run to continue")
+            self.dir, ckpt = Path(args.out_dir), load_checkpoint(args.out_dir)
+            if ckpt is None:
+                fail(f"--resume: no checkpoint.pkl in {self.dir}")
+            changed = sorted(k for k, v in asdict(args).items() if k not in resume_free and ckpt["args"].get(k) != v)
+            if changed:
+                fail(f"--resume with different settings than the run in {self.dir}: {', '.join(changed)}")
+            if ckpt["cursor"]["unit"] > units:
+                fail(f"--resume: the run in {self.dir} has {ckpt['cursor']['unit']} tasks (or updates) done, more "
+                     f"than the {units} asked for")
+        elif args.out_dir is not None and (Path(args.out_dir) / "checkpoint.pkl").exists():
+            fail(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
+        else:
+            self.dir = make_run_dir(_script(args).stem, args.agent, args.out_dir)
         save_config(self.dir, args, members.configs, members.seed_list, benchmark)
         if ckpt is None:
             self.state, self.cursor = None, {"unit": 0, "call": 0, "partial": {}}
-            self.metrics = new_metrics(shapes, members.count, units)
-            self.spectra = new_metrics(spectra_shapes or {}, members.count, spectra_units)
+            empty = lambda shapes: {k: np.zeros((members.count, 0) + tuple(s), d) for k, (s, d) in shapes.items()}
+            self.metrics = _with_units(empty(shapes), units)
+            self.spectra = _with_units(empty(spectra_shapes or {}), spectra_units)
             self.diverged = np.zeros(members.grid, bool)
         else:
             self.state, self.cursor, self.diverged = ckpt["state"], ckpt["cursor"], np.asarray(ckpt["diverged"])
-            self.metrics = grow_metrics(ckpt["metrics"], units)
-            self.spectra = grow_metrics(ckpt["spectra"], spectra_units)
+            self.metrics = _with_units(ckpt["metrics"], units)
+            self.spectra = _with_units(ckpt["spectra"], spectra_units)
             print(f"resuming {self.dir}: {self.cursor['unit']} done, {self.cursor['call']} calls into the next",
                   flush=True)
 
     def record(self, unit, values, where):
-        """Store unit `unit`'s metrics ({name: [members, ...]}; `finite` [members] marks members whose
-        parameters are finite, the others get NaN accuracies), report new divergences, advance the cursor."""
+        """Store unit `unit`'s metrics ({name: [members, ...]}, with `finite` [members]: members whose parameters
+        are finite; the others' accuracies become NaN), warn once per newly diverged member, advance the cursor."""
         values = dict(values)
         finite = np.asarray(values.pop("finite"), bool)
         for name, v in values.items():
             v = np.asarray(v)
             if name.endswith("_acc"):  # a non-finite network's argmax means nothing
-                v = np.where(finite, v, np.nan)
+                v = np.where(finite.reshape((-1,) + (1,) * (v.ndim - 1)), v, np.nan)
             self.metrics[name][:, unit] = v
-        self.diverged = report_diverged(self.members.grid_shaped(finite), self.members.configs,
-                                        self.members.seed_list, where, known=self.diverged)
+        new = ~self.members.grid_shaped(finite) & ~self.diverged
+        for c, s in zip(*np.nonzero(new)):
+            print(f"warning: config {self.members.configs[c]} seed {self.members.seed_list[s]} diverged (non-finite "
+                  f"values) at {where}; its metrics are NaN from here, the other members continue",
+                  file=sys.stderr, flush=True)
+        self.diverged = self.diverged | new
         self.cursor = {"unit": unit + 1, "call": 0, "partial": {}}
 
     def accumulate(self, calls_done, **sums):
@@ -692,8 +561,8 @@ class Run:
                                    "metrics": self.metrics, "spectra": self.spectra, "diverged": self.diverged})
 
     def save(self, spectra_units=None):
-        """metrics.npz ([configs, seeds, units done, ...] arrays and `diverged`), and the spectra of the
-        `spectra_units` measured so far (hessian.npz: `tasks` and [configs, seeds, K, ...] arrays)."""
+        """metrics.npz ([configs, seeds, units done, ...] and `diverged`); hessian.npz for the `spectra_units`
+        measured so far (`tasks` and [configs, seeds, K, ...])."""
         done = self.cursor["unit"]
         save_npz(self.dir / "metrics.npz", diverged=self.diverged,
                  **{k: self.members.grid_shaped(v[:, :done]) for k, v in self.metrics.items()})
@@ -702,14 +571,24 @@ class Run:
                      **{k: self.members.grid_shaped(v[:, :len(spectra_units)]) for k, v in self.spectra.items()})
 
 
-def finite_mean(values):
-    """Mean over the finite entries (diverged members are NaN); NaN if there are none."""
-    values = np.asarray(values, np.float64)
-    return float(np.mean(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
+def resume_command(args, run_dir):
+    """The command that continues `args`'s run: the script, every flag off its default, --resume --out-dir."""
+    defaults, flags = type(args)(), []
+    for name, value in asdict(args).items():
+        if name in ("resume", "out_dir") or value == getattr(defaults, name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):
+            flags.append(f"{flag} {' '.join(str(v) for v in value)}")
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(["python", _script(args).name, *flags, "--resume", "--out-dir", str(run_dir)])
 
 
 class StepTimer:
-    """Wall time of the calls timed with `timing(include)`; the caller adds the steps they did to `steps`."""
+    """Wall time of the calls timed with `timing(include)` (leave out those that compile); callers add `steps`."""
 
     def __init__(self):
         self.seconds, self.steps = 0.0, 0
@@ -723,129 +602,53 @@ class StepTimer:
 
 
 class StopRequests:
-    """SIGINT / SIGTERM ask the run to stop at its next safe point (`requested`), where it checkpoints. The
-    first signal's default action is then restored, so a second Ctrl-C kills the process at once; the last
-    checkpoint stays intact because every file is written atomically."""
+    """SIGINT / SIGTERM ask for a stop at the next safe point (`requested`), where the run checkpoints; a second
+    Ctrl-C kills at once (the default action is restored), the last checkpoint intact (files are atomic)."""
 
     def __init__(self):
-        self.signal = None
-        import signal
-        self._signal = signal
+        self.signal, self.requested = None, False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
-        self.signal = signum
-        self._signal.signal(signum, self._signal.SIG_DFL)
+        self.signal, self.requested = signum, True
+        signal.signal(signum, signal.SIG_DFL)
         print("\nstopping at the next safe point (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
-
-    @property
-    def requested(self):
-        return self.signal is not None
 
     def close(self):
         for sig, handler in self._previous.items():
-            self._signal.signal(sig, handler)
+            signal.signal(sig, handler)
 
     def exit(self, where, command):
-        """Leave after the checkpoint: one line, exit status 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
+        """One line after the checkpoint, exit status 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
         self.close()
         print(f"interrupted after {where}; resume with: {command}", flush=True)
         raise SystemExit(128 + int(self.signal))
 
 
-def resume_command(args, run_dir):
-    """The command line that continues `args`'s run in `run_dir`: the script, every flag that differs from
-    its default, then --resume --out-dir."""
-    defaults, flags = type(args)(), []
-    for name, value in asdict(args).items():
-        if name in ("resume", "out_dir") or value == getattr(defaults, name) or value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (tuple, list)):
-            flags.append(f"{flag} {' '.join(str(v) for v in value)}")
-        else:
-            flags.append(f"{flag} {value}")
-    script = Path(sys.modules[type(args).__module__].__file__).name
-    return " ".join(["python", script, *flags, "--resume", "--out-dir", str(run_dir)])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Progress
-# ----------------------------------------------------------------------------------------------------------
 class Progress:
-    """One line per update: `task 12/800 | online_acc 0.912 | 45,210 steps/s | ETA 1h02m`.
-
-    steps/s is measured over the last chunk; the ETA uses the mean time per unit, leaving out the first
-    chunk (compilation) once there are others.
-    """
+    """One line per update: `task 12/800 | online_acc 0.912 | 45,210 steps/s | ETA 1h02m`. The first update's
+    calls compiled: it shows their seconds instead; rate (last update) and ETA (mean since the first) follow."""
 
     def __init__(self, total_units, unit_name="task", start_units=0):
-        self.total, self.unit_name = total_units, unit_name
-        self.start_units = self.done = start_units
-        self.last_time = time.perf_counter()
-        self.first_chunk_end = None  # (time, units) after the first (compiling) chunk
+        self.total, self.unit_name, self.done = total_units, unit_name, start_units
+        self.last_time, self.first_end = time.perf_counter(), None  # first_end: (time, units) after compiling
 
     def update(self, done_units, new_steps, **shown):
         now = time.perf_counter()
-        rate = new_steps / max(now - self.last_time, 1e-9)
-        if self.first_chunk_end is None:
-            self.first_chunk_end = (now, done_units)
-            per_unit = (now - self.last_time) / max(done_units - self.start_units, 1)
+        line = f"{self.unit_name} {done_units}/{self.total}" + "".join(
+            f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in shown.items())
+        if self.first_end is None:
+            line, self.first_end = line + f" | {now - self.last_time:.1f} s with compiling", (now, done_units)
         else:
-            t0, u0 = self.first_chunk_end
-            per_unit = (now - t0) / max(done_units - u0, 1)
+            rate = new_steps / max(now - self.last_time, 1e-9)
+            line += f" | {rate:,.0f} steps/s" if rate >= 10 else f" | {rate:.2g} steps/s" if rate > 0 else ""
+            if done_units > self.first_end[1]:
+                eta = (now - self.first_end[0]) / (done_units - self.first_end[1]) * (self.total - done_units)
+                line += f" | ETA {_format_seconds(eta)}"
         self.last_time, self.done = now, done_units
-        eta = _format_seconds(per_unit * (self.total - done_units))
-        metrics = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in shown.items())
-        print(f"{self.unit_name} {done_units}/{self.total}{metrics} | {rate:,.0f} steps/s | ETA {eta}", flush=True)
+        print(line, flush=True)
 
 
 def _format_seconds(seconds):
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
+    hours, rest = divmod(int(max(seconds, 0)), 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Datasets: tensorflow-datasets only to prepare, then one cached .npz that loads without it
-# ----------------------------------------------------------------------------------------------------------
-def tfds_batches(name, data_dir, manual_dir, split, missing_hint, batch_size=10_000):
-    """Prepare tfds dataset `name` (offline from `manual_dir` when given) and yield its `split` in tfds's order
-    as (images uint8, labels int64) batches. Any failure stops with `missing_hint` on one line."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        fail(f"tensorflow-datasets is needed to prepare {name} (pip install -r requirements.txt); {missing_hint}")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir else None
-        builder.download_and_prepare(download_config=config)
-        for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(batch_size)):
-            yield batch["image"], batch["label"].astype(np.int64)
-    except Exception as e:  # tfds raises many kinds (network, missing manual files, corrupt archives)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"could not prepare {name}: {reason[:200]}. {missing_hint}")
-
-
-def tfds_arrays(name, data_dir, manual_dir, splits, missing_hint):
-    """{split: (images uint8, labels int64)}: whole splits of tfds dataset `name` (see tfds_batches)."""
-    arrays = {}
-    for split in splits:
-        images, labels = zip(*tfds_batches(name, data_dir, manual_dir, split, missing_hint))
-        arrays[split] = (np.concatenate(images), np.concatenate(labels))
-    return arrays
-
-
-def load_cached(cache_path, build_fn):
-    """Load the arrays cached at `cache_path` (.npz), or build them with `build_fn() -> dict` and cache them."""
-    cache_path = Path(cache_path)
-    if cache_path.exists():
-        with np.load(cache_path) as data:
-            return {k: data[k] for k in data.files}
-    arrays = build_fn()
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    save_npz(cache_path, **arrays)
-    return arrays

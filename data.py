@@ -106,13 +106,42 @@ def tfds_mnist(data_dir, hint):
     """MNIST downloaded and prepared by tensorflow-datasets (needs the network once)."""
     if not online(TFDS_HOSTS["mnist"]):
         common.fail(f"cannot reach {TFDS_HOSTS['mnist']} to download MNIST (offline?). {hint}")
-    arrays = common.tfds_arrays("mnist", str(data_dir), None, ("train", "test"), hint)
+    arrays = tfds_arrays("mnist", str(data_dir), None, ("train", "test"), hint)
     out = {}
     for split in ("train", "test"):
         images, labels = arrays[split]
         out[f"{split}_x"] = images.reshape(len(images), -1).astype(np.uint8)
         out[f"{split}_y"] = labels.astype(np.int32)
     return out
+
+
+def tfds_batches(name, data_dir, manual_dir, split, missing_hint, batch_size=10_000):
+    """Prepare tfds dataset `name` (offline from `manual_dir` when given) and yield its `split` in tfds's order
+    as (images uint8, labels int64) batches. Any failure stops with `missing_hint` on one line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        common.fail(f"tensorflow-datasets is needed to prepare {name} (pip install -r requirements.txt); "
+                    f"{missing_hint}")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir else None
+        builder.download_and_prepare(download_config=config)
+        for batch in tfds.as_numpy(builder.as_dataset(split=split).batch(batch_size)):
+            yield batch["image"], batch["label"].astype(np.int64)
+    except Exception as e:  # tfds raises many kinds (network, missing manual files, corrupt archives)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        common.fail(f"could not prepare {name}: {reason[:200]}. {missing_hint}")
+
+
+def tfds_arrays(name, data_dir, manual_dir, splits, missing_hint):
+    """{split: (images uint8, labels int64)}: whole splits of tfds dataset `name` (see tfds_batches)."""
+    arrays = {}
+    for split in splits:
+        images, labels = zip(*tfds_batches(name, data_dir, manual_dir, split, missing_hint))
+        arrays[split] = (np.concatenate(images), np.concatenate(labels))
+    return arrays
 
 
 def synthetic_mnist():
@@ -162,7 +191,7 @@ def imagenet32(data_dir, manual_dir, images_per_class):
                     f"tensorflow-datasets downloads {IMAGENET32_TFDS}")
             if not online(IMAGENET32_HOST):
                 common.fail(f"cannot reach {IMAGENET32_HOST} (offline?); {hint}")
-            chunks = common.tfds_batches(IMAGENET32_TFDS, str(data_dir), None, "train", hint)
+            chunks = tfds_batches(IMAGENET32_TFDS, str(data_dir), None, "train", hint)
             _imagenet32_build(chunks, path, images_per_class, f"tensorflow-datasets {IMAGENET32_TFDS} in {data_dir}",
                               IMAGENET32_CLASSES)
     try:
@@ -327,7 +356,7 @@ def cifar100(data_dir=None, manual_dir=None):
     elif not online(CIFAR100_HOST):
         common.fail(f"cannot reach {CIFAR100_HOST} to download CIFAR-100 (offline?); {hint}")
     else:
-        pairs = common.tfds_arrays("cifar100", str(cache.parent), None, ("train", "test"), hint)
+        pairs = tfds_arrays("cifar100", str(cache.parent), None, ("train", "test"), hint)
         arrays = check_cifar100({f"{k}_{split}": np.asarray(v, np.uint8 if k == "x" else np.int32)
                                  for split, pair in pairs.items() for k, v in zip(("x", "y"), pair)},
                                 "tensorflow-datasets cifar100")

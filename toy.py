@@ -66,6 +66,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import math  # noqa: E402 (after the environment is set)
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -360,7 +361,7 @@ def main(args):
     # The figure's start rides along as member n of the batch (one compilation per task).
     starts = np.concatenate([grid, np.asarray([args.plot_start], np.float32)])
     members = np.broadcast_to(starts, (2,) + starts.shape)
-    progress = common.Progress(2, "task")
+    clock = time.perf_counter()  # each task's call compiles its own program: seconds, not a rate
     hyper = dict(eta=args.eta, beta=args.beta, eps=args.eps)
 
     traj1 = np.asarray(run_task(members, alpha=args.alpha1, task=0, steps=args.task1_steps, **hyper))
@@ -368,8 +369,9 @@ def main(args):
     canyon1, bowl1 = jax.vmap(jax.vmap(task1_parts))(jnp.asarray(end1))
     # "In the bowl" = the bowl is the active (smaller) component of the soft-min at Task 1's end.
     in_bowl = np.asarray(bowl1 < canyon1)
-    progress.update(1, 2 * (n + 1) * args.task1_steps, bowl_gd=float(in_bowl[0, :n].mean()),
-                    bowl_curv=float(in_bowl[1, :n].mean()))
+    print(f"task 1/2 | bowl_gd {in_bowl[0, :n].mean():.4g} | bowl_curv {in_bowl[1, :n].mean():.4g} | "
+          f"{time.perf_counter() - clock:.1f} s with compiling", flush=True)
+    clock = time.perf_counter()
 
     traj2 = np.asarray(run_task(jnp.asarray(end1), alpha=args.alpha2, task=1, steps=args.task2_steps, **hyper))
     cond = np.asarray(hessian_condition(jnp.asarray(end1)))
@@ -379,8 +381,8 @@ def main(args):
     best2 = float(min(task2_loss(jnp.asarray(p)) for p in (CANYON2_MIN, BOWL2_MIN))) + 0.0  # no -0.0
     steps2, solved2 = first_hit(losses2, best2 + args.tol)
     diverged = ~(np.isfinite(traj1).all((-1, -2)) & np.isfinite(traj2).all((-1, -2)))
-    progress.update(2, 2 * (n + 1) * args.task2_steps, solved_gd=float(solved2[0, :n].mean()),
-                    solved_curv=float(solved2[1, :n].mean()))
+    print(f"task 2/2 | solved_gd {solved2[0, :n].mean():.4g} | solved_curv {solved2[1, :n].mean():.4g} | "
+          f"{time.perf_counter() - clock:.1f} s with compiling", flush=True)
     for i, m in enumerate(METHODS):
         if diverged[i, :n].any():
             print(f"warning: {m} diverged (non-finite iterates) from {int(diverged[i, :n].sum())} of {n} starts; "

@@ -1,9 +1,10 @@
 """common.py: effective rank, ER, optimizers, Shrink & Perturb, continual backprop, metrics, run plumbing."""
 import json
 import os
+import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -300,7 +301,9 @@ def test_cbp_replacement_leaves_the_network_output_unchanged():
 
 def test_cbp_conv_channels_and_the_conv_to_dense_boundary():
     k = jax.random.split(jax.random.key(7), 5)
-    c1, c2 = common.conv_init(k[0], 3, 3, 2, 4), common.conv_init(k[1], 3, 3, 4, 5)
+    conv_layer = lambda key, shape: {"w": jax.random.uniform(key, shape, minval=-0.3, maxval=0.3),
+                                     "b": jnp.zeros(shape[-1])}  # HWIO
+    c1, c2 = conv_layer(k[0], (3, 3, 2, 4)), conv_layer(k[1], (3, 3, 4, 5))
     dense = common.dense_init(k[2], 4 * 4 * 5, 3)
     x = jax.random.normal(k[3], (2, 8, 8, 2))
     conv = lambda v, p: jax.nn.relu(jax.lax.conv_general_dilated(
@@ -355,14 +358,12 @@ def test_dead_units_and_param_norm():
     np.testing.assert_allclose(float(common.param_norm({"a": jnp.array([3.0]), "b": [jnp.array([4.0])]})), 5.0)
 
 
-def test_inits_are_kaiming_uniform():
+def test_dense_init_is_kaiming_uniform():
     layer = common.dense_init(jax.random.key(8), 600, 400)
     bound = np.sqrt(6 / 600)
     assert layer["w"].shape == (600, 400) and np.all(layer["b"] == 0)
     assert np.abs(layer["w"]).max() <= bound and np.abs(layer["w"]).max() > 0.99 * bound
     np.testing.assert_allclose(float(jnp.std(layer["w"])), bound / np.sqrt(3), rtol=0.02)
-    conv = common.conv_init(jax.random.key(9), 5, 5, 3, 32)
-    assert conv["w"].shape == (5, 5, 3, 32) and np.abs(conv["w"]).max() <= np.sqrt(6 / 75)
 
 
 # ---------------------------------------------------------------------------------------------- run plumbing
@@ -413,7 +414,7 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
 
 
-def test_fail_sweep_members_and_diverged(capsys):
+def test_fail_sweep_and_members():
     with pytest.raises(SystemExit) as exit_info:
         common.fail("no data in /x")
     assert str(exit_info.value.code) == "error: no data in /x"
@@ -422,14 +423,11 @@ def test_fail_sweep_members_and_diverged(capsys):
     for bad in (dict(lr=(0.0,)), dict(lr=(0.1,), weight_decay=(-1e-3,)), dict(er_lr=(float("nan"),)), dict(lr=())):
         with pytest.raises(SystemExit, match="needs finite values"):
             common.sweep(**bad)
-    config_index, seeds = common.stack_members(configs, [5, 6, 7])
-    np.testing.assert_array_equal(config_index, [0, 0, 0, 1, 1, 1])
-    np.testing.assert_array_equal(seeds, [5, 6, 7, 5, 6, 7])
-    finite = np.array([[True, False, True], [True, True, True]])
-    known = common.report_diverged(finite, configs, [5, 6, 7], "task 3")
-    assert "seed 6 diverged" in capsys.readouterr().err
-    again = common.report_diverged(finite, configs, [5, 6, 7], "task 4", known=known)
-    assert capsys.readouterr().err == "" and again.tolist() == known.tolist() == (~finite).tolist()
+    members = common.Members(configs, [5, 6, 7], "vmap")  # config-major: member m = (config m // 3, seed m % 3)
+    np.testing.assert_array_equal(members.config_index, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(members.seeds, [5, 6, 7, 5, 6, 7])
+    np.testing.assert_allclose(members.hyperparameters(["lr"])["lr"], [0.1] * 3 + [0.01] * 3)
+    assert members.grid_shaped(np.arange(6)).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 @dataclass
@@ -465,20 +463,18 @@ def test_cli_from_the_shell():
 
 
 def test_progress_line(capsys):
+    """The first update's call compiled: its seconds, no rate. Later: the rate (never "0 steps/s") and the ETA."""
     progress = common.Progress(10, "task")
     progress.update(1, 5000, online_acc=0.9123)
     progress.update(2, 5000)
+    progress.update(3, 0)  # no new steps: no rate
+    progress.last_time -= 1000.0
+    progress.update(4, 5)  # 0.005 steps/s
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("task 1/10 | online_acc 0.9123 | ") and "steps/s | ETA " in lines[0]
-    assert lines[1].startswith("task 2/10 | ")
-
-
-def test_load_cached_builds_once(tmp_path):
-    calls = []
-    build = lambda: calls.append(1) or {"x": np.arange(3, dtype=np.uint8)}
-    first = common.load_cached(tmp_path / "c" / "cache.npz", build)
-    second = common.load_cached(tmp_path / "c" / "cache.npz", build)
-    assert len(calls) == 1 and first["x"].tolist() == second["x"].tolist() == [0, 1, 2]
+    assert re.fullmatch(r"task 1/10 \| online_acc 0.9123 \| \d+\.\d s with compiling", lines[0]), lines[0]
+    assert re.fullmatch(r"task 2/10 \| [\d,]+ steps/s \| ETA \d+m\d\ds", lines[1]), lines[1]
+    assert re.fullmatch(r"task 3/10 \| ETA \d+m\d\ds", lines[2]), lines[2]
+    assert re.fullmatch(r"task 4/10 \| 0.005 steps/s \| ETA \d+m\d\ds", lines[3]), lines[3]
 
 
 def test_shard_members_over_two_host_devices():
@@ -502,22 +498,49 @@ class RunArgs:
     resume: bool = False
 
 
-def test_open_run_new_resume_and_refusals(tmp_path):
-    from dataclasses import asdict, replace
-    args = RunArgs(out_dir=str(tmp_path / "run"))
-    run_dir, checkpoint = common.open_run("pmnist", args, resume_free=("tasks", "resume"))
-    assert run_dir == tmp_path / "run" and checkpoint is None
-    common.save_checkpoint(run_dir, {"args": asdict(args), "done": 1})
-    with pytest.raises(SystemExit, match="already holds a run"):
-        common.open_run("pmnist", args, resume_free=("tasks", "resume"))
-    resumed_dir, checkpoint = common.open_run("pmnist", replace(args, resume=True, tasks=5), ("tasks", "resume"))
-    assert resumed_dir == run_dir and checkpoint["done"] == 1
-    with pytest.raises(SystemExit, match="different settings.*lr"):
-        common.open_run("pmnist", replace(args, resume=True, lr=(0.1,)), ("tasks", "resume"))
-    with pytest.raises(SystemExit, match="needs --out-dir"):
-        common.open_run("pmnist", RunArgs(resume=True), ("tasks", "resume"))
-    with pytest.raises(SystemExit, match="no checkpoint.pkl"):
-        common.open_run("pmnist", RunArgs(resume=True, out_dir=str(tmp_path / "none")), ("tasks", "resume"))
+RUN_SHAPES = {"test_acc": ((), np.float32), "dead_units": ((2,), np.int32)}
+
+
+def make_run(args, units):
+    members = common.Members([{"lr": 0.01}], [5, 6], "vmap")
+    return common.Run("bench", args, ("tasks", "resume"), members, units, RUN_SHAPES)
+
+
+def test_run_records_checkpoints_and_resumes(tmp_path, capsys):
+    """Metrics NaN / 0 until filled, a non-finite member's accuracy NaN and one warning per diverged member; a
+    resume repeats the checkpoint, may grow the units or cut unfilled ones, and refuses (one line, config.json
+    untouched) a new run over an old one, other settings, and fewer units than are done."""
+    args = RunArgs(out_dir=str(tmp_path / "run"), tasks=3)
+    run = make_run(args, 3)
+    assert run.dir == tmp_path / "run" and run.state is None and run.cursor["unit"] == 0
+    assert np.isnan(run.metrics["test_acc"]).all() and run.metrics["dead_units"].shape == (2, 3, 2)
+    for task in (0, 1):
+        run.record(task, {"finite": [True, False], "test_acc": [0.5, 0.7], "dead_units": [[1, 2], [3, 4]]},
+                   f"task {task + 1}")
+        assert ("seed 6 diverged" in capsys.readouterr().err) == (task == 0)
+    np.testing.assert_array_equal(run.metrics["test_acc"][:, :2], [[0.5, 0.5], [np.nan, np.nan]])
+    np.testing.assert_array_equal(run.metrics["dead_units"][1], [[3, 4], [3, 4], [0, 0]])
+    run.checkpoint({"w": jnp.arange(2.0)})
+    run.save()
+    with np.load(run.dir / "metrics.npz") as m:
+        assert m["test_acc"].shape == (1, 2, 2) and m["diverged"].tolist() == [[False, True]]
+    for bad, units, match in ((args, 3, "already holds a run"),
+                              (replace(args, resume=True, lr=(0.1,)), 3, "different settings.*lr"),
+                              (replace(args, resume=True, tasks=1), 1, r"2 tasks \(or updates\) done, more than the 1"),
+                              (RunArgs(resume=True), 3, "needs --out-dir"),
+                              (RunArgs(resume=True, out_dir=str(tmp_path / "none")), 3, "no checkpoint.pkl")):
+        with pytest.raises(SystemExit, match=match) as e:
+            make_run(bad, units)
+        assert "\n" not in str(e.value)
+        assert json.loads((run.dir / "config.json").read_text())["args"]["tasks"] == 3
+    for tasks in (5, 2):
+        resumed = make_run(replace(args, resume=True, tasks=tasks), tasks)
+        assert resumed.cursor["unit"] == 2 and resumed.diverged.tolist() == [[False, True]]
+        np.testing.assert_array_equal(resumed.state["w"], [0.0, 1.0])
+        assert resumed.metrics["test_acc"].shape == (2, tasks) and resumed.metrics["dead_units"].shape == (2, tasks, 2)
+        np.testing.assert_array_equal(resumed.metrics["test_acc"][:, :2], run.metrics["test_acc"][:, :2])
+        assert np.isnan(resumed.metrics["test_acc"][:, 2:]).all() and (resumed.metrics["dead_units"][:, 2:] == 0).all()
+        assert json.loads((run.dir / "config.json").read_text())["args"]["tasks"] == tasks
 
 
 def test_effective_ranks_stacks_each_layer_and_er_ascent_differentiates_through_them():
@@ -530,13 +553,12 @@ def test_effective_ranks_stacks_each_layer_and_er_ascent_differentiates_through_
 
 
 # ---------------------------------------------------------------------------------------------- spectral regularization
-def test_sigma_max_and_spectral_penalty_against_svd():
+def test_spectral_penalty_against_svd():
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         w = jnp.asarray(rng.standard_normal((6, 4)))
-        start = jnp.ones(4)
-        np.testing.assert_allclose(float(common.sigma_max(w, 200, start)), np.linalg.svd(w, compute_uv=False)[0],
-                                   rtol=1e-10)
+        sigma = np.sqrt(float(common.spectral_penalty({"w": w}, 1.0, 0.0, 200)[0]))  # k = 1, target 0: sigma^2
+        np.testing.assert_allclose(sigma, np.linalg.svd(w, compute_uv=False)[0], rtol=1e-10)
         conv = jnp.asarray(rng.standard_normal((3, 3, 2, 4)))  # HWIO: a (3*3*2) x 4 matrix
         dense = jnp.asarray(rng.standard_normal((5, 3)))
         params = {"conv": {"w": conv, "b": jnp.asarray([1.0, 2.0, 0.0, 0.0])},

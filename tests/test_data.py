@@ -61,7 +61,7 @@ def test_missing_files_and_offline_fail_fast_leaving_nothing_behind(tmp_path, mo
         data.mnist(str(tmp_path / "cache"), str(tmp_path / "files"))
     # No files, no cache, no network: the hint at once, before tensorflow-datasets creates any folder.
     monkeypatch.setattr(data, "online", lambda host, timeout=5.0: False)
-    monkeypatch.setattr(data.common, "tfds_arrays", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(data, "tfds_arrays", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(SystemExit, match="offline.*--manual-dir"):
         data.mnist(str(tmp_path / "cache"), None)
     assert not (tmp_path / "cache").exists()
@@ -99,7 +99,7 @@ def test_real_files_read_directly_match_tensorflow_datasets(tmp_path):
     assert np.bincount(direct["train_y"]).tolist()[:2] == [5923, 6742]  # MNIST's known class counts
     pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("tensorflow")
-    via_tfds = data.common.tfds_arrays("mnist", str(tmp_path), str(MNIST_DIR), ("train", "test"), "")
+    via_tfds = data.tfds_arrays("mnist", str(tmp_path), str(MNIST_DIR), ("train", "test"), "")
     for split in ("train", "test"):
         images, labels = via_tfds[split]
         images = images.reshape(len(images), -1)
@@ -114,7 +114,7 @@ def test_real_files_read_directly_match_tensorflow_datasets(tmp_path):
 # (the official archives in both formats: tests/test_cifar.py, which writes small ones)
 def test_cifar100_offline_without_archive_or_cache_fails_fast_leaving_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "online", lambda host, timeout=5.0: False)
-    monkeypatch.setattr(data.common, "tfds_arrays", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(data, "tfds_arrays", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(SystemExit, match="offline.*cifar-100-python.tar.gz.*--manual-dir") as e:
         data.cifar100(str(tmp_path / "cache"), None)
     assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "cache").exists()
@@ -155,7 +155,7 @@ def test_imagenet32_offline_fails_fast_leaving_nothing_behind(tmp_path, monkeypa
     """No files, no cache, no network: the hint at once (naming the zip, the folder and --manual-dir), before
     tensorflow-datasets is asked for anything or any folder is made."""
     monkeypatch.setattr(data, "online", lambda host, timeout=5.0: False)
-    monkeypatch.setattr(data.common, "tfds_batches", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(data, "tfds_batches", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(SystemExit, match=f"offline.*{data.IMAGENET32_ZIP}.*{tmp_path / 'm'}.*--manual-dir") as e:
         data.imagenet32(str(tmp_path / "cache"), str(tmp_path / "m"), 700)
     assert len(str(e.value).splitlines()) == 1
