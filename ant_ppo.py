@@ -11,7 +11,13 @@ bootstrapping. PPO (Table 8) trains a separate actor (Gaussian, state-independen
 with one ReLU hidden layer, continually, never reset. The agents are the table `AGENTS` below (Table 7 best
 values; Adam betas as the authors ran each agent): bp, l2 (coupled weight decay), er (effective-rank ascent
 on the actor and critic hidden layers, once per epoch on the rollout's observations), l2-er, cbp (continual
-backprop with L2, as the paper).
+backprop with L2, as the paper); and beyond the paper's table: layernorm-l2 (LayerNorm before each hidden ReLU
+with coupled L2 on every parameter; Lyle et al. 2024, as the authors' later runs), spectral-reg (Lewandowski et
+al. 2024's spectral regularizer in the form of the authors' later runs) and redo (ReDo, Sokar et al. 2023).
+The authors swept layernorm-l2 (lr 1e-2/1e-3/1e-4 x weight decay 1e-3/1e-4/1e-5) and spectral-reg (lr x lambda
+1e-2/1e-3/1e-4) on Slippery Ant but recorded no chosen values; ours (lr 1e-4, layernorm-l2's weight decay 1e-3 as
+l2's, lambda 1e-3) are unswept placeholders until that sweep is run. No source gives ReDo's tau or period for
+Slippery Ant: tau 0.025 is our pMNIST sweep's, the period (every update) our unswept choice.
 
 Seeds and swept hyperparameters (--lr, --weight-decay, --er-lr) are "members" trained together, PureJaxRL
 style: one update = rollout + GAE + 10 epochs of minibatch Adam, and a chunk of --updates-per-chunk updates
@@ -55,11 +61,17 @@ import hessian
 
 # The agents (App. J; Table 7 best values, fixed learning rate 1e-4 for all: --lr). An agent is its entry: the
 # hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
-# weight_decay -> coupled L2, er_lr -> the ER step, replacement_rate -> continual backprop (Dohare et al. 2024).
+# weight_decay -> coupled L2, er_lr -> the ER step, replacement_rate -> continual backprop (Dohare et al. 2024),
+# layer_norm -> LayerNorm before each hidden ReLU, spectral_lambda -> the spectral penalty, redo_tau -> ReDo.
 # The paper gives no best weight decay for CBP+L2 ("-"); we use 1e-3, the best of L2 and L2-ER on the same grid.
 # Adam betas as the authors' Slippery Ant runs used them: 0.9 / 0.999 (Table 8) for BP only; 0.99 / 0.99 for
 # L2, ER, L2-ER and CBP+L2 (the betas of all of Dohare et al.'s Slippery Ant agents, who report that equal
 # betas by themselves reduce PPO's loss of plasticity; so bp --beta1 0.99 --beta2 0.99 is the control).
+# The authors' later Slippery Ant runs (their code): layernorm-l2 with 0.99 / 0.99 like the rest of the L2
+# family, spectral-reg with no betas set (their default 0.9 / 0.999), k 2, target 2, 10 power iterations from
+# fixed start vectors and no weight decay. They recorded no chosen lr, weight decay or lambda for Ant: the lr
+# 1e-4, layernorm-l2's 1e-3 (l2's) and lambda 1e-3 are unswept placeholders. ReDo has bp's betas; tau 0.025
+# comes from our pMNIST sweep, the period (every update) is our choice; neither is swept on Ant.
 AGENTS = {
     "bp": dict(beta1=0.9, beta2=0.999),
     "l2": dict(weight_decay=1e-3, beta1=0.99, beta2=0.99),
@@ -67,6 +79,10 @@ AGENTS = {
     "l2-er": dict(weight_decay=1e-3, er_lr=1e-6, beta1=0.99, beta2=0.99),  # the paper's method
     "cbp": dict(weight_decay=1e-3, replacement_rate=1e-7, decay_rate=0.99, maturity_threshold=10_000,
                 cbp_utility="contribution", beta1=0.99, beta2=0.99),
+    "layernorm-l2": dict(layer_norm=True, weight_decay=1e-3, beta1=0.99, beta2=0.99),  # weight decay unswept
+    "spectral-reg": dict(spectral_lambda=1e-3, spectral_k=2.0, spectral_target=2.0, power_iters=10,
+                         spectral_persistent=False, beta1=0.9, beta2=0.999),  # lambda unswept
+    "redo": dict(redo_tau=0.025, redo_every=1, beta1=0.9, beta2=0.999),  # Sokar et al. 2023; our tau and period
 }
 SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 # The frictions of the runs behind the paper's Slippery Ant figure (the authors' code: row 0 of their
@@ -77,16 +93,19 @@ AUTHORS_FRICTIONS = (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
 @dataclass(frozen=True)
 class Args:
     agent: Literal[tuple(AGENTS)] = "bp"
-    """algorithm: an entry of AGENTS (Table 7's best values; cbp is CBP with L2, as the paper)"""
+    """algorithm: an entry of AGENTS (Table 7's best values; cbp is CBP with L2, as the paper; layernorm-l2,
+    spectral-reg and redo run unswept placeholder values: see the module docstring)"""
     seed: int = 0
     """base seed; seeds seed .. seed+seeds-1 train together. A seed fixes the init, the env noise and, with
     random frictions, the friction schedule"""
     seeds: int = 1
     """number of seeds trained together (the paper: 5)"""
     lr: tuple[float, ...] = (1e-4,)
-    """Adam learning rate(s) (Table 7: 1e-4 for every agent); several values are swept together"""
+    """Adam learning rate(s) (Table 7: 1e-4 for every agent of the paper; for layernorm-l2, spectral-reg and redo
+    an unswept placeholder); several values are swept together"""
     weight_decay: tuple[float, ...] | None = None
-    """coupled L2 weight decay(s) added to the gradient (agents with weight_decay in AGENTS: l2, l2-er, cbp)"""
+    """coupled L2 weight decay(s) added to the gradient of every parameter (agents with weight_decay in AGENTS:
+    l2, l2-er, cbp, layernorm-l2; layernorm-l2's 1e-3 is l2's, an unswept placeholder: the authors record none)"""
     er_lr: tuple[float, ...] | None = None
     """effective-rank ascent step size(s) (agents with er_lr: er 1e-7, l2-er 1e-6)"""
     replacement_rate: float | None = None
@@ -97,6 +116,29 @@ class Args:
     """CBP: optimizer steps a unit must survive before it can be replaced (Table 8: 10,000)"""
     cbp_utility: Literal[common.CBP_UTILITIES] | None = None
     """CBP utility (Dohare et al.): contribution (their Slippery Ant config, the default) or adaptable_contribution"""
+    layer_norm: bool | None = None
+    """LayerNorm (learnable scale 1 and shift 0 at init, eps 1e-6) before the ReLU of the actor's and the critic's
+    hidden layer; none on the output layers (agents with layer_norm: layernorm-l2)"""
+    spectral_lambda: float | None = None
+    """weight of the spectral penalty in the PPO loss: sum over the actor's and critic's kernels of
+    (sigma_max^k - target)^2, plus squared biases; not the policy's log-std (Lewandowski et al. 2024; default 1e-3,
+    an unswept placeholder: the authors record no chosen value for Ant)"""
+    spectral_k: float | None = None
+    """power of sigma_max in the spectral penalty (the authors: 2)"""
+    spectral_target: float | None = None
+    """target of sigma_max^k (the authors: 2; Lewandowski et al.'s "close to one": 1)"""
+    power_iters: int | None = None
+    """power iterations per kernel and Adam step for sigma_max, from a fixed start vector (the authors: 10)"""
+    spectral_persistent: bool | None = None
+    """start each Adam step's power iterations from the last step's vectors (carried in the state) instead of the
+    fixed ones; with --power-iters 1 it costs ~1/10 (our option, not the authors')"""
+    redo_tau: float | None = None
+    """ReDo: recycle hidden units whose score mean|h_i| / (layer mean of mean|h_k|) on the update's observations
+    is <= tau (default 0.025: our pMNIST sweep's; unswept on Ant)"""
+    redo_every: int | None = None
+    """ReDo: score and recycle after every K PPO updates (at the start of updates K, 2K, ..., on that update's
+    rollout observations, before its epochs; K = 1, every update (1,280 Adam steps at Table 8's 10 epochs x 128
+    minibatches), is our unswept choice)"""
     beta1: float | None = None
     """Adam beta_1 (every agent; as the authors' runs: 0.9 for bp (Table 8), 0.99 for the others)"""
     beta2: float | None = None
@@ -428,18 +470,21 @@ def phase_friction(friction_key, phase, frictions, friction_range):
 
 # ----------------------------------------------------------------------------------------------------------
 # Actor-critic (App. J.1): separate networks, one ReLU hidden layer each; Gaussian policy with a
-# state-independent log standard deviation. Zero biases.
+# state-independent log standard deviation. Zero biases. With LayerNorm (layernorm-l2) each hidden layer also
+# holds its scale and shift, which the forward pass applies before the ReLU.
 # ----------------------------------------------------------------------------------------------------------
-def init_params(key, hidden):
+def init_params(key, hidden, layer_norm=False):
     """Kaiming-uniform layers, except the actor's output weights, scaled by 0.01 so the first policy is
     centred on zero action (as PureJaxRL's PPO, whose head is initialized at scale 0.01): a plain Kaiming
-    head puts most initial action means beyond the [-1, 1] motor range."""
+    head puts most initial action means beyond the [-1, 1] motor range. `layer_norm`: the hidden layers also
+    get a LayerNorm scale (1) and shift (0), as Flax's LayerNorm inits them in the authors' runs."""
     k = jax.random.split(key, 4)
     actor_out = common.dense_init(k[1], hidden, ACT_DIM)
-    return {"actor": {"hidden": common.dense_init(k[0], OBS_DIM, hidden),
+    norm = {"scale": jnp.ones(hidden, jnp.float32), "shift": jnp.zeros(hidden, jnp.float32)} if layer_norm else {}
+    return {"actor": {"hidden": {**common.dense_init(k[0], OBS_DIM, hidden), **norm},
                       "out": {"w": 0.01 * actor_out["w"], "b": actor_out["b"]},
                       "log_std": jnp.zeros(ACT_DIM, jnp.float32)},
-            "critic": {"hidden": common.dense_init(k[2], OBS_DIM, hidden),
+            "critic": {"hidden": {**common.dense_init(k[2], OBS_DIM, hidden), **norm},
                        "out": common.dense_init(k[3], hidden, 1)}}
 
 
@@ -447,15 +492,23 @@ def dense(layer, x):
     return x @ layer["w"] + layer["b"]
 
 
+def hidden_layer(layer, x):
+    """ReLU(dense), with LayerNorm between them where the layer has a scale (agents with layer_norm)."""
+    x = dense(layer, x)
+    if "scale" in layer:
+        x = common.layer_norm(x, layer["scale"], layer["shift"])
+    return jax.nn.relu(x)
+
+
 def actor_apply(actor, obs):
     """-> (action mean, log std, hidden activations)."""
-    h = jax.nn.relu(dense(actor["hidden"], obs))
+    h = hidden_layer(actor["hidden"], obs)
     return dense(actor["out"], h), actor["log_std"], h
 
 
 def critic_apply(critic, obs):
     """-> (value, hidden activations)."""
-    h = jax.nn.relu(dense(critic["hidden"], obs))
+    h = hidden_layer(critic["hidden"], obs)
     return dense(critic["out"], h)[..., 0], h
 
 
@@ -489,6 +542,28 @@ def ppo_loss(params, batch, args):
     value_loss = 0.5 * jnp.mean(jnp.square(value - batch.target))
     entropy = jnp.sum(log_std + 0.5 * math.log(2 * math.pi * math.e))
     return policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy, (h_actor, h_critic)
+
+
+def spectral_params(params):
+    """What the spectral penalty sees: the actor's and critic's layers, without the policy's log-std. Its rule
+    (common.spectral_penalty) takes every leaf not named "w" or "scale" for a bias, which would pull log_std to
+    0 (std 1) and fight PPO's entropy term; the authors' penalty skips it (it penalizes only kernels, biases and
+    LayerNorm scales)."""
+    return {"actor": {name: layer for name, layer in params["actor"].items() if name != "log_std"},
+            "critic": params["critic"]}
+
+
+def train_loss(params, batch, args, agent, starts=None):
+    """The loss an Adam step minimizes: ppo_loss, + spectral_lambda x the spectral penalty for agents with
+    spectral_lambda (Lewandowski et al. 2024, added to the loss as the authors' code does). `starts`: the power
+    iterations' start vectors (None: the fixed ones). Returns (loss, (PPO loss, hidden activations, the power
+    iterations' last vectors or None))."""
+    loss, hiddens = ppo_loss(params, batch, args)
+    if "spectral_lambda" not in agent:
+        return loss, (loss, hiddens, None)
+    penalty, vectors = common.spectral_penalty(spectral_params(params), agent["spectral_k"], agent["spectral_target"],
+                                               agent["power_iters"], starts)
+    return loss + agent["spectral_lambda"] * penalty, (loss, hiddens, vectors)
 
 
 def gae(values, rewards, dones, last_value, gamma, lam):
@@ -566,8 +641,8 @@ def phase_frictions(args):
 
 
 def member_keys(seed):
-    """(init, env reset, training, friction, Hessian) keys of a member: functions of its seed alone."""
-    return tuple(jax.random.fold_in(jax.random.key(seed), i) for i in range(5))
+    """(init, env reset, training, friction, Hessian, ReDo) keys of a member: functions of its seed alone."""
+    return tuple(jax.random.fold_in(jax.random.key(seed), i) for i in range(6))
 
 
 def schedule(args, friction_key):
@@ -635,20 +710,22 @@ def make_train(args, agent):
         return common.adam(hp["lr"], agent["beta1"], agent["beta2"], args.adam_eps, hp["weight_decay"])
 
     def init(seed):
-        k_init, k_env, k_train, _, _ = member_keys(seed)
-        params = init_params(k_init, args.hidden_size)
+        k_init, k_env, k_train, *_ = member_keys(seed)
+        params = init_params(k_init, args.hidden_size, agent.get("layer_norm", False))
         env_keys = jax.random.split(k_env, args.num_envs)
         state = {"params": params, "opt": optimizer({"lr": 1.0, "weight_decay": 0.0}).init(params),
                  "obs_stats": obs_stats_init(), "env": jax.vmap(partial(env_reset, env_config(args)))(env_keys),
                  "steps": jnp.zeros((), jnp.int32), "key": jax.random.key_data(k_train)}  # raw: "map" stacks states on the host
         if "replacement_rate" in agent:
             state["cbp"] = (common.cbp_init(args.hidden_size), common.cbp_init(args.hidden_size))
+        if agent.get("spectral_persistent"):
+            state["spectral_v"] = common.spectral_starts(spectral_params(params))
         return state
 
     @jax.jit  # its trace is cached: eval_shape in train and the cond there reuse one trace
     def update(state, hp, seed):
-        """One PPO update: rollout, GAE, update_epochs x num_minibatches Adam steps (+ CBP after each, + one
-        ER ascent step after each epoch). Returns (new state, metrics of this update)."""
+        """One PPO update: rollout, GAE, (ReDo when due,) update_epochs x num_minibatches Adam steps (+ CBP after
+        each, + one ER ascent step after each epoch). Returns (new state, metrics of this update)."""
         opt = optimizer(hp)
         key, k_roll, k_epochs = jax.random.split(jax.random.wrap_key_data(state["key"]), 3)
         friction_key = member_keys(seed)[3]
@@ -656,16 +733,24 @@ def make_train(args, agent):
                                                           state["steps"], k_roll, schedule(args, friction_key))
         batch = make_batch(args, state["params"], traj, last_obs)
         mb_size = args.num_steps // args.num_minibatches
+        params, opt_state = state["params"], state["opt"]
+        if "redo_tau" in agent:  # after every redo_every updates, on this rollout's observations (outputs unchanged)
+            done_updates = state["steps"] // args.num_steps
+            due = (done_updates > 0) & (done_updates % agent["redo_every"] == 0)
+            params, opt_state = redo_step(agent, opt, params, opt_state, batch.obs,
+                                          jax.random.fold_in(member_keys(seed)[5], done_updates), due)
 
         def minibatch_step(carry, xs):
-            params, opt_state, cbp = carry
+            params, opt_state, cbp, vectors = carry
             mb, k_cbp = xs
-            (loss, hiddens), grads = jax.value_and_grad(lambda p: ppo_loss(p, mb, args), has_aux=True)(params)
+            starts = vectors if agent.get("spectral_persistent") else None
+            (_, (loss, hiddens, ends)), grads = jax.value_and_grad(
+                lambda p: train_loss(p, mb, args, agent, starts), has_aux=True)(params)
             updates, opt_state = opt.update(grads, opt_state, params)
             params = jax.tree.map(jnp.add, params, updates)
             if "replacement_rate" in agent:
                 params, opt_state, cbp = cbp_step(agent, opt, params, opt_state, cbp, hiddens, k_cbp)
-            return (params, opt_state, cbp), loss
+            return (params, opt_state, cbp, ends if agent.get("spectral_persistent") else vectors), loss
 
         def epoch(carry, key_e):
             k_perm, k_cbp = jax.random.split(key_e)
@@ -676,8 +761,9 @@ def make_train(args, agent):
                 carry = (common.er_ascent(carry[0], hidden_features, batch.obs, hp["er_lr"])[0],) + carry[1:]
             return carry, losses.mean()
 
-        (params, opt_state, cbp), losses = jax.lax.scan(epoch, (state["params"], state["opt"], state.get("cbp", ())),
-                                                        jax.random.split(k_epochs, args.update_epochs))
+        (params, opt_state, cbp, vectors), losses = jax.lax.scan(
+            epoch, (params, opt_state, state.get("cbp", ()), state.get("spectral_v", ())),
+            jax.random.split(k_epochs, args.update_epochs))
         feats = hidden_features(params, batch.obs)
         done = traj.done.astype(jnp.float32)
         episodes = done.sum()
@@ -694,7 +780,8 @@ def make_train(args, agent):
         }
         state = {**state, "params": params, "opt": opt_state, "obs_stats": obs_stats, "env": env, "steps": steps,
                  "key": jax.random.key_data(key)}
-        return ({**state, "cbp": cbp} if "cbp" in state else state), metrics
+        state = {**state, "cbp": cbp} if "cbp" in state else state
+        return ({**state, "spectral_v": vectors} if "spectral_v" in state else state), metrics
 
     def train(state, hp, seed, count):
         with jax.default_matmul_precision(PRECISE):
@@ -704,10 +791,10 @@ def make_train(args, agent):
             return jax.lax.scan(body, state, jnp.arange(args.updates_per_chunk))
 
     def spectrum(state, seed, phase, which):
-        """SLQ spectrum of the PPO loss (task loss only: no L2 / ER term) at the member's current parameters,
+        """SLQ spectrum of the PPO loss (task loss only: no L2, ER or spectral term) at the member's parameters,
         on a fresh rollout of num_steps samples at phase `phase`'s friction from a copy of the envs (training
         is untouched). `which` (0 init, 1 end) only picks the probe key."""
-        *_, friction_key, hessian_key = member_keys(seed)
+        _, _, _, friction_key, hessian_key, _ = member_keys(seed)
         k_roll, k_slq = jax.random.split(jax.random.fold_in(jax.random.fold_in(hessian_key, phase), which))
         friction = phase_friction(friction_key, phase, phase_frictions(args), args.friction_range)
         with jax.default_matmul_precision(PRECISE):
@@ -745,6 +832,25 @@ def cbp_step(agent, opt, params, opt_state, cbp, hiddens, key):
     return params, common.mask_opt_state(opt, opt_state, keep), tuple(new_cbp)
 
 
+def redo_step(agent, opt, params, opt_state, obs, key, due):
+    """ReDo (Sokar et al. 2023) when `due`: the actor's and the critic's hidden units dormant on the observations
+    `obs` (score mean|h_i| / layer mean <= redo_tau, on the post-ReLU activations, whose magnitude is Sokar et
+    al.'s activity) get fresh incoming weights from the layer's init (Kaiming-uniform), bias 0, outgoing weights 0
+    (the policy and the value are unchanged) and zeroed Adam moments; the output layers and log_std never."""
+    params = {net: dict(p) for net, p in params.items()}
+    keep = jax.tree.map(jnp.ones_like, params)
+    for net, h, k in zip(("actor", "critic"), hidden_features(params, obs), jax.random.split(key, 2)):
+        p = params[net]
+        dormant = common.dormant_units(h, agent["redo_tau"]) & due
+        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+            k, p["hidden"]["w"], p["hidden"]["b"], p["out"]["w"], jnp.arange(dormant.shape[0]), dormant)
+        p["hidden"] = {**p["hidden"], "w": w_in, "b": b_in}
+        p["out"] = {**p["out"], "w": w_out}
+        keep[net]["hidden"] = {**keep[net]["hidden"], "w": keep_in, "b": keep_b}
+        keep[net]["out"] = {**keep[net]["out"], "w": keep_out}
+    return params, common.mask_opt_state(opt, opt_state, keep)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Settings (no need to modify to fork)
 # ----------------------------------------------------------------------------------------------------------
@@ -759,7 +865,8 @@ def resolve(args):
             common.fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
         if value is not None:
             agent[name] = value
-    num_params = 2 * (OBS_DIM * args.hidden_size + args.hidden_size) + args.hidden_size * (ACT_DIM + 1) + 2 * ACT_DIM + 1
+    num_params = (2 * (OBS_DIM * args.hidden_size + args.hidden_size) + args.hidden_size * (ACT_DIM + 1) + 2 * ACT_DIM
+                  + 1 + 4 * args.hidden_size * bool(agent.get("layer_norm")))
     checks = [
         (args.seeds >= 1, "--seeds must be >= 1"),
         (args.num_envs >= 1 and args.num_steps % args.num_envs == 0,
@@ -791,6 +898,10 @@ def resolve(args):
         (agent.get("maturity_threshold", 0) >= 0, "--maturity-threshold must be >= 0"),
         (agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
          f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {agent.get('cbp_utility')!r}"),
+        (agent.get("spectral_lambda", 0) >= 0 and agent.get("power_iters", 1) >= 1,
+         "--spectral-lambda must be >= 0 and --power-iters >= 1"),
+        (agent.get("redo_tau", 0) >= 0 and agent.get("redo_every", 1) >= 1,
+         "--redo-tau must be >= 0 and --redo-every >= 1"),
         (0 <= agent["beta1"] < 1 and 0 <= agent["beta2"] < 1,
          f"--beta1 and --beta2 must be in [0, 1), got {agent['beta1']}, {agent['beta2']}"),
         (args.checkpoint_minutes >= 0, "--checkpoint-minutes must be >= 0"),

@@ -554,8 +554,6 @@ def main(args):
     init, task_data, train, evaluate, spectrum, calls = make_train(args, agent, ds)
     measured = list(range(0, args.tasks, args.hessian_every)) if args.hessian_every else []
     run = common.Run("imagenet", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
-    if run.cursor["unit"] > args.tasks:
-        common.fail(f"--resume: the run already has {run.cursor['unit']} tasks, --tasks is {args.tasks}")
     state = members.run(init, (0,), batching="map")(members.seeds) if run.state is None else run.state
     hp, seeds, state = common.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
     train_calls = {n: members.run(lambda s, h, sd, t, x, f, n=n: train(s, h, sd, t, x, f, n), (0, 0, 0, None, 0, None))

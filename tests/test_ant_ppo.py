@@ -1,6 +1,7 @@
 """Tests of ant_ppo.py: the Ant env (Brax's contact set, pose, control cost, resets, friction that acts as its
 coefficient), the slippery friction schedule, per-agent Adam betas, GAE, time-outs, every agent end to end,
-seeds/configs trained together, resume, interrupts and the Hessian measurement.
+seeds/configs trained together, resume, interrupts and the Hessian measurement; LayerNorm, the spectral penalty
+in the loss (log-std left out) and ReDo's recycling on their own.
 
 MJX programs take tens of seconds to trace and compile on a CPU, and ant_ppo makes each program once per
 process (`ant_ppo.programs`; with member batching "map", the default on a CPU, one program serves any number of
@@ -276,9 +277,11 @@ def test_every_seed_gets_the_authors_frictions_by_default():
 
 
 def test_adam_betas_per_agent():
-    """As the authors ran Slippery Ant: bp 0.9 / 0.999 (Table 8); l2, er, l2-er, cbp 0.99 / 0.99."""
+    """As the authors ran Slippery Ant: bp 0.9 / 0.999 (Table 8); l2, er, l2-er, cbp, layernorm-l2 0.99 / 0.99;
+    spectral-reg (their runs set none: their default) 0.9 / 0.999; redo as bp."""
     expected = {"bp": (0.9, 0.999), "l2": (0.99, 0.99), "er": (0.99, 0.99), "l2-er": (0.99, 0.99),
-                "cbp": (0.99, 0.99)}
+                "cbp": (0.99, 0.99), "layernorm-l2": (0.99, 0.99), "spectral-reg": (0.9, 0.999), "redo": (0.9, 0.999)}
+    assert set(expected) == set(ant_ppo.AGENTS)
     betas = lambda **flags: tuple(ant_ppo.resolve(ant_ppo.Args(**flags))[0][b] for b in ("beta1", "beta2"))
     for agent, pair in expected.items():
         assert betas(agent=agent) == pair, agent
@@ -557,6 +560,173 @@ def test_cbp_end_to_end_with_hessian(tmp_path, cbp_two_seeds):
         np.testing.assert_array_equal(plain[k], metrics[k], err_msg=k)
 
 
+# The agents beyond the paper's table, with strengths raised so that each mechanism moves these two updates (as
+# tests/test_equal_metrics.py raises them): LayerNorm with weight decay 0.1 beside 0 (two configs, one seed: the
+# same program as two seeds); lambda 0.1; tau 16 = the width, so every hidden unit scores <= tau and all are
+# recycled at the start of update 1 (score_i = 16 m_i / sum_k m_k <= 16).
+NEW_AGENTS = {"layernorm-l2": dict(seeds=1, weight_decay=(0.1, 0.0)),
+              "spectral-reg": dict(seeds=2, spectral_lambda=0.1), "redo": dict(seeds=2, redo_tau=16.0)}
+
+
+def checkpoint_params(out, args):
+    """The members' parameters [members, ...] from a run's checkpoint.pkl (which holds the state's leaves)."""
+    agent, _ = ant_ppo.resolve(args)
+    structure = jax.tree.structure(jax.eval_shape(ant_ppo.make_train(args, agent)[0], 0))
+    return jax.tree.unflatten(structure, common.load_checkpoint(out)["state"])["params"]
+
+
+@pytest.mark.parametrize("agent", NEW_AGENTS)
+def test_new_agents_end_to_end(agent, tmp_path):
+    out, metrics = printed_run(tmp_path, agent, agent=agent, **NEW_AGENTS[agent])
+    check_outputs(metrics, *((2, 1) if agent == "layernorm-l2" else (1, 2)))
+    betas = {"layernorm-l2": "0.99 / 0.99", "spectral-reg": "0.9 / 0.999", "redo": "0.9 / 0.999"}[agent]
+    assert f"Adam betas {betas}" in (out / "stdout.txt").read_text()
+    params = checkpoint_params(out, ant_ppo.Args(**{**TINY, "agent": agent, **NEW_AGENTS[agent]}))
+    if agent == "layernorm-l2":
+        for net in ("actor", "critic"):  # LayerNorm on the hidden layers only, trained
+            assert set(params[net]["hidden"]) == {"w", "b", "scale", "shift"} and set(params[net]["out"]) == {"w", "b"}
+            assert np.all(np.asarray(params[net]["hidden"]["scale"][0]) != 1.0)  # (config 0: weight decay 0.1)
+        assert not np.allclose(metrics["param_norm"][0], metrics["param_norm"][1])  # weight decay 0.1 vs 0 acts
+    if agent == "redo":
+        # Every unit recycled at update 1 (outgoing weights set to 0), then 8 Adam steps of lr 1e-4 (< 3e-3 in all):
+        # the critic's output weights, Kaiming-uniform in +-0.61 before, are all near 0.
+        assert np.abs(np.asarray(params["critic"]["out"]["w"])).max() < 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The agents beyond the paper's table on their own: LayerNorm, the spectral penalty in the loss, ReDo
+# ----------------------------------------------------------------------------------------------------------
+def test_layer_norm_on_hidden_layers_only():
+    params = ant_ppo.init_params(jax.random.key(0), 16, layer_norm=True)
+    plain = ant_ppo.init_params(jax.random.key(0), 16)
+    for net in ("actor", "critic"):
+        np.testing.assert_array_equal(params[net]["hidden"]["scale"], 1.0)
+        np.testing.assert_array_equal(params[net]["hidden"]["shift"], 0.0)
+        assert set(params[net]["out"]) == {"w", "b"}
+    np.testing.assert_array_equal(params["actor"]["hidden"]["w"], plain["actor"]["hidden"]["w"])  # same draws
+    scale = jnp.linspace(0.5, 2.0, 16)
+    params["actor"]["hidden"] = {**params["actor"]["hidden"], "scale": scale, "shift": jnp.full(16, 0.1)}
+    obs = jax.random.normal(jax.random.key(1), (8, ant_ppo.OBS_DIM))
+    pre = np.asarray(obs @ params["actor"]["hidden"]["w"] + params["actor"]["hidden"]["b"], np.float64)
+    normed = (pre - pre.mean(-1, keepdims=True)) / np.sqrt(pre.var(-1, keepdims=True) + 1e-6)
+    mean, _, h = ant_ppo.actor_apply(params["actor"], obs)
+    np.testing.assert_allclose(h, np.maximum(normed * np.asarray(scale) + 0.1, 0.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, np.asarray(h) @ params["actor"]["out"]["w"] + params["actor"]["out"]["b"],
+                               rtol=1e-5, atol=1e-6)  # no LayerNorm on the output layer
+    pre = np.asarray(obs @ params["critic"]["hidden"]["w"] + params["critic"]["hidden"]["b"], np.float64)
+    normed = (pre - pre.mean(-1, keepdims=True)) / np.sqrt(pre.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(ant_ppo.critic_apply(params["critic"], obs)[1], np.maximum(normed, 0.0), rtol=1e-5,
+                               atol=1e-5)  # the critic's too, at its init scale 1 and shift 0
+    agent, _ = ant_ppo.resolve(ant_ppo.Args(agent="layernorm-l2"))
+    assert agent["layer_norm"] is True and agent["weight_decay"] == 1e-3
+
+
+def toy_batch(params, key, n=32):
+    """A PPO batch of n random samples, its log-probs under the actor in `params`."""
+    k_obs, k_act, k_adv, k_target = jax.random.split(key, 4)
+    obs = jax.random.normal(k_obs, (n, ant_ppo.OBS_DIM))
+    mean, log_std, _ = ant_ppo.actor_apply(params["actor"], obs)
+    action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
+    return ant_ppo.Batch(obs, action, ant_ppo.gaussian_log_prob(action, mean, log_std) + 0.1,
+                         jax.random.normal(k_adv, (n,)), jax.random.normal(k_target, (n,)))
+
+
+def test_spectral_penalty_in_the_loss_without_log_std():
+    """spectral-reg's training loss = PPO loss + lambda x the penalty over the actor's and critic's kernels and
+    biases; the policy's log-std is not in it (the authors' penalty skips it; common.spectral_penalty would take it
+    for a bias). So on the same batch its gradient differs from bp's in every kernel, by 2 lambda b in every bias,
+    and not at all in log_std."""
+    args = ant_ppo.Args(**TINY)
+    bp, _ = ant_ppo.resolve(replace(args, agent="bp"))
+    spectral, _ = ant_ppo.resolve(replace(args, agent="spectral-reg"))
+    assert (spectral["spectral_lambda"], spectral["spectral_k"], spectral["spectral_target"], spectral["power_iters"],
+            spectral["spectral_persistent"]) == (1e-3, 2.0, 2.0, 10, False) and "weight_decay" not in spectral
+
+    @partial(jax.jit, compiler_options=FAST_COMPILE)  # one program (eager ops would each compile)
+    def losses_and_grads():
+        params = ant_ppo.init_params(jax.random.key(0), 16)
+        params = jax.tree.map(lambda x: x + 0.05, params)  # nonzero biases, log_std 0.05
+        batch = toy_batch(params, jax.random.key(1))
+        grads = {name: jax.value_and_grad(lambda p: ant_ppo.train_loss(p, batch, args, agent), has_aux=True)(params)
+                 for name, agent in (("bp", bp), ("spectral", spectral))}
+        penalty = common.spectral_penalty(ant_ppo.spectral_params(params), 2.0, 2.0, 10)[0]
+        return params, grads, penalty, ant_ppo.ppo_loss(params, batch, args)[0]
+
+    params, grads, penalty, ppo = losses_and_grads()
+    (loss_bp, (ppo_bp, _, _)), grad_bp = grads["bp"]
+    (loss_spectral, (ppo_spectral, _, vectors)), grad_spectral = grads["spectral"]
+    np.testing.assert_allclose([loss_bp, ppo_bp, ppo_spectral], float(ppo), rtol=1e-6)  # recorded loss: PPO's only
+    np.testing.assert_allclose(loss_spectral - ppo, 1e-3 * penalty, rtol=1e-4)
+    assert float(penalty) > 1.0 and len(vectors) == 4  # a power iteration per kernel: 2 networks x 2 layers
+    np.testing.assert_array_equal(grad_spectral["actor"]["log_std"], grad_bp["actor"]["log_std"])
+    # given the whole tree, common.spectral_penalty would take log_std for a bias: 8 x 0.05^2
+    np.testing.assert_allclose(common.spectral_penalty({"log_std": np.full(8, 0.05, np.float32)})[0], 0.02, rtol=1e-5)
+    for net in ("actor", "critic"):
+        for layer in ("hidden", "out"):
+            diff = lambda leaf: np.asarray(grad_spectral[net][layer][leaf] - grad_bp[net][layer][leaf])
+            assert np.abs(diff("w")).max() > 1e-5, (net, layer)  # the penalty acts on every kernel
+            np.testing.assert_allclose(diff("b"), 2e-3 * np.asarray(params[net][layer]["b"]), rtol=1e-2, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def redo_case():
+    """Actor and critic (width 16) with planted dormant units, one Adam step of gradient 1 (every moment nonzero),
+    and ReDo at tau 0.025 on 64 observations, due and not due."""
+    args = ant_ppo.Args(**TINY)
+    agent, _ = ant_ppo.resolve(replace(args, agent="redo"))
+    assert (agent["redo_tau"], agent["redo_every"]) == (0.025, 1)
+    params = ant_ppo.init_params(jax.random.key(0), 16)
+    actor, critic = params["actor"]["hidden"], params["critic"]["hidden"]
+    # actor units 0, 1 dead (bias -100); unit 2 barely active (incoming weights x 1e-3); critic unit 5 dead
+    params["actor"]["hidden"] = {"w": actor["w"].at[:, 2].multiply(1e-3), "b": actor["b"].at[:2].set(-100.0)}
+    params["critic"]["hidden"] = {**critic, "b": critic["b"].at[5].set(-100.0)}
+    params["critic"]["out"]["b"] = params["critic"]["out"]["b"] + 0.3
+    params["actor"]["log_std"] = params["actor"]["log_std"] - 0.2
+    opt = common.adam(1e-3, agent["beta1"], agent["beta2"], args.adam_eps, 0.0)
+    _, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
+    obs = jax.random.normal(jax.random.key(1), (64, ant_ppo.OBS_DIM))
+    step = jax.jit(lambda p, s, due: ant_ppo.redo_step(agent, opt, p, s, obs, jax.random.key(2), due),
+                   compiler_options=FAST_COMPILE)
+    return params, opt_state, obs, step(params, opt_state, True), step(params, opt_state, False)
+
+
+def test_redo_recycles_only_dormant_units_keeping_the_outputs(redo_case):
+    before, opt_before, obs, (params, opt_state), (idle_params, idle_state) = redo_case
+    mu, nu = opt_state[1][0].mu, opt_state[1][0].nu
+    for net, planted in (("actor", [0, 1, 2]), ("critic", [5])):
+        h = np.asarray(ant_ppo.hidden_features(before, obs)[0 if net == "actor" else 1], np.float64)
+        score = np.abs(h).mean(0) / np.abs(h).mean(0).mean()  # Sokar et al.'s score, by hand
+        dormant = score <= 0.025
+        np.testing.assert_array_equal(np.flatnonzero(dormant), planted)
+        old, new = before[net], params[net]
+        # dormant units: fresh incoming weights, bias 0, outgoing weights 0; every other entry untouched
+        assert np.all(np.asarray(new["hidden"]["w"] != old["hidden"]["w"])[:, dormant])
+        np.testing.assert_array_equal(new["hidden"]["w"][:, ~dormant], old["hidden"]["w"][:, ~dormant])
+        np.testing.assert_array_equal(new["hidden"]["b"], np.where(dormant, 0.0, old["hidden"]["b"]))
+        np.testing.assert_array_equal(new["out"]["w"], np.where(dormant[:, None], 0.0, old["out"]["w"]))
+        np.testing.assert_array_equal(new["out"]["b"], old["out"]["b"])  # output layer never recycled
+        bound = common.kaiming_bound(ant_ppo.OBS_DIM)  # the layer's init: Kaiming-uniform, fan-in 27
+        assert np.abs(np.asarray(new["hidden"]["w"])[:, dormant]).max() <= bound
+        # their Adam moments zeroed, every other one kept
+        for moments, moments_before in ((mu, opt_before[1][0].mu), (nu, opt_before[1][0].nu)):
+            m, m0 = moments[net], moments_before[net]
+            np.testing.assert_array_equal(m["hidden"]["w"], np.where(dormant, 0.0, m0["hidden"]["w"]))
+            np.testing.assert_array_equal(m["hidden"]["b"], np.where(dormant, 0.0, m0["hidden"]["b"]))
+            np.testing.assert_array_equal(m["out"]["w"], np.where(dormant[:, None], 0.0, m0["out"]["w"]))
+            np.testing.assert_array_equal(m["out"]["b"], m0["out"]["b"])
+            assert np.all(np.asarray(m0["hidden"]["w"]) != 0)
+    np.testing.assert_array_equal(params["actor"]["log_std"], before["actor"]["log_std"])
+    # the policy and the value are unchanged, on these observations and on others
+    for x in (obs, 3.0 * jax.random.normal(jax.random.key(7), (32, ant_ppo.OBS_DIM))):
+        for apply, net in ((ant_ppo.actor_apply, "actor"), (ant_ppo.critic_apply, "critic")):
+            np.testing.assert_allclose(apply(params[net], x)[0], apply(before[net], x)[0], atol=1e-4)
+    # recycled units are alive again on the observations
+    assert np.all(np.asarray(ant_ppo.hidden_features(params, obs)[0])[:, :2].max(0) > 0)
+    # not due: nothing changes
+    for a, b in zip(jax.tree.leaves((idle_params, idle_state)), jax.tree.leaves((before, opt_before))):
+        np.testing.assert_array_equal(a, b)
+
+
 # 16 samples of 16 units, each unit on its own scale, so the two utilities rank units differently.
 CBP_HIDDEN = np.asarray(jax.random.uniform(jax.random.key(2), (16, 16)) * jnp.linspace(0.5, 2.0, 16)[::-1]
                         + 0.3 * jnp.arange(16))
@@ -612,9 +782,15 @@ def test_cbp_replaces_units(utility, cbp_steps):
     (dict(num_envs=3), "multiple of --num-envs"),
     (dict(change_every=30), "--change-every"),
     (dict(agent="bp", er_lr=(1e-3,)), "--er-lr does not apply to agent bp \\(only er, l2-er\\)"),
-    (dict(agent="bp", weight_decay=(1e-3,)), "--weight-decay does not apply to agent bp \\(only l2, l2-er, cbp\\)"),
+    (dict(agent="bp", weight_decay=(1e-3,)),
+     "--weight-decay does not apply to agent bp \\(only l2, l2-er, cbp, layernorm-l2\\)"),
     (dict(agent="l2", replacement_rate=1e-4), "--replacement-rate does not apply to agent l2"),
     (dict(agent="er", decay_rate=0.9), "--decay-rate does not apply to agent er"),
+    (dict(agent="bp", spectral_lambda=1e-3), "--spectral-lambda does not apply to agent bp \\(only spectral-reg\\)"),
+    (dict(agent="l2", layer_norm=True), "--layer-norm does not apply to agent l2 \\(only layernorm-l2\\)"),
+    (dict(agent="spectral-reg", redo_tau=0.1), "--redo-tau does not apply to agent spectral-reg \\(only redo\\)"),
+    (dict(agent="spectral-reg", power_iters=0), "--power-iters >= 1"),
+    (dict(agent="redo", redo_every=0), "--redo-every >= 1"),
     (dict(agent="nope"), "unknown agent"),
     (dict(total_steps=10), "--total-steps"),
     (dict(fixed_friction=0.0), "--fixed-friction"),

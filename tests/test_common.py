@@ -11,7 +11,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import common
