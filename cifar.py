@@ -14,11 +14,19 @@ The agents are the table `AGENTS` below (Table 6's fixed-lr best values, Table 5
 one): bp; l2 weight decay 1e-4 (coupled: added to the gradient); er ER lr 1e-4, --er-batch 5; l2-er weight
 decay 1e-3, ER lr 1e-3; cbp replacement rate 1e-6, maturity 100, decay 0.99; snp noise 1e-5 (Table 5); snp-l2
 noise 1e-5 + L2's weight decay 1e-4 (the paper gives none); reset: a freshly initialized network, BatchNorm
-statistics and optimizer at every task. Seeds (--seeds) and swept values (--lr, --weight-decay, --er-lr) are
-"members" trained together: --member-batching map (auto's choice on one CPU device) calls one compiled
-single-member program per member, vmap (auto's choice elsewhere) batches them in one program (measured 2.2x
-slower per seed than one member after another for this ResNet on an H100: pass map there). Each jitted call
-runs --call-steps minibatch steps per member, so Ctrl-C stops within one call and --resume continues.
+statistics and optimizer at every task. Beyond the paper's table: layernorm-l2 and spectral-reg as the authors'
+later runs (their code; lr 1e-2 for both): LayerNorm (scale 1, shift 0, eps 1e-6) before the ReLU of the two
+dense layers only (the trunk keeps BatchNorm, the head has none) + coupled L2 1e-4 on every parameter, LayerNorm
+and BatchNorm scales included / lambda 1e-2 x (sum over every kernel, convs as (kh*kw*in, out) and the head
+included, of (sigma_max^2 - 2)^2 by 10 power iterations from fixed vectors + squared biases and BatchNorm shifts
++ (BatchNorm scale - 1)^2; running statistics not), no weight decay (--spectral-persistent True --power-iters 1:
+our cheaper variant); redo: ReDo (Sokar et al. 2023) every 1000 minibatch steps of a task with tau 0.025 (no source
+gives values for CIFAR; ours, from our pMNIST sweep) at BP's learning rate. Seeds (--seeds) and swept values
+(--lr, --weight-decay, --er-lr) are "members" trained together: --member-batching map (auto's choice on one CPU
+device) calls one compiled single-member program per member, vmap (auto's choice elsewhere) batches them in
+one program (measured 2.2x slower per seed than one member after another for this ResNet on an H100: pass map
+there). Each jitted call runs --call-steps minibatch steps per member, so Ctrl-C stops within one call and
+--resume continues.
 
 Choices where the paper is silent or the sources disagree:
 - Input (the authors' code, on which Table 6's learning rates were tuned): pixels scaled to [0, 1], nothing
@@ -37,6 +45,11 @@ Choices where the paper is silent or the sources disagree:
   incoming weights from its layer's init, bias 0, zero outgoing weights, BatchNorm scale 1, shift 0, running
   mean 0 and variance 1, and zero optimizer state for all of these. Residual-stream channels (stem, second
   convs, skips) are not replaced.
+- ReDo (Sokar et al. score mean|h_i| / layer mean, on post-ReLU outputs, a conv channel over all positions): on
+  the step's minibatch with the updated parameters (BatchNorm on its batch statistics), recycling CBP's units
+  the same way (fresh incoming weights, zero outgoing weights, BatchNorm and running statistics reset, momentum
+  zeroed). A residual-stream channel feeds later layers through identity paths as well as kernels, so it has no
+  one outgoing kernel to zero; it is not recycled. The head is never recycled.
 - --precision default lets GPUs use TF32 tensor cores for float32 convolutions and matmuls (as PyTorch does for
   convolutions); highest forces full float32 products.
 
@@ -49,9 +62,9 @@ of the same shapes (timing only).
 Outputs (run directory runs/cifar__<agent>__<UTC time>/ or --out-dir):
 - metrics.npz, axes [config, seed, task]: test_acc, test_loss (all test images of the seen classes, BatchNorm
   in eval mode); train_acc, train_loss (mean over the last epoch's minibatches, each measured before its
-  update); param_norm; dead_units and effective_rank [config, seed, task, 2] (the two dense layers, on up to
-  --feature-samples 2000 test images of the seen classes, eval mode); diverged [config, seed]; class_order
-  [config, seed, 100].
+  update; the cross-entropy only, no penalty); param_norm; dead_units and effective_rank [config, seed, task,
+  2] (the two dense layers, on up to --feature-samples 2000 test images of the seen classes, eval mode);
+  diverged [config, seed]; class_order [config, seed, 100].
 - hessian.npz (--hessian-every K; Fig. 13 used 1): tasks (0-based) and init_/end_ nodes and weights [config,
   seed, K', probes, lanczos_iters (16, the paper's for CIFAR)]: SLQ of the masked cross-entropy (no L2 or ER
   term) on --hessian-samples (2000) training images of the task's newly added classes, BatchNorm in eval mode
@@ -91,7 +104,9 @@ import hessian
 # The agents (App. D and I; Table 6 "Fixed LR Best" with lr 0.01, Table 5's settings). An agent is its entry: the
 # hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
 # weight_decay -> coupled L2, er_lr -> the ER step, replacement_rate -> continual backprop (Dohare et al. 2024),
-# perturb_scale -> Shrink & Perturb (Ash & Adams 2020), reset -> a fresh network at every task (no flag).
+# perturb_scale -> Shrink & Perturb (Ash & Adams 2020), reset -> a fresh network at every task (no flag),
+# layer_norm -> LayerNorm before the two dense layers' ReLU (no flag), spectral_lambda -> the spectral penalty
+# (Lewandowski et al. 2024), redo_tau -> ReDo (Sokar et al. 2023).
 AGENTS = {
     "bp": {},
     "l2": dict(weight_decay=1e-4),
@@ -101,6 +116,12 @@ AGENTS = {
     "snp": dict(perturb_scale=1e-5),
     "snp-l2": dict(perturb_scale=1e-5, weight_decay=1e-4),  # the paper gives no weight decay for it: L2's
     "reset": dict(reset=True),
+    # The authors' later runs (their code; lr 1e-2 for both): LayerNorm in the dense head + L2 on every parameter;
+    # the spectral penalty with sigma_max^2 pulled to 2, 10 power iterations from fixed vectors, no weight decay.
+    "layernorm-l2": dict(layer_norm=True, weight_decay=1e-4),
+    "spectral-reg": dict(spectral_lambda=1e-2, spectral_k=2.0, spectral_target=2.0, power_iters=10,
+                         spectral_persistent=False),
+    "redo": dict(redo_tau=0.025, redo_every=1000),  # Sokar et al. 2023; no source value: our pMNIST sweep's
 }
 SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 
@@ -141,6 +162,20 @@ class Args:
     """CBP utility (Dohare et al.): contribution (their config for this benchmark) or adaptable_contribution"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb: snp, snp-l2; Table 5: 1e-5)"""
+    spectral_lambda: float | None = None
+    """weight of the spectral penalty: sum over kernels of (sigma_max^k - target)^2, plus squared biases and (BatchNorm scale - 1)^2 (Lewandowski et al. 2024; default: the authors' chosen 1e-2)"""
+    spectral_k: float | None = None
+    """power of sigma_max in the spectral penalty (the authors: 2)"""
+    spectral_target: float | None = None
+    """target of sigma_max^k (the authors: 2; Lewandowski et al.'s "close to one": 1)"""
+    power_iters: int | None = None
+    """power iterations per kernel and step for sigma_max, from a fixed start vector (the authors: 10)"""
+    spectral_persistent: bool | None = None
+    """start each step's power iterations from the last step's vectors (carried in the state) instead of the fixed ones; with --power-iters 1 it costs ~1/10 (our option, not the authors')"""
+    redo_tau: float | None = None
+    """ReDo: recycle units whose score mean|h_i| / (layer mean of mean|h_k|) is <= tau (our choice, from pMNIST's sweep; no source gives one for CIFAR)"""
+    redo_every: int | None = None
+    """ReDo: score and recycle every K minibatch steps of a task, on that step's minibatch (our choice, from pMNIST's sweep)"""
     width: int = 64
     """channels of the stem and first stage (stages use 1x, 2x, 4x, 8x); 64 is the paper's ResNet-18"""
     dense_width: int = 512
@@ -285,7 +320,8 @@ def conv_bn_apply(p, s, x, stride, train):
 
 def forward(params, stats, x, train):
     """x: float [N, 32, 32, 3] in [0, 1]. Returns (logits [N, 100], new stats, activations) where activations
-    holds each block's inner post-ReLU channels ("blocks", CBP's conv units) and the dense features ("dense")."""
+    holds each block's inner post-ReLU channels ("blocks", CBP's and ReDo's conv units) and the dense features
+    ("dense")."""
     relu = jax.nn.relu
     new_stats = {"blocks": []}
     h, new_stats["stem"] = conv_bn_apply(params["stem"], stats["stem"], x, 1, train)
@@ -303,11 +339,16 @@ def forward(params, stats, x, train):
             skip, ns["skip"] = conv_bn_apply(p["skip"], s["skip"], h, stride, train)
         h = relu(b + skip)
         new_stats["blocks"].append(ns)
+    dense = []
     h = jnp.mean(h, axis=(1, 2))
-    d1 = relu(h @ params["dense1"]["w"] + params["dense1"]["b"])
-    d2 = relu(d1 @ params["dense2"]["w"] + params["dense2"]["b"])
-    logits = d2 @ params["head"]["w"] + params["head"]["b"]
-    return logits, new_stats, {"blocks": inner, "dense": [d1, d2]}
+    for p in (params["dense1"], params["dense2"]):
+        h = h @ p["w"] + p["b"]
+        if "scale" in p:  # layernorm-l2: LayerNorm before the ReLU (the authors' CIFAR runs: the dense head only)
+            h = common.layer_norm(h, p["scale"], p["shift"])
+        h = relu(h)
+        dense.append(h)
+    logits = h @ params["head"]["w"] + params["head"]["b"]
+    return logits, new_stats, {"blocks": inner, "dense": dense}
 
 
 def masked_loss_acc(logits, labels, seen):
@@ -337,7 +378,7 @@ def steps_per_epoch(args, per_class, task):
 
 
 def cbp_layer_sizes(params):
-    """Units of CBP's layers: each block's inner channels, then the two dense layers."""
+    """Units of CBP's and ReDo's layers: each block's inner channels, then the two dense layers."""
     return ([b["a"]["conv"]["w"].shape[-1] for b in params["blocks"]]
             + [params[name]["w"].shape[1] for name in ("dense1", "dense2")])
 
@@ -361,17 +402,34 @@ def make_train(args, agent, ds):
     def init(seed, task):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), INIT_STREAM), task)
         params, stats = init_net(key, args.width, args.dense_width)
+        if agent.get("layer_norm"):  # LayerNorm's scale 1 and shift 0 in the two dense layers, none in the head
+            n = args.dense_width
+            params = {**params, **{name: {**params[name], "scale": jnp.ones(n), "shift": jnp.zeros(n)}
+                                   for name in ("dense1", "dense2")}}
         zero = jnp.zeros(())
         state = {"params": params, "stats": stats, "opt": optimizer({"lr": 0.0, "weight_decay": 0.0}).init(params),
                  "train_acc": zero, "train_loss": zero, "acc_sum": zero, "loss_sum": zero}
+        if agent.get("spectral_persistent"):
+            state["spectral_v"] = common.spectral_starts(params)
         if "replacement_rate" in agent:
             state["cbp"] = [common.cbp_init(n) for n in cbp_layer_sizes(params)]
         return state
 
-    def loss_fn(params, stats, x, y, seen):
+    def loss_fn(params, stats, x, y, seen, starts):
+        """The minibatch's mean masked cross-entropy, plus spectral-reg's penalty; returns (objective, (cross-entropy,
+        new BatchNorm statistics, activations, accuracy, the power iterations' last vectors))."""
         logits, new_stats, acts = forward(params, stats, x, True)
         loss, correct = masked_loss_acc(logits, y, seen)
-        return jnp.mean(loss), (new_stats, acts, jnp.mean(correct))
+        loss = objective = jnp.mean(loss)
+        vectors = None
+        if "spectral_lambda" in agent:
+            # `params` holds exactly what the penalty covers: kernels "w" (convs as (kh*kw*in, out), the head too),
+            # biases "b" and BatchNorm shifts "bias" (squared), BatchNorm scales "scale" (pulled to 1). BatchNorm's
+            # running statistics live in `stats`, outside it, so they are not penalized.
+            penalty, vectors = common.spectral_penalty(params, agent["spectral_k"], agent["spectral_target"],
+                                                       agent["power_iters"], starts)
+            objective = loss + agent["spectral_lambda"] * penalty
+        return objective, (loss, new_stats, acts, jnp.mean(correct), vectors)
 
     def er_step(params, stats, data, order, b, er_lr):
         """ER ascent (App. D; the authors' code) on the images of the epoch's last er_batch minibatches,
@@ -380,18 +438,21 @@ def make_train(args, agent, ds):
         x = data["x_train"][window].astype(jnp.float32) / 255.0
         return common.er_ascent(params, lambda p, x: forward(p, stats, x, True)[2]["dense"], x, er_lr)[0]
 
-    def sgd_step(state, hp, data, seen, order, epoch_key, b):
-        """Minibatch b of an epoch: an SGD step (momentum, coupled L2) on the masked cross-entropy, then Shrink &
-        Perturb's noise, continual backprop, and after every er_batch-th minibatch of the epoch the ER step."""
+    def sgd_step(state, hp, data, seen, order, epoch_key, b, task_step):
+        """Minibatch b of an epoch (the task's minibatch step task_step): an SGD step (momentum, coupled L2) on the
+        masked cross-entropy (+ the spectral penalty), then Shrink & Perturb's noise, continual backprop, after
+        every er_batch-th minibatch of the epoch the ER step, and after every redo_every-th step of the task ReDo."""
         idx = jax.lax.dynamic_slice(order, (b * B,), (B,))
-        (loss, (stats, acts, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["stats"], data["x_train"][idx].astype(jnp.float32) / 255.0, data["y_train"][idx],
-            seen)
+        x = data["x_train"][idx].astype(jnp.float32) / 255.0
+        (_, (loss, stats, acts, acc, vectors)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["stats"], x, data["y_train"][idx], seen, state.get("spectral_v"))
         opt = optimizer(hp)
         updates, opt_state = opt.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         step_key = jax.random.fold_in(epoch_key, b)
         state = {**state, "loss_sum": state["loss_sum"] + loss, "acc_sum": state["acc_sum"] + acc}
+        if "spectral_v" in state:  # --spectral-persistent: the next step starts from these vectors
+            state["spectral_v"] = vectors
         if "perturb_scale" in agent:
             params = common.shrink_perturb(params, jax.random.fold_in(step_key, 0), agent["perturb_scale"])
         if "replacement_rate" in agent:
@@ -400,15 +461,22 @@ def make_train(args, agent, ds):
         if "er_lr" in agent:
             params = jax.lax.cond((b + 1) % agent["er_batch"] == 0,
                                   lambda p: er_step(p, stats, data, order, b, hp["er_lr"]), lambda p: p, params)
+        if "redo_tau" in agent:  # ReDo on this minibatch's images, scored with the updated parameters
+            params, stats, opt_state = jax.lax.cond(
+                (task_step + 1) % agent["redo_every"] == 0,
+                lambda p, s, o: redo_step(agent, opt, p, s, o, x, jax.random.fold_in(step_key, 2)),
+                lambda p, s, o: (p, s, o), params, stats, opt_state)
         return {**state, "params": params, "stats": stats, "opt": opt_state}
 
-    def train_epoch(state, hp, data, seen, epoch_key, lo, hi, steps):
-        """Minibatches lo .. hi - 1 of an epoch; at its end, its mean training loss and accuracy."""
+    def train_epoch(state, hp, data, seen, epoch_key, lo, hi, steps, first_step):
+        """Minibatches lo .. hi - 1 of an epoch whose minibatch 0 is the task's step first_step; at its end, its
+        mean training loss and accuracy."""
         # A random order of the seen images: unseen ones get keys above every seen one, so they sort last.
         y = data["y_train"]
         order = jnp.argsort(jnp.where(seen[y], jax.random.uniform(epoch_key, y.shape), 2.0))
         state = {**state, **{k: jnp.where(lo == 0, 0.0, state[k]) for k in ("loss_sum", "acc_sum")}}
-        state = jax.lax.fori_loop(lo, hi, lambda b, s: sgd_step(s, hp, data, seen, order, epoch_key, b), state)
+        state = jax.lax.fori_loop(lo, hi, lambda b, s: sgd_step(s, hp, data, seen, order, epoch_key, b,
+                                                                first_step + b), state)
         done = hi == steps
         return {**state, "train_loss": jnp.where(done, state["loss_sum"] / steps, state["train_loss"]),
                 "train_acc": jnp.where(done, state["acc_sum"] / steps, state["train_acc"])}
@@ -420,7 +488,7 @@ def make_train(args, agent, ds):
 
         def epoch(e, state):  # the call's steps that fall in epoch e
             lo, hi = jnp.clip(first - e * steps, 0, steps), jnp.clip(first + count - e * steps, 0, steps)
-            return train_epoch(state, hp, data, seen, jax.random.fold_in(train_key, e), lo, hi, steps)
+            return train_epoch(state, hp, data, seen, jax.random.fold_in(train_key, e), lo, hi, steps, e * steps)
 
         return jax.lax.fori_loop(first // steps, (first + count - 1) // steps + 1, epoch, state)
 
@@ -489,18 +557,49 @@ def make_train(args, agent, ds):
     return init, train, evaluate, spectrum, calls, hessian_images
 
 
-def cbp_step(agent, opt, params, stats, opt_state, cbp, acts, key):
-    """Continual backprop by channel (Dohare et al.): each block's inner conv channels (conv a -> BN -> ReLU,
-    outgoing weights in conv b) and both dense layers. A replaced channel also gets its BatchNorm scale 1,
-    shift 0, running mean 0 and variance 1; the optimizer state of every replaced entry is zeroed. Fresh
-    incoming weights have the layer's init distribution (`predrawn_init`): all ten layers' candidates come
-    from one draw of a standard truncated normal, since ten random-number kernels compiled ~10 s slower (CPU)."""
-    num_blocks = len(params["blocks"])
+def unit_inits(params, key):
+    """The init (`predrawn_init`) of the incoming kernel of each unit layer (`cbp_layer_sizes`' order): all ten
+    layers' candidates come from one draw of a standard truncated normal, since ten random-number kernels
+    compiled ~10 s slower (CPU)."""
     shapes = [b["a"]["conv"]["w"].shape for b in params["blocks"]]
     shapes += [params[name]["w"].shape for name in ("dense1", "dense2")]
     sizes = [math.prod(shape) for shape in shapes]
     standard = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),))
-    inits = [predrawn_init(standard[o:o + n]) for o, n in zip(np.cumsum([0] + sizes), sizes)]
+    return [predrawn_init(standard[o:o + n]) for o, n in zip(np.cumsum([0] + sizes), sizes)]
+
+
+def replace_units(params, stats, masks, i, idx, valid, key, init):
+    """Re-initialize units idx[valid] of unit layer i (`cbp_layer_sizes`' order), in place (pass fresh
+    containers): incoming weights from `init`, bias 0, outgoing weights 0 (the network's output is unchanged); a
+    block's inner channel also gets BatchNorm scale 1, shift 0, running mean 0 and variance 1. `masks`
+    (params-shaped, 1 = kept) gets 0 at every replaced entry, to zero their optimizer state."""
+    num_blocks = len(params["blocks"])
+    if i < num_blocks:
+        p, m = params["blocks"][i], masks["blocks"][i]
+        (p["a"]["conv"]["w"], p["a"]["conv"]["b"], p["b"]["conv"]["w"], m["a"]["conv"]["w"],
+         keep, m["b"]["conv"]["w"]) = common.cbp_replace(key, p["a"]["conv"]["w"], p["a"]["conv"]["b"],
+                                                         p["b"]["conv"]["w"], idx, valid, out_unit_axis=2, init=init)
+        m["a"]["conv"]["b"] = m["a"]["bn"]["scale"] = m["a"]["bn"]["bias"] = keep
+        p["a"]["bn"]["scale"] = p["a"]["bn"]["scale"] * keep + (1 - keep)
+        p["a"]["bn"]["bias"] = p["a"]["bn"]["bias"] * keep
+        s = stats["blocks"][i]["a"]
+        s["mean"], s["var"] = s["mean"] * keep, s["var"] * keep + (1 - keep)
+    else:
+        name, nxt = ("dense1", "dense2") if i == num_blocks else ("dense2", "head")
+        params[name]["w"], params[name]["b"], params[nxt]["w"], keep_in, keep_b, keep_out = common.cbp_replace(
+            key, params[name]["w"], params[name]["b"], params[nxt]["w"], idx, valid, init=init)
+        # dense2's incoming weights are also dense1's outgoing ones: masks multiply
+        masks[name]["w"], masks[name]["b"] = masks[name]["w"] * keep_in, masks[name]["b"] * keep_b
+        masks[nxt]["w"] = masks[nxt]["w"] * keep_out
+
+
+def cbp_step(agent, opt, params, stats, opt_state, cbp, acts, key):
+    """Continual backprop by channel (Dohare et al.): each block's inner conv channels (conv a -> BN -> ReLU,
+    outgoing weights in conv b) and both dense layers, replaced by `replace_units` (a replaced channel also gets
+    its BatchNorm scale 1, shift 0, running mean 0 and variance 1); the optimizer state of every replaced entry
+    is zeroed. Fresh incoming weights have the layer's init distribution (`unit_inits`)."""
+    num_blocks = len(params["blocks"])
+    inits = unit_inits(params, key)
     params = jax.tree.map(lambda x: x, params)  # fresh containers, safe to update in place
     stats = jax.tree.map(lambda x: x, stats)
     masks = jax.tree.map(jnp.ones_like, params)
@@ -510,30 +609,42 @@ def cbp_step(agent, opt, params, stats, opt_state, cbp, acts, key):
     for i, size in enumerate(cbp_layer_sizes(params)):
         max_replace = common.cbp_max_replace(agent["replacement_rate"], size)
         if i < num_blocks:
-            p, m = params["blocks"][i], masks["blocks"][i]
+            p = params["blocks"][i]
             state, idx, valid = common.cbp_select(cbp[i], acts["blocks"][i], p["b"]["conv"]["w"],
                                                   w_in=p["a"]["conv"]["w"], max_replace=max_replace,
                                                   out_unit_axis=2, **hp)
-            (p["a"]["conv"]["w"], p["a"]["conv"]["b"], p["b"]["conv"]["w"], m["a"]["conv"]["w"],
-             keep, m["b"]["conv"]["w"]) = common.cbp_replace(key, p["a"]["conv"]["w"], p["a"]["conv"]["b"],
-                                                             p["b"]["conv"]["w"], idx, valid, out_unit_axis=2,
-                                                             init=inits[i])
-            m["a"]["conv"]["b"] = m["a"]["bn"]["scale"] = m["a"]["bn"]["bias"] = keep
-            p["a"]["bn"]["scale"] = p["a"]["bn"]["scale"] * keep + (1 - keep)
-            p["a"]["bn"]["bias"] = p["a"]["bn"]["bias"] * keep
-            s = stats["blocks"][i]["a"]
-            s["mean"], s["var"] = s["mean"] * keep, s["var"] * keep + (1 - keep)
         else:
             name, nxt = ("dense1", "dense2") if i == num_blocks else ("dense2", "head")
             state, idx, valid = common.cbp_select(cbp[i], acts["dense"][i - num_blocks], params[nxt]["w"],
                                                   w_in=params[name]["w"], max_replace=max_replace, **hp)
-            params[name]["w"], params[name]["b"], params[nxt]["w"], keep_in, keep_b, keep_out = common.cbp_replace(
-                key, params[name]["w"], params[name]["b"], params[nxt]["w"], idx, valid, init=inits[i])
-            # dense2's incoming weights are also dense1's outgoing ones: masks multiply
-            masks[name]["w"], masks[name]["b"] = masks[name]["w"] * keep_in, masks[name]["b"] * keep_b
-            masks[nxt]["w"] = masks[nxt]["w"] * keep_out
+        replace_units(params, stats, masks, i, idx, valid, key, inits[i])
         new_cbp.append(state)
     return params, stats, common.mask_opt_state(opt, opt_state, masks), new_cbp
+
+
+def redo_step(agent, opt, params, stats, opt_state, x, key):
+    """ReDo (Sokar et al. 2023) on the images x (float [n, 32, 32, 3]): score every unit with `common.dormant_units`
+    on its post-ReLU output (a conv channel over all images and positions; BatchNorm on x's batch statistics, as
+    in training, running statistics untouched), all layers on one forward pass, then recycle every unit with
+    score <= redo_tau by `replace_units`: incoming weights from the layer's init, bias 0, outgoing weights 0 (the
+    network's output is unchanged), zero optimizer state (momentum), and for a conv channel BatchNorm scale 1,
+    shift 0, running mean 0 and variance 1. The head is never recycled.
+    Which units (our choice; ReDo's nets have no residual connections): a channel of the residual stream (stem,
+    each block's second conv, the 1x1 skips) is summed with others and reaches later layers through identity
+    paths too, so it has no one outgoing kernel to zero. We recycle only units whose outgoing weights are one
+    kernel: each block's inner channels (conv a -> BN -> ReLU, read only by the block's conv b: their outgoing
+    weights are conv b's input channels) and the units of the two dense layers (rows of dense2's and the head's
+    kernels), the same units as this script's CBP."""
+    acts = forward(params, stats, x, True)[2]
+    features = acts["blocks"] + acts["dense"]
+    inits = unit_inits(params, key)
+    params = jax.tree.map(lambda v: v, params)  # fresh containers, safe to update in place
+    stats = jax.tree.map(lambda v: v, stats)
+    masks = jax.tree.map(jnp.ones_like, params)
+    for i, h in enumerate(features):
+        dormant = common.dormant_units(h, agent["redo_tau"])
+        replace_units(params, stats, masks, i, jnp.arange(dormant.shape[0]), dormant, key, inits[i])
+    return params, stats, common.mask_opt_state(opt, opt_state, masks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -565,7 +676,11 @@ def resolve(args):
               (agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
                f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {agent.get('cbp_utility')!r}"),
               (0 <= agent.get("replacement_rate", 0) < 1 and agent.get("perturb_scale", 0) >= 0,
-               "--replacement-rate must be in [0, 1) and --perturb-scale >= 0")]
+               "--replacement-rate must be in [0, 1) and --perturb-scale >= 0"),
+              (agent.get("power_iters", 1) >= 1 and agent.get("spectral_lambda", 0) >= 0,
+               "--power-iters must be >= 1 and --spectral-lambda >= 0"),
+              (agent.get("redo_every", 1) >= 1 and agent.get("redo_tau", 0) >= 0,
+               "--redo-every must be >= 1 and --redo-tau >= 0")]
     for ok, message in checks:
         if not ok:
             common.fail(message)

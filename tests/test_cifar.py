@@ -1,6 +1,7 @@
 """cifar.py: the CIFAR-100 loader (data.py) on small archives in the official formats, the ResNet's BatchNorm and
-masked logits, continual backprop by channel, every agent end to end on a tiny network, RESET, member batching,
-resume, and Ctrl-C / SIGTERM in the middle of a task."""
+masked logits, continual backprop by channel, LayerNorm in layernorm-l2's dense head, spectral-reg's penalty,
+ReDo's recycling, every agent end to end on a tiny network, RESET, member batching, resume, and Ctrl-C / SIGTERM
+in the middle of a task."""
 import io
 import math
 import os
@@ -281,6 +282,12 @@ def agent_runs(tmp_path_factory, data_dir, bp_alone):
             extra = {"er_lr": (1e-2,)}
         if agent == "snp":
             extra = {"perturb_scale": 1e-3}
+        # ReDo every 2 steps, so that it acts in these 15; the persistent power iteration (1 per step: compiles
+        # faster than 10) carries its vectors through main's calls and checkpoints.
+        if agent == "redo":
+            extra = {"redo_every": 2}
+        if agent == "spectral-reg":
+            extra = {"spectral_persistent": True, "power_iters": 1}
         results[agent] = run(out, agent, agent=agent, data_dir=data_dir, **extra)
     with np.load(out / "l2" / "hessian.npz") as h:
         results["l2-hessian"] = {k: h[k] for k in h.files}
@@ -302,7 +309,7 @@ def test_every_agent_runs(agent_runs):
     np.testing.assert_allclose(h["end_weights"].sum(-1), 1.0, rtol=1e-4)
     assert np.all(np.isfinite(h["init_nodes"])) and not np.allclose(h["init_nodes"], h["end_nodes"])
     # The regularizers change the results; RESET differs from BP only from the second task on.
-    for agent in ("l2", "er", "cbp", "snp"):
+    for agent in ("l2", "er", "cbp", "snp", "layernorm-l2", "spectral-reg", "redo"):
         assert not np.allclose(results[agent]["param_norm"], results["bp"]["param_norm"]), agent
     for k in KEYS:
         np.testing.assert_array_equal(results["reset"][k][:, :, 0], results["bp"][k][:, :, 0], err_msg=k)
@@ -359,6 +366,155 @@ def test_cbp_replaces_channels_with_their_batchnorm_and_optimizer_state(data_dir
 @pytest.fixture(scope="module")
 def bp_member(data_dir):
     return one_member(data_dir, agent="bp")
+
+
+def leaf_names(tree):
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_layernorm_only_in_layernorm_l2_dense_head(tiny_net, data_dir):
+    """layernorm-l2 (the authors' CIFAR runs): LayerNorm (scale 1, shift 0, eps 1e-6) before the ReLU of the two
+    dense layers only; the trunk keeps its BatchNorm, the head has none; coupled L2 decays every parameter, the
+    LayerNorm scales too."""
+    assert [a for a, entry in cifar.AGENTS.items() if entry.get("layer_norm")] == ["layernorm-l2"]
+    (init, train, _, _), m = one_member(data_dir, agent="layernorm-l2")
+    state = init(m["seed"], 0)
+    params = state["params"]
+    added = {f"['{name}']['{leaf}']" for name in ("dense1", "dense2") for leaf in ("scale", "shift")}
+    assert leaf_names(params) == leaf_names(tiny_net[0]) | added
+    for name in ("dense1", "dense2"):
+        np.testing.assert_array_equal(params[name]["scale"], 1.0)
+        np.testing.assert_array_equal(params[name]["shift"], 0.0)
+    # Placement and formula: dense2's features are ReLU(LayerNorm(d1 W + b) x scale + shift), the logits a plain
+    # affine map of them; LayerNorm makes both dense layers' features blind to the scale of their pre-activations.
+    _, stats, x = tiny_net
+    params = {**params, "dense2": {**params["dense2"], "scale": jnp.full(16, 2.0), "shift": jnp.full(16, 0.5)}}
+    logits, _, acts = forward(params, stats, x, False)
+    d1, d2 = (np.asarray(a, np.float64) for a in acts["dense"])
+    z = d1 @ np.asarray(params["dense2"]["w"], np.float64) + np.asarray(params["dense2"]["b"], np.float64)
+    z = (z - z.mean(1, keepdims=True)) / np.sqrt(z.var(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(d2, np.maximum(2.0 * z + 0.5, 0.0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, d2 @ params["head"]["w"] + params["head"]["b"], rtol=1e-4, atol=1e-5)
+    scaled = {**params, **{n: {**params[n], "w": 3 * params[n]["w"], "b": 3 * params[n]["b"]}
+                           for n in ("dense1", "dense2")}}
+    for a, b in zip(acts["dense"], forward(scaled, stats, x, False)[2]["dense"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    plain = tiny_net[0]  # bp's network: no LayerNorm, so dense1's features scale with its weights
+    plain_scaled = {**plain, "dense1": {k: 3 * v for k, v in plain["dense1"].items()}}
+    np.testing.assert_allclose(forward(plain_scaled, stats, x, False)[2]["dense"][0],
+                               3 * forward(plain, stats, x, False)[2]["dense"][0], rtol=1e-4, atol=1e-5)
+    # One step with weight decay 1e-4 and one without (the same program): the momentum (= the first step's
+    # gradient) differs by 1e-4 x every parameter, LayerNorm and BatchNorm scales included.
+    assert cifar.AGENTS["layernorm-l2"]["weight_decay"] == 1e-4 and np.isclose(m["hp"]["weight_decay"], 1e-4)
+    decayed = train(state, m["hp"], m["seed"], m["classes"], m["data"], 0, 0, 1)["opt"][1][0].trace
+    plain_hp = {**m["hp"], "weight_decay": jnp.float32(0.0)}
+    undecayed = train(state, plain_hp, m["seed"], m["classes"], m["data"], 0, 0, 1)["opt"][1][0].trace
+    jax.tree.map(lambda a, b, p: np.testing.assert_allclose(a - b, 1e-4 * p, rtol=1e-3, atol=1e-7),  # float32
+                 decayed, undecayed, state["params"])
+    for name in ("dense1", "dense2"):
+        np.testing.assert_allclose(decayed[name]["scale"] - undecayed[name]["scale"], 1e-4, rtol=1e-3)
+
+
+def test_spectral_reg_penalizes_parameters_not_batchnorm_statistics(data_dir, bp_member):
+    """spectral-reg's first step against bp's from the same state: the momentum (= the step's gradient) differs by
+    lambda x the penalty's gradient: 2 x bias for every bias and BatchNorm shift, 2 x (scale - 1) for every
+    BatchNorm scale, the (sigma_max^2 - 2)^2 term's for every kernel, convs and the head included. BatchNorm's
+    running statistics are not parameters: the step moves them only by their running average, as bp's; the
+    recorded training loss is the cross-entropy alone."""
+    (init, train, _, _), m = one_member(data_dir, agent="spectral-reg", power_iters=1)  # 1: compiles faster
+    (_, bp_train, _, _), _ = bp_member
+    state = init(m["seed"], 0)
+    assert {path[-1].key for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]} == {
+        "w", "b", "scale", "bias"}
+    rng = np.random.default_rng(0)
+
+    def moved(path, x):  # scales away from 1, biases and shifts away from 0: their penalty gradients are not 0
+        if path[-1].key == "w":
+            return x
+        return jnp.asarray(rng.uniform(0.5, 1.5, x.shape) if path[-1].key == "scale" else rng.normal(0, 0.3, x.shape),
+                           jnp.float32)
+
+    params = jax.tree_util.tree_map_with_path(moved, state["params"])
+    stats = jax.tree.map(lambda s: s + 3.0, state["stats"])  # running statistics far from their init
+    state = {**state, "params": params, "stats": stats}
+    after = train(state, m["hp"], m["seed"], m["classes"], m["data"], 0, 0, 1)
+    bp_after = bp_train(state, m["hp"], m["seed"], m["classes"], m["data"], 0, 0, 1)
+    lam = cifar.AGENTS["spectral-reg"]["spectral_lambda"]
+    assert lam == 1e-2
+    diff = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                        after["opt"][1][0].trace, bp_after["opt"][1][0].trace)
+    starts = common.spectral_starts(params)  # the fixed start vectors, one per kernel in leaf order
+    kernels = []
+    for (path, d), p in zip(jax.tree_util.tree_flatten_with_path(diff)[0], jax.tree.leaves(params)):
+        name, where = path[-1].key, jax.tree_util.keystr(path)
+        if name != "w":
+            np.testing.assert_allclose(d, lam * 2 * (np.asarray(p) - (name == "scale")), rtol=1e-3, atol=2e-6,
+                                       err_msg=where)
+            continue
+        kernels.append(where)
+        if where in ("['stem']['conv']['w']", "['head']['w']"):  # a conv, as (3*3*3, width); the output layer
+            g = jax.grad(lambda w: common.spectral_penalty({"w": w}, 2.0, 2.0, 1, [starts[len(kernels) - 1]])[0])(p)
+            np.testing.assert_allclose(d, lam * np.asarray(g), rtol=1e-3, atol=2e-6, err_msg=where)
+        assert np.max(np.abs(d)) > 1e-5, where  # every kernel is pulled
+    assert len(kernels) == 1 + 16 + 3 + 3 and "['head']['w']" in kernels  # stem, block convs, skips, dense, head
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), after["stats"],
+                 bp_after["stats"])
+    np.testing.assert_allclose(after["loss_sum"], bp_after["loss_sum"], rtol=1e-6)
+
+
+def test_redo_recycles_only_dormant_units(tiny_net):
+    """One ReDo step: exactly the dormant units (score <= tau; conv: per channel) are recycled: fresh incoming
+    weights, bias 0, zero outgoing weights and zero momentum for all of these, a conv channel's BatchNorm scale 1,
+    shift 0, running mean 0 and variance 1; everything else is untouched, and the network's outputs are not
+    changed. One block channel and one dense2 unit are made dormant by hand; some dense units of the tiny net
+    are dead from the start."""
+    params, stats, x = tiny_net
+    agent = cifar.AGENTS["redo"]
+    params = jax.tree.map(lambda v: v, params)
+    stats = jax.tree.map(lambda v: v + 0.5, stats)  # running statistics away from their init
+    bn = params["blocks"][3]["a"]["bn"]
+    params["blocks"][3]["a"]["bn"] = {"scale": bn["scale"].at[1].set(0.0), "bias": bn["bias"].at[1].set(-1.0)}
+    params["dense2"] = {**params["dense2"], "b": params["dense2"]["b"].at[5].set(-100.0)}
+    opt = common.sgd(0.01, 0.0, 0.9)
+    opt_state = jax.tree.map(jnp.ones_like, opt.init(params))  # momentum 1 everywhere
+    acts = forward(params, stats, x, True)[2]
+    features = acts["blocks"] + acts["dense"]
+    dormant = [np.flatnonzero(common.dormant_units(h, agent["redo_tau"])) for h in features]
+    assert [len(d) for d in dormant[:8]] == [0, 0, 0, 1, 0, 0, 0, 0] and dormant[3][0] == 1  # BN keeps the rest
+    assert 5 in dormant[9] and len(dormant[8]) > 0
+    new, new_stats, new_opt = jax.jit(lambda *a: cifar.redo_step(agent, opt, *a))(
+        params, stats, opt_state, x, jax.random.key(3))
+    # Which entries may change: a recycled unit's incoming weights, bias, BatchNorm and outgoing weights.
+    keep = jax.tree.map(lambda v: np.ones(v.shape), params)
+    for i, d in enumerate(dormant[:8]):
+        a = keep["blocks"][i]["a"]
+        a["conv"]["w"][..., d] = a["conv"]["b"][d] = a["bn"]["scale"][d] = a["bn"]["bias"][d] = 0
+        keep["blocks"][i]["b"]["conv"]["w"][:, :, d] = 0
+    for name, nxt, d in (("dense1", "dense2", dormant[8]), ("dense2", "head", dormant[9])):
+        keep[name]["w"][:, d] = keep[name]["b"][d] = keep[nxt]["w"][d] = 0
+    jax.tree.map(np.testing.assert_array_equal, new_opt[1][0].trace, keep)  # momentum zeroed exactly there
+    jax.tree.map(lambda a, b, k: np.testing.assert_array_equal(np.where(k == 1, a, 0), np.where(k == 1, b, 0)),
+                 new, params, keep)
+    for i, d in enumerate(dormant[:8]):
+        a, s = new["blocks"][i]["a"], new_stats["blocks"][i]["a"]
+        assert np.all(np.asarray(a["conv"]["w"])[..., d] != np.asarray(params["blocks"][i]["a"]["conv"]["w"])[..., d])
+        for leaf, value in ((a["conv"]["b"], 0.0), (a["bn"]["scale"], 1.0), (a["bn"]["bias"], 0.0), (s["mean"], 0.0),
+                            (s["var"], 1.0)):
+            np.testing.assert_array_equal(np.asarray(leaf)[d], value)
+        np.testing.assert_array_equal(np.asarray(new["blocks"][i]["b"]["conv"]["w"])[:, :, d], 0.0)
+    kept_stats = jax.tree.map(lambda v: v, stats)
+    s = kept_stats["blocks"][3]["a"]
+    s["mean"], s["var"] = s["mean"].at[1].set(0.0), s["var"].at[1].set(1.0)
+    jax.tree.map(np.testing.assert_array_equal, new_stats, kept_stats)  # only the recycled channel's statistics
+    for name, nxt, d in (("dense1", "dense2", dormant[8]), ("dense2", "head", dormant[9])):
+        assert np.all(np.asarray(new[name]["w"])[:, d] != np.asarray(params[name]["w"])[:, d])
+        np.testing.assert_array_equal(np.asarray(new[name]["b"])[d], 0.0)
+    np.testing.assert_array_equal(np.asarray(new["head"]["w"])[dormant[9]], 0.0)
+    rest = np.setdiff1d(np.arange(16), dormant[9])  # dense1's outgoing weights, except into recycled dense2 units
+    np.testing.assert_array_equal(np.asarray(new["dense2"]["w"])[np.ix_(dormant[8], rest)], 0.0)
+    for train in (True, False):  # the recycled units' outputs reach nothing: the outputs stay
+        np.testing.assert_allclose(forward(new, new_stats, x, train)[0], forward(params, stats, x, train)[0],
+                                   rtol=0, atol=1e-4)
 
 
 def test_calls_split_anywhere_equal_one_call(bp_member):
@@ -465,6 +621,9 @@ def test_renamed_flags_and_bad_sizes_fail_in_one_line(tmp_path, data_dir):
     for bad, match in ((dict(agent="bp", er_batch=5), "--er-batch does not apply to agent bp"),
                        (dict(agent="er", er_batch=6), "--er-batch 6 exceeds the 5 minibatches"),
                        (dict(batch_size=51), "--batch-size 51 exceeds the 50 training images"),
-                       (dict(call_steps=0), "--call-steps must be >= 1")):
+                       (dict(call_steps=0), "--call-steps must be >= 1"),
+                       (dict(agent="bp", spectral_k=1.0), "--spectral-k does not apply to agent bp"),
+                       (dict(agent="spectral-reg", power_iters=0), "--power-iters must be >= 1"),
+                       (dict(agent="redo", redo_every=0), "--redo-every must be >= 1")):
         with pytest.raises(SystemExit, match=match):
             run(tmp_path, "bad", data_dir=data_dir, **bad)
