@@ -42,9 +42,9 @@ import data
 import hessian
 import pmnist
 
-SECTIONS = ("pmnist", "er", "hessian", "imagenet", "cifar", "ant")
+SECTIONS = ("pmnist", "er", "hessian", "imagenet", "cifar", "ant", "agents")
 TITLES = {"pmnist": "pMNIST", "er": "ER routes", "hessian": "Hessian", "imagenet": "ImageNet", "cifar": "CIFAR",
-          "ant": "Ant"}
+          "ant": "Ant", "agents": "New agents"}
 NOT_MEASURED = "not measured"
 
 
@@ -102,7 +102,7 @@ PMNIST_RUN = dict(tasks=800, steps=60_000, seeds=5, goal_h=2.0)
 # these are guesses from the CPU compile times of the same programs (CPU seconds: pMNIST bp 7, l2-er 9,
 # spectral-reg 20; MJX Ant PPO chunk 29). --max-minutes stops the run if the guesses are wrong.
 H100_PLAN = {"pmnist": (12, 8, 32), "er": (6, 3, 2), "hessian": (2, 5, 1), "imagenet": (4, 10, 6),
-             "cifar": (3, 25, 20), "ant": (6, 30, 15)}
+             "cifar": (3, 25, 20), "ant": (6, 30, 15), "agents": (9, 22, 27)}
 RESERVE_S = 60  # a measurement starts only this long before the --max-minutes deadline (one slow compile)
 
 
@@ -265,6 +265,10 @@ def pmnist_cached(setups, sizes, agent_name, seeds, ds, **flags):
         else:
             setups[key] = pmnist_setup(sizes, agent_name, seeds, ds, **flags)
     return setups[key]
+
+
+# The agents beyond the paper's table, timed against bp in every benchmark (section "agents"; pMNIST's own).
+NEW_AGENTS = ("layernorm-l2", "spectral-reg", "redo")
 
 
 def bench_pmnist(bench, ds, setups):
@@ -433,7 +437,7 @@ def bare_momentum_train(loss, lr=0.01, momentum=0.9):
     return train
 
 
-def bench_imagenet(bench, ds, setups):
+def bench_imagenet(bench, ds, setups, agents=("bp", "l2-er"), section="imagenet"):
     import imagenet
     sizes = bench.sizes
     impl = "im2col" if jax.default_backend() == "cpu" else "xla"  # imagenet's --conv-impl auto
@@ -444,7 +448,7 @@ def bench_imagenet(bench, ds, setups):
         return imagenet.cross_entropy(imagenet.forward(params, x, impl)[0], y)
 
     train = jax.jit(jax.vmap(bare_momentum_train(loss)))
-    for seeds in (1, sizes.conv_seeds):
+    for seeds in (1, sizes.conv_seeds) if section == "imagenet" else ():
         work = f"baseline: bare ConvNet SGD step (momentum), batch {batch}, {seeds} seed(s) (vmap, {impl})"
         if seeds == 1 and not bench.variant("imagenet", work):
             continue
@@ -455,7 +459,7 @@ def bench_imagenet(bench, ds, setups):
         bench.add("imagenet", f"bare{seeds}", work, seconds, compile_s=compile_s,
                   note=f"{format_seconds(seconds / seeds)} per seed-step")
     seeds = sizes.conv_seeds
-    for agent in ("bp", "l2-er"):
+    for agent in agents:
         args = imagenet.Args(agent=agent, seeds=seeds, epochs=sizes.imagenet_epochs, batch_size=batch,
                              train_per_class=per_class, test_per_class=10, synthetic_data=True)
         resolved, configs = imagenet.resolve(args)
@@ -468,9 +472,9 @@ def bench_imagenet(bench, ds, setups):
         seconds, compile_s = bench.time(call, state, members.hyperparameters(imagenet.SWEPT), members.seeds, 0,
                                         task_data(members.seeds, 0)[0], 0, per=steps_per_call)
         run = IMAGENET_RUN["tasks"] * IMAGENET_RUN["epochs"] * IMAGENET_RUN["steps"] * seconds
-        bench.add("imagenet", f"{agent}{seeds}", f"`imagenet` {agent}, {seeds} seeds ({members.batching}, "
+        bench.add(section, f"{agent}{seeds}", f"`imagenet` {agent}, {seeds} seeds ({members.batching}, "
                   f"{impl}), a call of {count} epoch(s) x {steps_per_call // count} steps",
-                  seconds, baseline=f"bare{seeds}", bp=f"bp{seeds}", compile_s=compile_s,
+                  seconds, baseline=("imagenet", f"bare{seeds}"), bp=("imagenet", f"bp{seeds}"), compile_s=compile_s,
                   full_run=projection(run, IMAGENET_RUN["goal_h"] * 3600, bench.quick) if agent == "l2-er" else "",
                   note=f"{format_seconds(seconds / seeds)} per seed-step"
                   + ("; ER step once per epoch, on its images" if agent == "l2-er" else "")
@@ -500,7 +504,7 @@ def cifar_setup(cifar, sizes, agent, seeds, ds):
                                                          sizes.cifar_steps)
 
 
-def bench_cifar(bench, ds, setups):
+def bench_cifar(bench, ds, setups, agents=("bp", "l2-er"), section="cifar"):
     import cifar
     sizes = bench.sizes
     rng = np.random.default_rng(0)
@@ -521,17 +525,18 @@ def bench_cifar(bench, ds, setups):
     nets = [cifar.init_net(jax.random.key(s), sizes.cifar_width, sizes.cifar_dense) for s in range(seeds)]
     xs = jnp.asarray(rng.random((steps, batch, 32, 32, 3)), jnp.float32)
     ys = jnp.asarray(rng.integers(0, 100, (steps, batch)), jnp.int32)
-    for count in (1, seeds):  # the same compiled single-seed loop, called once per seed
+    for count in (1, seeds) if section == "cifar" else ():  # one compiled single-seed loop, called per seed
         seconds, compile_s = bench.time(lambda: [train(net, xs, ys) for net in nets[:count]], per=steps)
         bench.add("cifar", f"bare{count}", f"baseline: bare ResNet-18 SGD step (momentum; batch statistics "
                   f"only), batch {batch}, {count} seed(s) one after another", seconds, compile_s=compile_s,
                   note=f"{format_seconds(seconds / count)} per seed-step")
     cifar_ds = data.synthetic_cifar100()
-    for agent in ("bp", "l2-er"):
+    for agent in agents:
         resolved, members, state, call = cifar_setup(cifar, sizes, agent, seeds, cifar_ds)
         seconds, compile_s = bench.time(call, state, per=steps)
-        bench.add("cifar", f"{agent}{seeds}", f"`cifar` {agent}, {seeds} seeds ({members.batching}), a call of "
-                  f"{steps} steps", seconds, baseline=f"bare{seeds}", bp=f"bp{seeds}", compile_s=compile_s,
+        bench.add(section, f"{agent}{seeds}", f"`cifar` {agent}, {seeds} seeds ({members.batching}), a call of "
+                  f"{steps} steps", seconds, baseline=("cifar", f"bare{seeds}"), bp=("cifar", f"bp{seeds}"),
+                  compile_s=compile_s,
                   full_run=projection(CIFAR_RUN["steps"] * seconds, CIFAR_RUN["goal_h"] * 3600, bench.quick)
                   if agent == "l2-er" else "",
                   note=f"{format_seconds(seconds / seeds)} per seed-step"
@@ -566,10 +571,10 @@ def bare_ant_rollout(ant_ppo, cfg, vector_steps, fast_compile):
     return jax.jit(rollout, compiler_options={"xla_backend_optimization_level": 0} if fast_compile else None)
 
 
-def bench_ant(bench, ds, setups):
+def bench_ant(bench, ds, setups, agents=None, section="ant"):
     import ant_ppo
     sizes = bench.sizes
-    for seeds in (1, sizes.ant_seeds):
+    for seeds in (1, sizes.ant_seeds) if section == "ant" else ():
         args = ant_args(ant_ppo, sizes, "bp", seeds)
         work = f"baseline: bare MJX Ant physics, random actions, {seeds} seed(s) x {args.num_envs} envs"
         if not bench.variant("ant", work):  # MJX compiles slowly: --quick keeps only the two agents
@@ -581,7 +586,8 @@ def bench_ant(bench, ds, setups):
         rollout = precise(bare_ant_rollout(ant_ppo, cfg, vector_steps, args.fast_compile))
         seconds, compile_s = bench.time(rollout, envs, jax.random.key(1), per=vector_steps * seeds * args.num_envs)
         bench.add("ant", f"bare{seeds}", work, seconds, unit="env-step", compile_s=compile_s)
-    for agent, seeds in (("bp", 1), ("l2-er", 1), ("bp", sizes.ant_seeds), ("l2-er", sizes.ant_seeds)):
+    runs = (("bp", 1), ("l2-er", 1), ("bp", sizes.ant_seeds), ("l2-er", sizes.ant_seeds))
+    for agent, seeds in runs if agents is None else [(agent, sizes.ant_seeds) for agent in agents]:
         args = ant_args(ant_ppo, sizes, agent, seeds)
         work = (f"`ant_ppo` {agent}, {seeds} seed(s), {args.num_envs} envs, {args.updates_per_chunk} update(s) of "
                 f"{args.num_steps} samples")
@@ -595,15 +601,25 @@ def bench_ant(bench, ds, setups):
         seconds, compile_s = bench.time(train, state, hp, members.seeds, jnp.int32(args.updates_per_chunk),
                                         per=env_steps)
         run = ANT_RUN["steps"] * ANT_RUN["seeds"] * seconds
-        bench.add("ant", f"{agent}{seeds}", work, seconds, unit="env-step",
-                  baseline=f"bare{seeds}", bp=f"bp{seeds}", compile_s=compile_s,
+        bench.add(section, f"{agent}{seeds}", work, seconds, unit="env-step",
+                  baseline=("ant", f"bare{seeds}"), bp=("ant", f"bp{seeds}"), compile_s=compile_s,
                   full_run=projection(run, ANT_RUN["goal_h"] * 3600, bench.quick)
                   if (agent, seeds) == ("l2-er", sizes.ant_seeds) else "",
                   note=f"{format_seconds(seconds)} per env-step")
 
 
+def bench_agents(bench, ds, setups):
+    """The agents beyond the paper's table in ImageNet, CIFAR and Ant, against those sections' bp and baselines
+    (pMNIST times them in its own section). Last, so that the paper's rows come first within the time budget."""
+    if not bench.variant("agents", f"`imagenet`, `cifar`, `ant_ppo` {', '.join(NEW_AGENTS)}"):
+        return
+    bench_imagenet(bench, ds, setups, NEW_AGENTS, "agents")
+    bench_cifar(bench, ds, setups, NEW_AGENTS, "agents")
+    bench_ant(bench, ds, setups, NEW_AGENTS, "agents")
+
+
 BENCHES = {"pmnist": bench_pmnist, "er": bench_er, "hessian": bench_hessian, "imagenet": bench_imagenet,
-           "cifar": bench_cifar, "ant": bench_ant}
+           "cifar": bench_cifar, "ant": bench_ant, "agents": bench_agents}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,7 +627,8 @@ BENCHES = {"pmnist": bench_pmnist, "er": bench_er, "hessian": bench_hessian, "im
 # ----------------------------------------------------------------------------------------------------------
 def ratio(bench, row, key):
     """Time per unit of work of `row` over that of the row `key` of its section ("" if either is missing)."""
-    other = None if key is None or row.seconds is None else bench.find(row.section, key)
+    where = key if isinstance(key, tuple) else (row.section, key)  # (section, key): a row of another section
+    other = None if key is None or row.seconds is None else bench.find(*where)
     return f"{row.seconds / other.seconds:.2f}" if other is not None and other.seconds else ""
 
 

@@ -8,6 +8,12 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+# Compiling is most of this suite's time, and many runs compile the same programs again (every run builds its own
+# closures): JAX's persistent compilation cache, shared by the test files, pytest-xdist's workers and the
+# scripts the tests start as subprocesses, compiles each program once. Results do not depend on it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several workers on one GPU
 sys.path.insert(0, str(ROOT))
 
 # Real MNIST lives beside the repository when it is there (../shared/data/mnist); tests that need it skip.

@@ -13,7 +13,9 @@ import pytest
 import bench
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("pMNIST", "ER routes", "Hessian", "ImageNet", "CIFAR", "Ant")
+SECTIONS = ("pMNIST", "ER routes", "Hessian", "ImageNet", "CIFAR", "Ant", "New agents")
+# "New agents" rows compare with the bp and baseline rows of their benchmark's section
+HOME_SECTION = {"`imagenet`": "ImageNet", "`cifar`": "CIFAR", "`ant_ppo`": "Ant"}
 COLUMNS = ("section", "work", "time", "vs baseline", "vs bp", "compile s", "full run (goal)", "note")
 
 
@@ -53,10 +55,9 @@ def seconds_of(cell):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "table.md"
-    # JAX's persistent compilation cache in pytest's cache folder: compiling is most of a quick run (~2.5 CPU
-    # minutes cold), so a second test run takes a fraction of the first; results do not depend on it.
+    # compiling is most of a quick run (~2.5 CPU minutes cold): the subprocess shares the tests' persistent
+    # compilation cache (tests/conftest.py)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax-bench"))
     done = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -79,7 +80,7 @@ def check_table(text):
     assert tuple(c.strip() for c in lines[0].strip("|").split("|")) == COLUMNS
     rows = [dict(zip(COLUMNS, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
     assert all(len(r) == len(COLUMNS) for r in rows)
-    assert tuple(dict.fromkeys(r["section"] for r in rows)) == SECTIONS  # all six, in order
+    assert tuple(dict.fromkeys(r["section"] for r in rows)) == SECTIONS  # all seven, in order
     assert not [r for r in rows if r["note"] == "error"], [r["work"] for r in rows if r["note"] == "error"]
     compared = 0
     for i, r in enumerate(rows):
@@ -94,13 +95,14 @@ def check_table(text):
             assert math.isfinite(value) and value > 0, r
             # the quotient of this row's time and its reference row's, both as printed: the baseline is the
             # nearest baseline row above it (same member count, or none stated), bp the bp row of its count
+            home = HOME_SECTION.get(r["work"].split()[0], r["section"]) if r["section"] == "New agents" else r["section"]
             if column == "vs baseline":
-                references = [o for o in rows[:i][::-1] if o["work"].startswith("baseline: ")
+                references = [o for o in rows[:i][::-1] if o["section"] == home and o["work"].startswith("baseline: ")
                               and seed_count(o["work"]) in (None, seed_count(r["work"]))][:1]
             else:
-                references = [o for o in rows if o["section"] == r["section"] and "` bp," in o["work"]
-                          and seed_count(o["work"]) == seed_count(r["work"])]
-            assert [o for o in references if o["section"] == r["section"]], r
+                references = [o for o in rows if o["section"] == home and "` bp," in o["work"]
+                              and seed_count(o["work"]) == seed_count(r["work"])]
+            assert references, r
             expected = seconds_of(r["time"]) / seconds_of(references[0]["time"])
             assert value == pytest.approx(expected, rel=0.02, abs=0.006), r
             compared += 1

@@ -5,7 +5,8 @@ tolerance). Refactors must not change a number; a change that does must say why 
 
 (data: synthetic arrays of the real shapes, or the tiny files in the real on-disk formats that
 tests/test_imagenet.py and tests/test_cifar.py write, so the test needs no dataset). The ImageNet and CIFAR
-runs use those files' tiny settings: in one pytest process they reuse the programs those tests compiled.
+runs use those files' tiny settings, so they reuse the programs those tests compiled (the persistent
+compilation cache that tests/conftest.py turns on).
 Regularizer strengths are raised where the paper's values would move these few steps' numbers by less than
 the tolerance, so that a regression in any mechanism shows."""
 import sys
@@ -41,7 +42,7 @@ def toy_runs():
 def imagenet_runs():
     import imagenet
     import test_imagenet as t  # its tiny ImageNet32 zip and settings
-    with tempfile.TemporaryDirectory() as tmp, t.shared_compilations():  # runs of the same programs share them
+    with tempfile.TemporaryDirectory() as tmp:
         manual, data = Path(tmp) / "manual", Path(tmp) / "data"
         manual.mkdir()
         with zipfile.ZipFile(manual / imagenet.data.IMAGENET32_ZIP, "w") as zf:

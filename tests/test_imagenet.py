@@ -4,7 +4,6 @@ All training runs share one tiny shape (4 classes, 6 train + 1 test images per c
 3 minibatches). Every run compiles its own programs, so runs are cached per setting (`run`) and shared
 between tests where the setting is the same.
 """
-import contextlib
 import functools
 import io
 import json
@@ -22,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from init_stats import assert_truncated_normal, assert_truncated_shape, truncated_normal_moments
 import common
@@ -38,10 +36,6 @@ TINY = dict(tasks=2, epochs=2, batch_size=4, train_per_class=6, test_per_class=1
 CBP_TINY = dict(replacement_rate=0.1, maturity_threshold=1)  # replacements happen within a few steps
 REDO_TINY = dict(redo_every=3, redo_tau=0.5)  # recycles within a task's 6 steps (the default period is 1000)
 METRICS = ("test_acc", "train_acc", "dead_units", "effective_rank", "param_norm")
-# Every run compiles its own programs (make_train closes over the run's settings). JAX's persistent compilation
-# cache, on while these tests run, lets runs of the same programs (other seeds, other out dirs, the same agent)
-# share them, as in tests/test_bench.py; results do not depend on it.
-COMPILATION_CACHE = ROOT / ".pytest_cache" / "jax-imagenet"
 
 
 def image_code(c, k):
@@ -68,25 +62,6 @@ def batch_files():
         np.savez(buf, data=data.reshape(len(labels), 3072), labels=(labels + 1).tolist())
         files[number] = buf.getvalue()
     return files
-
-
-@contextlib.contextmanager
-def shared_compilations():
-    """JAX's persistent compilation cache in COMPILATION_CACHE while the block runs (then as it was before)."""
-    before = jax.config.jax_compilation_cache_dir
-    compilation_cache.set_cache_dir(str(COMPILATION_CACHE))
-    compilation_cache.reset_cache()
-    try:
-        yield
-    finally:
-        compilation_cache.set_cache_dir(before)
-        compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilations():
-    with shared_compilations():
-        yield
 
 
 @pytest.fixture(scope="module")

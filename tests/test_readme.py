@@ -16,10 +16,13 @@ def test_every_figure_in_readme_exists_and_is_small():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
 
 
+TEST_COMMAND = "python -m pytest -q -n auto --dist loadfile tests"
+
+
 def test_ci_runs_the_test_command_readme_gives():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert "python -m pytest -q tests" in README
-    assert ci[-1].strip() == "python -m pytest -q tests"
+    assert TEST_COMMAND in README
+    assert ci[-1].strip() == TEST_COMMAND
     assert "requirements.txt" in "".join(ci)
 
 
