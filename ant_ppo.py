@@ -857,14 +857,7 @@ def redo_step(agent, opt, params, opt_state, obs, key, due):
 def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science."""
-    agent = dict(AGENTS[args.agent])
-    for name in sorted(set().union(*AGENTS.values())):
-        value = getattr(args, name)
-        if value is not None and name not in agent:
-            users = ", ".join(a for a, entry in AGENTS.items() if name in entry)
-            common.fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
-        if value is not None:
-            agent[name] = value
+    agent = common.agent_settings(args, AGENTS)
     num_params = (2 * (OBS_DIM * args.hidden_size + args.hidden_size) + args.hidden_size * (ACT_DIM + 1) + 2 * ACT_DIM
                   + 1 + 4 * args.hidden_size * bool(agent.get("layer_norm")))
     checks = [

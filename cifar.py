@@ -653,14 +653,7 @@ def redo_step(agent, opt, params, stats, opt_state, x, key):
 def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science, before any data is read."""
-    agent = dict(AGENTS[args.agent])
-    for name in sorted(set().union(*AGENTS.values())):
-        value = getattr(args, name, None)  # "reset" is the agent itself, not a flag
-        if value is not None and name not in agent:
-            users = ", ".join(a for a, entry in AGENTS.items() if name in entry)
-            common.fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
-        if value is not None:
-            agent[name] = value
+    agent = common.agent_settings(args, AGENTS)
     for name in ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width",
                  "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
                  "hessian_batch", "call_steps"):

@@ -306,6 +306,20 @@ def check_agent(agent, agents):
         fail(f"unknown agent {agent!r}; choose one of {', '.join(agents)}")
 
 
+def agent_settings(args, agents):
+    """The agent's AGENTS entry with the flags given (not None) overriding it; a flag that belongs to other
+    agents only stops with one line."""
+    agent = dict(agents[args.agent])
+    for name in sorted(set().union(*agents.values())):
+        value = getattr(args, name, None)  # a key may be the agent itself, not a flag (cifar's "reset")
+        if value is not None and name not in agent:
+            users = ", ".join(a for a, entry in agents.items() if name in entry)
+            fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
+        if value is not None:
+            agent[name] = value
+    return agent
+
+
 def cli(args_class):
     """tyro's parse; an unknown option (a typo) is one line, exit 1 (tyro names a bad value itself, exit 2)."""
     import tyro  # only the command line needs it

@@ -498,14 +498,7 @@ def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science."""
     common.check_agent(args.agent, AGENTS)
-    agent = dict(AGENTS[args.agent])
-    for name in sorted(set().union(*AGENTS.values())):
-        value = getattr(args, name)
-        if value is not None and name not in agent:
-            users = ", ".join(a for a, entry in AGENTS.items() if name in entry)
-            common.fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
-        if value is not None:
-            agent[name] = value
+    agent = common.agent_settings(args, AGENTS)
     for name in ("tasks", "epochs", "seeds", "batch_size", "train_per_class", "test_per_class", "lanczos_iters",
                  "hessian_probes"):
         if getattr(args, name) < 1:

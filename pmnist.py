@@ -358,14 +358,7 @@ def redo_step(agent, opt, state, x, key, due):
 def resolve(args, ds):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science."""
-    agent = dict(AGENTS[args.agent])
-    for name in sorted(set().union(*AGENTS.values())):
-        value = getattr(args, name)
-        if value is not None and name not in agent:
-            users = ", ".join(a for a, entry in AGENTS.items() if name in entry)
-            common.fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
-        if value is not None:
-            agent[name] = value
+    agent = common.agent_settings(args, AGENTS)
     n_train, n_test = ds["train_x"].shape[0], ds["test_x"].shape[0]
     checks = [(args.seeds >= 1 and args.tasks >= 1 and args.width >= 1, "--seeds, --tasks and --width must be >= 1"),
               (1 <= args.steps_per_task <= n_train,
