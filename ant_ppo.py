@@ -899,12 +899,7 @@ def resolve(args):
          f"--beta1 and --beta2 must be in [0, 1), got {agent['beta1']}, {agent['beta2']}"),
         (args.checkpoint_minutes >= 0, "--checkpoint-minutes must be >= 0"),
     ]
-    for ok, message in checks:
-        if not ok:
-            common.fail(message)
-    swept = {name: tuple(np.atleast_1d(agent[name] if name in agent else args.lr).tolist())
-             for name in SWEPT if name in agent or name == "lr"}
-    return agent, common.sweep(**swept)
+    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 # Args that do not shape the compiled programs (seeds and swept values are their inputs).

@@ -674,12 +674,7 @@ def resolve(args):
                "--power-iters must be >= 1 and --spectral-lambda >= 0"),
               (agent.get("redo_every", 1) >= 1 and agent.get("redo_tau", 0) >= 0,
                "--redo-every must be >= 1 and --redo-tau >= 0")]
-    for ok, message in checks:
-        if not ok:
-            common.fail(message)
-    swept = {name: tuple(np.atleast_1d(agent[name] if name in agent else args.lr).tolist())
-             for name in SWEPT if name in agent or name == "lr"}
-    return agent, common.sweep(**swept)
+    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 def load_data(args, agent, dataset=None):

@@ -320,6 +320,16 @@ def agent_settings(args, agents):
     return agent
 
 
+def agent_configs(agent, checks, swept, lr):
+    """Stops with the message of the first failed (ok, message) check; else the configs to sweep: every
+    combination of the `swept` hyperparameters the agent has (lr always; `lr` where the agent has none)."""
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    return sweep(**{name: tuple(np.atleast_1d(agent.get(name, lr)).tolist())
+                    for name in swept if name in agent or name == "lr"})
+
+
 def cli(args_class):
     """tyro's parse; an unknown option (a typo) is one line, exit 1 (tyro names a bad value itself, exit 2)."""
     import tyro  # only the command line needs it

@@ -519,11 +519,7 @@ def resolve(args):
                "--replacement-rate must be in [0, 1], --perturb-scale >= 0, --decay-rate in (0, 1)"),
               (agent.get("power_iters", 1) >= 1 and agent.get("redo_every", 1) >= 1 and agent.get("redo_tau", 0) >= 0,
                "--power-iters and --redo-every must be >= 1 and --redo-tau >= 0")]
-    for ok, message in checks:
-        if not ok:
-            common.fail(message)
-    swept = {name: tuple(np.atleast_1d(agent[name]).tolist()) for name in SWEPT if name in agent}
-    return agent, common.sweep(**swept)
+    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 def load_data(args):

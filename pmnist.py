@@ -375,12 +375,7 @@ def resolve(args, ds):
               (agent.get("power_iters", 1) >= 1, "--power-iters must be >= 1"),
               (0 <= agent.get("replacement_rate", 0) <= 1 and 0 <= agent.get("decay_rate", 0) < 1,
                "--replacement-rate must be in [0, 1] and --decay-rate in [0, 1)")]
-    for ok, message in checks:
-        if not ok:
-            common.fail(message)
-    swept = {name: tuple(np.atleast_1d(agent[name] if name in agent else args.lr).tolist())
-             for name in SWEPT if name in agent or name == "lr"}
-    return agent, common.sweep(**swept)
+    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 def load_data(args):
