@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from stop_after import StopAfter
 from init_stats import assert_truncated_normal, assert_truncated_shape, truncated_normal_moments
 import common
 import data
@@ -621,25 +622,6 @@ def test_vmap_over_members_equals_alone(run):
     alone = run(agent="bp")[0]
     for key in METRICS:
         np.testing.assert_allclose(batched[key][0, 1], alone[key][0, 0], rtol=1e-4, atol=1e-4, err_msg=key)
-
-
-class StopAfter:
-    """Stand-in for common.StopRequests: asks to stop at the `n`-th safe-point check (as a Ctrl-C would)."""
-
-    def __init__(self, n):
-        self.checks, self.n, self.signal = 0, n, 2
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= self.n
-
-    def close(self):
-        pass
-
-    def exit(self, where, command):
-        print(f"interrupted after {where}; resume with: {command}")
-        raise SystemExit(130)
 
 
 def test_interrupt_mid_task_then_resume_equals_uninterrupted(run, data_dir, tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stop_after import StopAfter
 import data as datasets
 import pmnist
 
@@ -262,25 +263,6 @@ def test_real_mnist_read_cache_and_learn(tmp_path, monkeypatch):
     m = np.load(run_dir / "metrics.npz")
     assert (m["online_acc"] > 0.65).all(), m["online_acc"]
     assert (m["test_acc"] > 0.75).all(), m["test_acc"]
-
-
-class StopAfter:
-    """Stand-in for common.StopRequests: asks to stop at the `n`-th safe-point check (as a Ctrl-C would)."""
-
-    def __init__(self, n):
-        self.checks, self.n, self.signal = 0, n, 2
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= self.n
-
-    def close(self):
-        pass
-
-    def exit(self, where, command):
-        print(f"interrupted after {where}; resume with: {command}")
-        raise SystemExit(130)
 
 
 def test_interrupt_mid_task_then_resume_equals_uninterrupted(data, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,20 @@
+"""A stand-in for common.StopRequests, shared by the scripts' interrupt-and-resume tests."""
+
+
+class StopAfter:
+    """Stand-in for common.StopRequests: asks to stop at the `n`-th safe-point check (as a Ctrl-C would)."""
+
+    def __init__(self, n):
+        self.checks, self.n, self.signal = 0, n, 2
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks >= self.n
+
+    def close(self):
+        pass
+
+    def exit(self, where, command):
+        print(f"interrupted after {where}; resume with: {command}")
+        raise SystemExit(130)
