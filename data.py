@@ -78,6 +78,15 @@ def online(host, timeout=5.0):
         return False
 
 
+def read_cache(cache, name):
+    """{name: array} of a dataset's .npz cache; an unreadable one stops with one line."""
+    try:
+        with np.load(cache) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        common.fail(f"cannot use the {name} cache {cache} ({type(e).__name__}); delete it to rebuild it")
+
+
 def mnist(data_dir=None, manual_dir=None):
     """MNIST arrays (see `read_mnist_folder`): from the cache in `data_dir`, else from the files in
     `manual_dir`, else downloaded by tensorflow-datasets; the arrays are cached in `data_dir` for next time."""
@@ -85,11 +94,7 @@ def mnist(data_dir=None, manual_dir=None):
     hint = (f"MNIST not found: put {', '.join(MNIST_FILES)} in one folder and pass --manual-dir FOLDER "
             f"(the arrays are then cached in {cache})")
     if cache.exists():
-        try:
-            with np.load(cache) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            common.fail(f"cannot use the MNIST cache {cache} ({type(e).__name__}); delete it to rebuild it")
+        arrays = read_cache(cache, "MNIST")
         if sorted(arrays) != ["test_x", "test_y", "train_x", "train_y"]:
             common.fail(f"the MNIST cache {cache} has unexpected contents; delete it to rebuild it")
         return arrays
@@ -345,11 +350,7 @@ def cifar100(data_dir=None, manual_dir=None):
     hint = (f"put {CIFAR100_ARCHIVES[0]} (or {CIFAR100_ARCHIVES[1]}) from the CIFAR-100 site in a folder and pass "
             f"it as --manual-dir, or run once with network access so tensorflow-datasets downloads cifar100")
     if cache.exists():
-        try:
-            with np.load(cache) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            common.fail(f"cannot use the CIFAR-100 cache {cache} ({type(e).__name__}); delete it to rebuild it")
+        arrays = read_cache(cache, "CIFAR-100")
         return check_cifar100(arrays, cache, "; delete it to rebuild it")
     if manual_dir is not None:
         arrays = check_cifar100(read_cifar100_archive(manual_dir, hint), Path(manual_dir).expanduser())
