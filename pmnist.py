@@ -312,6 +312,17 @@ def make_train(args, agent, ds):
     return init, shuffle, train, evaluate, spectrum, calls
 
 
+def replace_units(params, keep, layer, key, idx, valid):
+    """Units idx[valid] of hidden layer `layer` get fresh incoming weights (the init) and bias 0, outgoing weights
+    0, and keep-masks 0 for their optimizer state (CBP and ReDo). Updates the lists `params` and `keep`."""
+    w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+        key, params[layer]["w"], params[layer]["b"], params[layer + 1]["w"], idx, valid)
+    params[layer] = {**params[layer], "w": w_in, "b": b_in}
+    params[layer + 1] = {**params[layer + 1], "w": w_out}
+    keep[layer] = {**keep[layer], "w": keep[layer]["w"] * keep_in, "b": keep[layer]["b"] * keep_b}
+    keep[layer + 1] = {**keep[layer + 1], "w": keep[layer + 1]["w"] * keep_out}
+
+
 def cbp_step(agent, opt, state, features, key):
     """Continual backprop after an SGD step: per hidden layer, replace the lowest-utility mature units."""
     params, width = list(state["params"]), state["cbp"][0].utility.shape[0]
@@ -324,12 +335,7 @@ def cbp_step(agent, opt, state, features, key):
             decay_rate=agent["decay_rate"], maturity_threshold=agent["maturity_threshold"],
             max_replace=common.cbp_max_replace(agent["replacement_rate"], width))
         cbp_states.append(cbp_state)
-        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
-            k, params[layer]["w"], params[layer]["b"], params[layer + 1]["w"], idx, valid)
-        params[layer] = {**params[layer], "w": w_in, "b": b_in}
-        params[layer + 1] = {**params[layer + 1], "w": w_out}
-        keep[layer] = {**keep[layer], "w": keep[layer]["w"] * keep_in, "b": keep[layer]["b"] * keep_b}
-        keep[layer + 1] = {**keep[layer + 1], "w": keep[layer + 1]["w"] * keep_out}
+        replace_units(params, keep, layer, k, idx, valid)
     return {**state, "params": params, "cbp": cbp_states,
             "opt": common.mask_opt_state(opt, state["opt"], keep)}
 
@@ -342,13 +348,7 @@ def redo_step(agent, opt, state, x, key, due):
     features, keep = hidden_features(params, x), jax.tree.map(jnp.ones_like, params)
     for layer, k in enumerate(jax.random.split(key, 3)):
         dormant = common.dormant_units(features[layer], agent["redo_tau"]) & due
-        units = jnp.arange(dormant.shape[0])
-        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
-            k, params[layer]["w"], params[layer]["b"], params[layer + 1]["w"], units, dormant)
-        params[layer] = {**params[layer], "w": w_in, "b": b_in}
-        params[layer + 1] = {**params[layer + 1], "w": w_out}
-        keep[layer] = {**keep[layer], "w": keep[layer]["w"] * keep_in, "b": keep[layer]["b"] * keep_b}
-        keep[layer + 1] = {**keep[layer + 1], "w": keep[layer + 1]["w"] * keep_out}
+        replace_units(params, keep, layer, k, jnp.arange(dormant.shape[0]), dormant)
     return {**state, "params": params, "opt": common.mask_opt_state(opt, state["opt"], keep)}
 
 
