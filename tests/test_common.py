@@ -164,7 +164,7 @@ def test_shrink_perturb_noise_scale():
     np.testing.assert_allclose(float(jnp.std(noisy["a"])), 0.01, rtol=0.03)
     np.testing.assert_allclose(float(jnp.std(noisy["b"] - 1.0)), 0.01, rtol=0.03)
     assert abs(float(jnp.mean(noisy["a"]))) < 1e-3
-    # Every leaf draws its own noise: two same-shape leaves get uncorrelated noise.
+    # Two same-shape leaves get uncorrelated noise (not the same draw twice).
     twins = common.shrink_perturb({"a": jnp.zeros((100, 100)), "b": jnp.zeros((100, 100))}, jax.random.key(6), 1.0)
     assert abs(float(jnp.corrcoef(twins["a"].ravel(), twins["b"].ravel())[0, 1])) < 0.05  # ~5 sigma
     same = common.shrink_perturb(params, jax.random.key(5), 0.0)
