@@ -274,9 +274,30 @@ def plot_performance(script, runs, out, args):
         notice(f"{script}: no run has '{key}'; performance figure skipped")
         return []
     ax.set(xlabel=unit, ylabel=ylabel, title=f"{script}: {ylabel}, mean and 95% CI over seeds{smooth_note(args)}")
+    mark_friction_phases(ax, runs)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return [save(fig, out, f"performance_{script}.png")]
+
+
+def friction_phases(runs):
+    """Slippery Ant's phases as [(first update, last update, friction)], updates counted from 1, from the first
+    run's first member that records `friction` (with the authors' schedule every seed has the same one)."""
+    friction = next((r.metrics["friction"][0, 0] for r in runs if r.metrics.get("friction", np.zeros(0)).ndim == 3), None)
+    if friction is None:
+        return []
+    friction = friction[np.isfinite(friction)]
+    starts = [0] + [u for u in range(1, len(friction)) if friction[u] != friction[u - 1]]
+    return [(s + 1, e, float(friction[s])) for s, e in zip(starts, starts[1:] + [len(friction)])]
+
+
+def mark_friction_phases(ax, runs):
+    """A dotted line where the friction changes and each phase's friction along the top (App. J's schedule)."""
+    for first, last, friction in friction_phases(runs):
+        if first > 1:
+            ax.axvline(first - 0.5, color="0.35", ls=":", lw=1)
+        ax.text((first + last) / 2, 0.98, f"friction {friction:.4g}", transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color="0.25")
 
 
 def plot_units_rank(script, runs, out, args):

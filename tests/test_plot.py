@@ -90,7 +90,9 @@ def result(tmp_path_factory):
     ant_hess = dict(tasks=np.array([0, 1]), init_nodes=ant_nodes, init_weights=ant_weights,
                     end_nodes=ant_nodes, end_weights=ant_weights)
     runs.append(write_run(root / "ant_ppo__bp__x", "ant_ppo", "bp", [{"lr": 3e-4}], [0, 1],
-                          dict(episodic_return=np.cumsum(np.ones((1, 2, 20)), axis=-1)), ant_hess))
+                          dict(episodic_return=np.cumsum(np.ones((1, 2, 20)), axis=-1),
+                               friction=np.repeat([0.2961] * 7 + [0.2399] * 6 + [0.0387] * 7, 2).reshape(20, 2).T[None]),
+                          ant_hess))
     out = root / "figures"
     args = plot.Args(run_dirs=tuple(runs), out=out, smooth=5, tasks=(2, 5))  # from 1: measured 2 and 6
     stdout = io.StringIO()
@@ -112,6 +114,20 @@ def test_figures_written(result):
     assert "phase 5 not measured; nearest measured phase 2 drawn" in log
     assert "ant_ppo: no per-task accuracy; curvature figure skipped" in log
     assert "l2_er er_lr=0.0001]: test_acc not finite for seeds [2] at 3 of 6 tasks" in log
+
+
+def test_ant_friction_phases_are_marked(result):
+    """Updates counted from 1: seven at 0.2961, six at 0.2399, seven at 0.0387; a line before updates 8 and 14."""
+    import matplotlib.pyplot as plt
+    run = plot.load_run(result["out"].parent / "ant_ppo__bp__x")
+    phases = plot.friction_phases([run])
+    assert [(a, b) for a, b, _ in phases] == [(1, 7), (8, 13), (14, 20)]
+    np.testing.assert_allclose([f for *_, f in phases], [0.2961, 0.2399, 0.0387])
+    fig, ax = plt.subplots()
+    plot.mark_friction_phases(ax, [run])
+    assert [line.get_xdata()[0] for line in ax.lines] == [7.5, 13.5]
+    assert [text.get_text() for text in ax.texts] == ["friction 0.2961", "friction 0.2399", "friction 0.0387"]
+    plt.close(fig)
 
 
 def test_r2_matches_hand_computed(result):
