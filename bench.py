@@ -242,9 +242,9 @@ def pmnist_setup(sizes, agent_name, seeds, ds, **flags):
     state = members.run(init, (0,), batching="map")(members.seeds)
     hp, member_seeds, state = common.shard_members((members.hyperparameters(pmnist.SWEPT), members.seeds, state))
     shuffled = members.run(shuffle, (0, None))(member_seeds, 0)  # once per task in a run: not timed
-    call = members.run(lambda s, h, sd, t, o, f: train(s, h, sd, t, o, f, count), (0, 0, 0, None, 0, None))
+    call = members.run(lambda s, h, sd, t, o, d, f: train(s, h, sd, t, o, d, f, count), (0, 0, 0, None, 0, None, None))
     return dict(members=members, state=state, hp=hp, seeds=member_seeds, shuffled=shuffled, train=call,
-                evaluate=evaluate, spectrum=spectrum)
+                evaluate=evaluate, spectrum=spectrum, data=ds)
 
 
 def pmnist_cached(setups, sizes, agent_name, seeds, ds, **flags):
@@ -296,7 +296,7 @@ def bench_pmnist(bench, ds, setups):
             continue
         setup = pmnist_cached(setups, sizes, agent_name, seeds, ds, **flags)
         seconds, compile_s = bench.time(setup["train"], setup["state"], setup["hp"], setup["seeds"], 0,
-                                        setup["shuffled"], 0, per=steps)
+                                        setup["shuffled"], setup["data"], 0, per=steps)
         full_run = ""
         if agent_name == "l2-er":
             calls_per_task = PMNIST_RUN["steps"] / steps
@@ -313,8 +313,8 @@ def bench_pmnist(bench, ds, setups):
 def time_evaluate(bench, setup):
     """Seconds of pmnist's end-of-task metrics for all members (once per task; its SVDs of the eval features
     are the metric route)."""
-    evaluate = setup["members"].run(setup["evaluate"], (0, 0, None))
-    return bench.time(evaluate, setup["state"]["params"], setup["seeds"], 0)[0]
+    evaluate = setup["members"].run(setup["evaluate"], (0, 0, None, None))
+    return bench.time(evaluate, setup["state"]["params"], setup["seeds"], 0, setup["data"])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def bench_hessian(bench, ds, setups):
     bench.add("hessian", "hvps", f"baseline: {iters} bare Hessian-vector products, {n} samples", hvp_s * iters,
               unit="spectrum", compile_s=compile_s, note=f"{hvp_s * 1e3:.2f} ms per HVP")
     spectrum = jax.jit(setup["spectrum"])
-    seconds, compile_s = bench.time(spectrum, params, 2024, 0, 0)
+    seconds, compile_s = bench.time(spectrum, params, 2024, 0, 0, setup["data"])
     bench.add("hessian", "slq", f"`pmnist` Hessian spectrum (SLQ, {iters} Lanczos iterations, {n} samples), 1 member",
               seconds, unit="spectrum", baseline="hvps", compile_s=compile_s,
               full_run="" if bench.quick else
