@@ -760,7 +760,7 @@ def main(args, dataset=None):
                 run.checkpoint(state)
                 last_checkpoint = time.time()
                 if stop.requested:
-                    stop.exit(f"task {task + 1}/{args.tasks} was {i + 1}/{len(task_calls)} done",
+                    stop.exit(f"task {task + 1}/{args.tasks} (step {first + count:,} of {task_calls[-1][0] + task_calls[-1][1]:,})",
                               common.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state, seeds, classes, dev, task))
         if k is not None:

@@ -421,7 +421,8 @@ def main(args, dataset=None):
             run.accumulate(i + 1, correct=correct, loss=loss)
             if stop.requested and i + 1 < len(calls):
                 run.checkpoint(state)
-                stop.exit(f"task {task + 1}/{args.tasks} was {i + 1}/{len(calls)} done",
+                stop.exit(f"task {task + 1}/{args.tasks} (step {sum(call_steps(args, agent, c) for c in calls[:i + 1]):,} "
+                          f"of {args.steps_per_task:,})",
                           common.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state["params"], seeds, task, ds))
         if k is not None:

@@ -595,7 +595,7 @@ def test_ctrl_c_sigterm_and_more_tasks_then_resume_equal_uninterrupted(tmp_path,
         run(tmp_path, "cut", tasks=1, **cut)
     assert e.value.code == 130
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("interrupted after")]
-    assert line and line[0].startswith("interrupted after task 1/1 was 1/2 done; resume with: python cifar.py ")
+    assert line and line[0].startswith("interrupted after task 1/1 (step 3 of 5); resume with: python cifar.py ")
     assert line[0].endswith(f"--resume --out-dir {tmp_path / 'cut'}") and "--call-steps 3 " in line[0]
     assert common.load_checkpoint(tmp_path / "cut")["cursor"]["call"] == 1
     signal_after(monkeypatch, 1, signal.SIGTERM)

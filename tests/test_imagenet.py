@@ -639,7 +639,7 @@ def test_interrupt_mid_task_then_resume_equals_uninterrupted(run, data_dir, tmp_
         imagenet.main(args)
     assert e.value.code == 130
     out = capsys.readouterr().out
-    assert "interrupted after task 1/1 was 1/2 done; resume with: python imagenet.py --agent cbp --tasks 1" in out
+    assert "interrupted after task 1/1 (epoch 1 of 2); resume with: python imagenet.py --agent cbp --tasks 1" in out
     assert "--replacement-rate 0.1 --maturity-threshold 1" in out and f"--resume --out-dir {tmp_path}" in out
     assert not (tmp_path / "metrics.npz").exists()  # no task finished
     monkeypatch.setattr(imagenet.common, "StopRequests", lambda: StopAfter(10**9))

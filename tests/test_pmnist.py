@@ -278,7 +278,7 @@ def test_interrupt_mid_task_then_resume_equals_uninterrupted(data, tmp_path, mon
         pmnist.main(args, data)
     assert e.value.code == 130
     out = capsys.readouterr().out
-    assert "interrupted after task 1/2 was 1/3 done; resume with: python pmnist.py" in out
+    assert "interrupted after task 1/2 (step 100 of 250); resume with: python pmnist.py" in out
     assert f"--resume --out-dir {tmp_path / 'cut'}" in out and "--er-lr 0.01" in out
     monkeypatch.setattr(pmnist.common, "StopRequests", lambda: StopAfter(10**9))
     pmnist.main(replace(args, resume=True), data)
