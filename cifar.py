@@ -760,7 +760,8 @@ def main(args, dataset=None):
                 run.checkpoint(state)
                 last_checkpoint = time.time()
                 if stop.requested:
-                    stop.exit(f"task {task + 1}/{args.tasks} (step {first + count:,} of {task_calls[-1][0] + task_calls[-1][1]:,})",
+                    task_steps = task_calls[-1][0] + task_calls[-1][1]
+                    stop.exit(f"task {task + 1}/{args.tasks} (step {first + count:,} of {task_steps:,})",
                               common.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state, seeds, classes, dev, task))
         if k is not None:

@@ -570,7 +570,8 @@ def main(args):
                 run.checkpoint(state)
                 last_checkpoint = time.time()
                 if stop.requested:
-                    stop.exit(f"task {task + 1}/{args.tasks} (epoch {sum(c[1] for c in calls[:i + 1])} of {args.epochs})",
+                    epochs_done = sum(c[1] for c in calls[:i + 1])
+                    stop.exit(f"task {task + 1}/{args.tasks} (epoch {epochs_done} of {args.epochs})",
                               common.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state["params"], x_train, x_test))
         if k is not None:

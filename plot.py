@@ -283,7 +283,8 @@ def plot_performance(script, runs, out, args):
 def friction_phases(runs):
     """Slippery Ant's phases as [(first update, last update, friction)], updates counted from 1, from the first
     run's first member that records `friction` (with the authors' schedule every seed has the same one)."""
-    friction = next((r.metrics["friction"][0, 0] for r in runs if r.metrics.get("friction", np.zeros(0)).ndim == 3), None)
+    friction = next((r.metrics["friction"][0, 0] for r in runs
+                     if r.metrics.get("friction", np.zeros(0)).ndim == 3), None)
     if friction is None:
         return []
     friction = friction[np.isfinite(friction)]

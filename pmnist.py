@@ -411,7 +411,8 @@ def main(args, dataset=None):
     for task in range(start, args.tasks):
         k = measured.index(task) if task in measured else None
         if k is not None and run.cursor["call"] == 0:  # "init": the last task's final params on this task's data
-            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(state["params"], seeds, task, 0, ds)
+            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
+                state["params"], seeds, task, 0, ds)
         shuffled = shuffle(seeds, task)
         for i in range(run.cursor["call"], len(calls)):
             with timer.timing(task > start):  # the first task compiles
@@ -421,12 +422,13 @@ def main(args, dataset=None):
             run.accumulate(i + 1, correct=correct, loss=loss)
             if stop.requested and i + 1 < len(calls):
                 run.checkpoint(state)
-                stop.exit(f"task {task + 1}/{args.tasks} (step {sum(call_steps(args, agent, c) for c in calls[:i + 1]):,} "
-                          f"of {args.steps_per_task:,})",
+                steps_done = sum(call_steps(args, agent, c) for c in calls[:i + 1])
+                stop.exit(f"task {task + 1}/{args.tasks} (step {steps_done:,} of {args.steps_per_task:,})",
                           common.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state["params"], seeds, task, ds))
         if k is not None:
-            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(state["params"], seeds, task, 1, ds)
+            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
+                state["params"], seeds, task, 1, ds)
         total = run.cursor["partial"]
         metrics.update(online_acc=total["correct"] / np.float32(args.steps_per_task),
                        online_loss=total["loss"] / np.float32(args.steps_per_task),

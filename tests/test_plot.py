@@ -91,7 +91,7 @@ def result(tmp_path_factory):
                     end_nodes=ant_nodes, end_weights=ant_weights)
     runs.append(write_run(root / "ant_ppo__bp__x", "ant_ppo", "bp", [{"lr": 3e-4}], [0, 1],
                           dict(episodic_return=np.cumsum(np.ones((1, 2, 20)), axis=-1),
-                               friction=np.repeat([0.2961] * 7 + [0.2399] * 6 + [0.0387] * 7, 2).reshape(20, 2).T[None]),
+                               friction=np.tile([0.2961] * 7 + [0.2399] * 6 + [0.0387] * 7, (1, 2, 1))),
                           ant_hess))
     out = root / "figures"
     args = plot.Args(run_dirs=tuple(runs), out=out, smooth=5, tasks=(2, 5))  # from 1: measured 2 and 6
