@@ -206,8 +206,8 @@ def make_train(args, agent, ds):
     metrics; spectrum(params, seed, task, phase, data) -> SLQ (nodes, weights); and `calls`, the (first, count)
     that make up one task. `agent` is the resolved AGENTS entry. `data` is the dataset `ds` on the device, an
     argument: closed over, the 60,000 images would be a constant compiled into every program (a 94 MB program,
-    4x the compile time)."""
-    in_dim = ds["train_x"].shape[1]
+    4x the compile time); the functions below use only the sizes of `ds`."""
+    (n_train, in_dim), n_test = ds["train_x"].shape, ds["test_x"].shape[0]
     chunk = agent.get("er_batch", CHUNK)
     num_chunks, tail = divmod(args.steps_per_task, chunk)
 
@@ -253,14 +253,13 @@ def make_train(args, agent, ds):
         return state, (jnp.argmax(logits) == y, loss)
 
     def shuffle(seed, task):
-        perm, order, _, _, _ = task_randomness(seed, task, ds["train_x"].shape[0], ds["test_x"].shape[0], in_dim)
+        perm, order, _, _, _ = task_randomness(seed, task, n_train, n_test, in_dim)
         return perm, order
 
     def train(state, hp, seed, task, shuffled, data, first, count):
         # The permutations come in from shuffle (sorting 60,000 keys per call cost ~50 ms on a CPU); only the
         # step keys are derived here (XLA drops the unused permutations).
-        (perm, order), (_, _, _, k_steps, _) = shuffled, task_randomness(
-            seed, task, ds["train_x"].shape[0], ds["test_x"].shape[0], in_dim)
+        (perm, order), (_, _, _, k_steps, _) = shuffled, task_randomness(seed, task, n_train, n_test, in_dim)
 
         def run_chunk(state, inputs):
             idx, chunk_index = inputs
@@ -286,8 +285,7 @@ def make_train(args, agent, ds):
         return state, jnp.sum(correct), jnp.sum(loss)
 
     def evaluate(params, seed, task, data):
-        perm, _, eval_order, _, _ = task_randomness(seed, task, ds["train_x"].shape[0], ds["test_x"].shape[0],
-                                                    in_dim)
+        perm, _, eval_order, _, _ = task_randomness(seed, task, n_train, n_test, in_dim)
         idx = eval_order[:args.eval_size]
         with jax.default_matmul_precision(PRECISE):
             logits, features = forward(params, data["test_x"][idx][:, perm].astype(jnp.float32) / 255.0)
@@ -300,8 +298,7 @@ def make_train(args, agent, ds):
     def spectrum(params, seed, task, phase, data):
         """SLQ spectrum of the cross-entropy task loss (no L2/ER term) on the task's first hessian_samples
         training images (paper App. G.4; the authors' code); phase 0 = task init, 1 = task end."""
-        perm, order, _, _, k_hess = task_randomness(seed, task, ds["train_x"].shape[0], ds["test_x"].shape[0],
-                                                    in_dim)
+        perm, order, _, _, k_hess = task_randomness(seed, task, n_train, n_test, in_dim)
         idx = order[:args.hessian_samples]
         x, y = data["train_x"][idx][:, perm].astype(jnp.float32) / 255.0, data["train_y"][idx]
         loss_fn = lambda p: jnp.mean(cross_entropy(forward(p, x)[0], y))
