@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import common
 from ant_ppo import mjx
 
-# As tests/test_equal_metrics.py's Ant runs (with seeds=2), so that the two files share compiled programs.
+# As tests/test_equal_metrics.py's Ant runs, so that the two files share compiled programs.
 TINY = dict(num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2, hidden_size=16, total_steps=128,
             change_every=32, episode_length=8, updates_per_chunk=1, fast_compile=True)
 CBP = dict(agent="cbp", weight_decay=(0.1,), replacement_rate=0.05, maturity_threshold=0, hessian_iters=4)
