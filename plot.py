@@ -9,12 +9,15 @@ hessian.npz; format in the README) and writes one PNG per figure and per benchma
 - hessian_<script>.png       Hessian spectral density at task init and end, log y (Figs. 10, 12, 13)
 - curvature_<script>.png     accuracy vs normalized eps-rank at task init with a least-squares line (Figs. 2, 7);
                              the eps-rank integrates the smoothed density, as the authors computed Fig. 2
-Runs of several agents and scripts can be mixed: runs of one script share its figures.
+Runs of several agents and scripts can be mixed: runs of one script share its figures. For Slippery Ant runs
+it also prints a per-phase table (return at each phase's end, the drop after each friction change, dead units
+and effective rank); --table prints one of chosen windows for any script.
 """
 
 import json
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -50,9 +53,12 @@ class Args:
     eps_rank_from: Literal["density", "weights"] = "density"
     """curvature figure's eps-rank from the smoothed density (as the authors computed Fig. 2) or the raw quadrature weights"""
     hessian_seed: int | None = None
+    """seed (as in config.json) whose spectrum is drawn; default: the probes of all finite seeds pooled"""
     table: tuple[str, ...] | None = None
     """also print a markdown table of the primary metric over these windows of tasks (updates), each FIRST-LAST counted from 1, e.g. 1-10 191-200: per run and config, the mean over seeds of each seed's window mean, with its 95% t-interval half-width"""
-    """seed (as in config.json) whose spectrum is drawn; default: the probes of all finite seeds pooled"""
+    phase_window: int = 100_000
+    """Slippery Ant runs: env steps averaged at the end of each friction phase (and after each change) in the
+    printed per-phase table"""
 
 
 # script -> (primary metric key, y label, name of the metric's time axis)   (paper Fig. 3)
@@ -513,12 +519,55 @@ def window_table(script, runs, windows):
     return "\n".join(lines)
 
 
+def ci_cell(values):
+    """'mean +- 95% half-width' over the finite entries of a [seeds] vector (the mean alone for one seed)."""
+    mean, half, n = mean_ci(np.asarray(values, np.float64)[:, None])
+    return f"{mean[0]:.4g} +- {half[0]:.2g}" if n[0] > 1 else f"{mean[0]:.4g}"
+
+
+PHASE_KEYS = {"episodic_return", "friction", "env_steps", "dead_units", "effective_rank"}
+
+
+def phase_table(run, window_steps):
+    """Markdown rows for one Slippery Ant run, one per config and friction phase: over the last `window_steps`
+    env steps of the phase, each seed's mean return, then mean +- 95% half-width over seeds; the first
+    `window_steps` after a change relative to the last ones before it (each seed's ratio, and both returns);
+    dead units and effective rank of the actor's and critic's hidden layer over the phase's last window (mean
+    over seeds). A last phase shorter than the first is marked "so far" (the run is still in it)."""
+    width = max(1, round(window_steps / float(run.metrics["env_steps"][0])))  # updates per window
+    lines = [f"| {run.path.name} [config] | seeds | phase | friction | updates | return, last {window_steps:,} steps "
+             f"| first {window_steps:,} steps after the change / last before | dead units (actor, critic) | "
+             "effective rank (actor, critic) |", "|---|---|---|---|---|---|---|---|---|"]
+    phases = friction_phases([run])
+    for c, label in enumerate(run.labels):
+        ret = run.metrics["episodic_return"][c].astype(np.float64)  # [seeds, updates]; NaN: no episode ended
+        for k, (first, last, friction) in enumerate(phases):
+            end = slice(max(first - 1, last - width), last)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a seed with no episode in a window: NaN
+                change = "-"
+                if k:
+                    before = np.nanmean(ret[:, max(0, first - 1 - width):first - 1], axis=1)
+                    after = np.nanmean(ret[:, first - 1:min(last, first - 1 + width)], axis=1)
+                    change = f"{ci_cell(after / before)} ({ci_cell(after)} vs {ci_cell(before)})"
+                units = [np.nanmean(run.metrics[key][c][:, end, layer]) for key in ("dead_units", "effective_rank")
+                         for layer in (0, 1)]
+                end_return = ci_cell(np.nanmean(ret[:, end], axis=1))
+            so_far = " so far" if k and k == len(phases) - 1 and last - first < phases[0][1] - phases[0][0] else ""
+            lines.append(f"| {run.path.name} [{label}] | {len(run.seeds)} | {k + 1} | {friction:.4g} | "
+                         f"{first}-{last}{so_far} | {end_return} | {change} | {units[0]:.3g}, {units[1]:.3g} | "
+                         f"{units[2]:.4g}, {units[3]:.4g} |")
+    return "\n".join(lines)
+
+
 def main(args):
     """Writes the figures; returns (list of written PNG paths, {script: R^2 of the curvature fit})."""
     if not args.run_dirs:
         common.fail("give at least one run directory")
     if not args.eps >= 0:
         common.fail(f"--eps must be >= 0, got {args.eps}")
+    if args.phase_window <= 0:
+        common.fail(f"--phase-window must be > 0 env steps, got {args.phase_window}")
     if args.table and not all(w.count("-") == 1 and all(p.isdigit() and int(p) > 0 for p in w.split("-"))
                               and int(w.split("-")[0]) <= int(w.split("-")[1]) for w in args.table):
         common.fail(f"--table windows must look like 1-10 (tasks counted from 1), got {' '.join(args.table)}")
@@ -538,6 +587,9 @@ def main(args):
         group = [r for r in runs if r.script == script]
         if args.table and script in PRIMARY:
             print(window_table(script, group, args.table), flush=True)
+        for run in group if script == "ant_ppo" else []:
+            if PHASE_KEYS <= run.metrics.keys():
+                print(phase_table(run, args.phase_window), flush=True)
         written += plot_performance(script, group, out, args)
         written += plot_units_rank(script, group, out, args)
         written += plot_hessian(script, group, out, args)

@@ -244,7 +244,7 @@ def test_bad_input(tmp_path):
     good = write_run(tmp_path / "good", "pmnist", "bp", [{"lr": 0.01}], [0], {"online_acc": np.zeros((1, 1, 3))})
     for args in [plot.Args(run_dirs=(tmp_path / "missing",)), plot.Args(run_dirs=(broken,)),
                  plot.Args(run_dirs=(mismatch,)), plot.Args(run_dirs=(good,), smooth=4), plot.Args(run_dirs=()),
-                 plot.Args(run_dirs=(good,), eps=-0.1)]:
+                 plot.Args(run_dirs=(good,), eps=-0.1), plot.Args(run_dirs=(good,), phase_window=0)]:
         with pytest.raises(SystemExit) as e:
             plot.main(args)
         assert e.value.code not in (0, None)
@@ -273,3 +273,23 @@ def test_window_table_by_hand(tmp_path):
     proc = subprocess.run([sys.executable, "plot.py", str(tmp_path / "pmnist__bp__x"), "--table", "3-1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "--table windows" in proc.stderr
+
+
+def test_ant_phase_table_by_hand(tmp_path):
+    """Two seeds, 2,048 env steps per update, window 4,096 steps = 2 updates; phases at updates 1-4, 5-8, 9-10."""
+    friction = np.array([0.3] * 4 + [0.04] * 4 + [0.3] * 2)
+    ret = np.array([[1, 2, 3, 4, 2, 2, 6, 6, 5, 5], [3, 4, 5, 6, 1, 3, 8, np.nan, 7, 7]], np.float64)
+    dead = np.stack([np.where(np.arange(10) < 4, 1.0, 3.0), np.full(10, 2.0)], -1)
+    metrics = {"episodic_return": ret[None], "friction": np.broadcast_to(friction, (1, 2, 10)),
+               "env_steps": 2048 * np.arange(1, 11), "dead_units": np.broadcast_to(dead, (1, 2, 10, 2)),
+               "effective_rank": np.broadcast_to(np.array([10.0, 20.0]), (1, 2, 10, 2))}
+    run = plot.load_run(write_run(tmp_path / "ant", "ant_ppo", "bp", [{"lr": 1e-4}], [0, 1], metrics))
+    plot.set_labels([run])
+    rows = plot.phase_table(run, 4096).splitlines()[2:]
+    # phase 1 ends (updates 3-4): seed means 3.5, 5.5 -> 4.5 +- t_{0.975,1} x 1 = 12.7
+    assert rows[0] == "| ant [bp] | 2 | 1 | 0.3 | 1-4 | 4.5 +- 13 | - | 1, 2 | 10, 20 |"
+    # after the change (updates 5-6: 2, 2) over before (3.5, 5.5): ratios 4/7, 4/11 -> 0.4675 +- 12.706 x 0.2078 / 2;
+    # phase 2 ends (updates 7-8, seed 1's NaN left out): 6, 8
+    assert rows[1] == "| ant [bp] | 2 | 2 | 0.04 | 5-8 | 7 +- 13 | 0.4675 +- 1.3 (2 +- 0 vs 4.5 +- 13) | 3, 2 | 10, 20 |"
+    # phase 3, shorter than phase 1 (the run is still in it): 5, 7 after 6, 8 -> ratios 5/6, 7/8
+    assert rows[2] == "| ant [bp] | 2 | 3 | 0.3 | 9-10 so far | 6 +- 13 | 0.8542 +- 0.26 (6 +- 13 vs 7 +- 13) | 3, 2 | 10, 20 |"
