@@ -531,7 +531,8 @@ PHASE_KEYS = {"episodic_return", "friction", "env_steps", "dead_units", "effecti
 def phase_table(run, window_steps):
     """Markdown rows for one Slippery Ant run, one per config and friction phase: over the last `window_steps`
     env steps of the phase, each seed's mean return, then mean +- 95% half-width over seeds; the first
-    `window_steps` after a change relative to the last ones before it (each seed's ratio, and both returns);
+    `window_steps` after a change relative to the last ones before it (each seed's ratio, where every return
+    before is positive, and both returns);
     dead units and effective rank of the actor's and critic's hidden layer over the phase's last window (mean
     over seeds). A last phase shorter than the first is marked "so far" (the run is still in it)."""
     width = max(1, round(window_steps / float(run.metrics["env_steps"][0])))  # updates per window
@@ -549,7 +550,8 @@ def phase_table(run, window_steps):
                 if k:
                     before = np.nanmean(ret[:, max(0, first - 1 - width):first - 1], axis=1)
                     after = np.nanmean(ret[:, first - 1:min(last, first - 1 + width)], axis=1)
-                    change = f"{ci_cell(after / before)} ({ci_cell(after)} vs {ci_cell(before)})"
+                    ratio = ci_cell(after / before) if np.all(before[np.isfinite(before)] > 0) else "n/a (return <= 0)"
+                    change = f"{ratio} ({ci_cell(after)} vs {ci_cell(before)})"
                 units = [np.nanmean(run.metrics[key][c][:, end, layer]) for key in ("dead_units", "effective_rank")
                          for layer in (0, 1)]
                 end_return = ci_cell(np.nanmean(ret[:, end], axis=1))

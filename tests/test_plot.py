@@ -293,3 +293,7 @@ def test_ant_phase_table_by_hand(tmp_path):
     assert rows[1] == "| ant [bp] | 2 | 2 | 0.04 | 5-8 | 7 +- 13 | 0.4675 +- 1.3 (2 +- 0 vs 4.5 +- 13) | 3, 2 | 10, 20 |"
     # phase 3, shorter than phase 1 (the run is still in it): 5, 7 after 6, 8 -> ratios 5/6, 7/8
     assert rows[2] == "| ant [bp] | 2 | 3 | 0.3 | 9-10 so far | 6 +- 13 | 0.8542 +- 0.26 (6 +- 13 vs 7 +- 13) | 3, 2 | 10, 20 |"
+    # a ratio of returns that are not all positive means nothing
+    run.metrics["episodic_return"][0, 0, 2:4] = -1.0
+    # (seed 0's updates 3-4 at -1: before = -1, 5.5 -> 2.25 +- 12.706 x 6.5 / 2)
+    assert "| n/a (return <= 0) (2 +- 0 vs 2.25 +- 41) |" in plot.phase_table(run, 4096).splitlines()[3]
