@@ -640,7 +640,8 @@ def test_spectral_penalty_in_the_loss_without_log_std():
     bp, _ = ant_ppo.resolve(replace(args, agent="bp"))
     spectral, _ = ant_ppo.resolve(replace(args, agent="spectral-reg"))
     assert (spectral["spectral_lambda"], spectral["spectral_k"], spectral["spectral_target"], spectral["power_iters"],
-            spectral["spectral_persistent"]) == (1e-3, 2.0, 2.0, 10, False) and "weight_decay" not in spectral
+            spectral["spectral_persistent"]) == (1e-4, 2.0, 2.0, 10, False) and "weight_decay" not in spectral
+    spectral, _ = ant_ppo.resolve(replace(args, agent="spectral-reg", spectral_lambda=1e-3))  # float32 shows 1e-3
 
     @partial(jax.jit, compiler_options=FAST_COMPILE)  # one program (eager ops would each compile)
     def losses_and_grads():
