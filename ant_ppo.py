@@ -20,8 +20,8 @@ the authors' five frictions every 200k steps, 64 envs; lr 1e-3/1e-4 x the author
 return over the run): layernorm-l2 lr 1e-4, weight decay 1e-3; spectral-reg lr 1e-4, lambda 1e-4. At lr 1e-3 every
 spectral-reg run collapsed (returns -6,000 to -44,000: the action means grow and the control cost, on the unclipped
 action, explodes). One seed and 1M steps, where no run walks yet (mean returns over the run -101 to +66 at lr 1e-4),
-make this weak evidence: README gives the table. No source gives ReDo's tau or period for Slippery Ant: tau 0.025 is our pMNIST sweep's, the
-period (every update) our unswept choice.
+make this weak evidence: README gives the table. No source gives ReDo's tau or period for Slippery Ant: tau 0.025
+is our pMNIST sweep's, the period (every update) our unswept choice.
 
 Seeds and swept hyperparameters (--lr, --weight-decay, --er-lr) are "members" trained together, PureJaxRL
 style: one update = rollout + GAE + 10 epochs of minibatch Adam, and a chunk of --updates-per-chunk updates

@@ -498,6 +498,12 @@ def plot_curvature(script, runs, out, args):
     return [save(fig, out, f"curvature_{script}.png")], float(r2)
 
 
+def ci_cell(values, mean_format=".4g", half_format=".2g"):
+    """'mean +- 95% half-width' over the finite entries of a [seeds] vector (the mean alone for one seed)."""
+    mean, half, n = mean_ci(np.asarray(values, np.float64)[:, None])
+    return f"{mean[0]:{mean_format}} +- {half[0]:{half_format}}" if n[0] > 1 else f"{mean[0]:{mean_format}}"
+
+
 def window_table(script, runs, windows):
     """Markdown rows: the primary metric averaged over each window per seed, then mean +- 95% half-width over
     seeds; a window that reaches past a run's last task is marked n/a."""
@@ -513,16 +519,9 @@ def window_table(script, runs, windows):
                 if last > values.shape[1]:
                     cells.append(f"n/a ({values.shape[1]} done)")
                     continue
-                mean, half, n = mean_ci(np.nanmean(values[:, first - 1:last], axis=1)[:, None])
-                cells.append(f"{mean[0]:.4f} +- {half[0]:.4f}" if n[0] > 1 else f"{mean[0]:.4f}")
+                cells.append(ci_cell(np.nanmean(values[:, first - 1:last], axis=1), ".4f", ".4f"))
             lines.append(f"| {run.path.name} [{run.labels[c]}] | {len(run.seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def ci_cell(values):
-    """'mean +- 95% half-width' over the finite entries of a [seeds] vector (the mean alone for one seed)."""
-    mean, half, n = mean_ci(np.asarray(values, np.float64)[:, None])
-    return f"{mean[0]:.4g} +- {half[0]:.2g}" if n[0] > 1 else f"{mean[0]:.4g}"
 
 
 PHASE_KEYS = {"episodic_return", "friction", "env_steps", "dead_units", "effective_rank"}
@@ -532,9 +531,9 @@ def phase_table(run, window_steps):
     """Markdown rows for one Slippery Ant run, one per config and friction phase: over the last `window_steps`
     env steps of the phase, each seed's mean return, then mean +- 95% half-width over seeds; the first
     `window_steps` after a change relative to the last ones before it (each seed's ratio, where every return
-    before is positive, and both returns);
-    dead units and effective rank of the actor's and critic's hidden layer over the phase's last window (mean
-    over seeds). A last phase shorter than the first is marked "so far" (the run is still in it)."""
+    before is positive, and both returns); dead units and effective rank of the actor's and critic's hidden layer
+    over the phase's last window (mean over seeds). A last phase shorter than the first is marked "so far" (the
+    run is still in it)."""
     width = max(1, round(window_steps / float(run.metrics["env_steps"][0])))  # updates per window
     lines = [f"| {run.path.name} [config] | seeds | phase | friction | updates | return, last {window_steps:,} steps "
              f"| first {window_steps:,} steps after the change / last before | dead units (actor, critic) | "
@@ -550,7 +549,8 @@ def phase_table(run, window_steps):
                 if k:
                     before = np.nanmean(ret[:, max(0, first - 1 - width):first - 1], axis=1)
                     after = np.nanmean(ret[:, first - 1:min(last, first - 1 + width)], axis=1)
-                    ratio = ci_cell(after / before) if np.all(before[np.isfinite(before)] > 0) else "n/a (return <= 0)"
+                    positive = np.all(before[np.isfinite(before)] > 0)  # else a ratio reads backwards
+                    ratio = ci_cell(after / before) if positive else "n/a (return <= 0)"
                     change = f"{ratio} ({ci_cell(after)} vs {ci_cell(before)})"
                 units = [np.nanmean(run.metrics[key][c][:, end, layer]) for key in ("dead_units", "effective_rank")
                          for layer in (0, 1)]
@@ -589,8 +589,8 @@ def main(args):
         group = [r for r in runs if r.script == script]
         if args.table and script in PRIMARY:
             print(window_table(script, group, args.table), flush=True)
-        for run in group if script == "ant_ppo" else []:
-            if PHASE_KEYS <= run.metrics.keys():
+        if script == "ant_ppo":
+            for run in (r for r in group if PHASE_KEYS <= r.metrics.keys()):
                 print(phase_table(run, args.phase_window), flush=True)
         written += plot_performance(script, group, out, args)
         written += plot_units_rank(script, group, out, args)
