@@ -187,11 +187,12 @@ def load_run(path):
 
 
 def set_labels(runs):
-    """Agent name, plus the config values that vary when a run has several configs; lines that would
-    still share a label get every config value, then the run directory's name. Also fixes each line's
-    colour (the same in every figure of a script; RESET, the CIFAR baseline, in black as in the paper)."""
+    """Agent name, plus the config values that vary when a run has several configs; lines that would still
+    share a label get the config values their run's labels do not show, then the run directory's name. Also fixes
+    each line's colour (the same in every figure of a script; RESET, the CIFAR baseline, in black as in the paper)."""
+    shown = {}  # run directory -> the config keys its labels already show
     for run in runs:
-        varying = [k for k in run.configs[0] if len({repr(c.get(k)) for c in run.configs}) > 1]
+        varying = shown[run.path] = [k for k in run.configs[0] if len({repr(c.get(k)) for c in run.configs}) > 1]
         run.labels = [" ".join([run.agent] + [f"{k}={c.get(k):g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}"
                                                for k in varying]) for c in run.configs]
     for script in {r.script for r in runs}:
@@ -201,8 +202,9 @@ def set_labels(runs):
             for run in group:
                 for c, lab in enumerate(run.labels):
                     if seen.count(lab) > 1:
-                        extra = ", ".join(f"{k}={v}" for k, v in run.configs[c].items()) if fallback == "all" else run.path.name
-                        run.labels[c] = f"{lab} [{extra}]"
+                        extra = (", ".join(f"{k}={v}" for k, v in run.configs[c].items() if k not in shown[run.path])
+                                 if fallback == "all" else run.path.name)
+                        run.labels[c] = f"{lab} [{extra}]" if extra else lab
         # A known agent's single-config run keeps its colour in every figure; other lines take the tab10
         # colours no known agent of this group uses, in order.
         used = {AGENT_COLORS[r.agent.lower()] for r in group if r.agent.lower() in AGENT_COLORS}

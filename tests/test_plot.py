@@ -297,3 +297,21 @@ def test_ant_phase_table_by_hand(tmp_path):
     run.metrics["episodic_return"][0, 0, 2:4] = -1.0
     # (seed 0's updates 3-4 at -1: before = -1, 5.5 -> 2.25 +- 12.706 x 6.5 / 2)
     assert "| n/a (return <= 0) (2 +- 0 vs 2.25 +- 41) |" in plot.phase_table(run, 4096).splitlines()[3]
+
+
+def test_labels_tell_runs_apart_without_repeating_what_they_show():
+    """Two sweeps of one agent over the same lr values: each line names the lr it shows once, then its run
+    directory; runs whose configs differ in a value the labels do not show get that value instead."""
+    def run(name, configs):
+        return plot.Run(Path(name), "pmnist", "spectral-reg", configs, [0], {}, None, [], [])
+
+    a = run("lambda1e-2", [{"lr": 1e-3}, {"lr": 1e-4}])
+    b = run("lambda1e-3", [{"lr": 1e-3}, {"lr": 1e-4}])
+    plot.set_labels([a, b])
+    assert a.labels == ["spectral-reg lr=0.001 [lambda1e-2]", "spectral-reg lr=0.0001 [lambda1e-2]"]
+    assert b.labels == ["spectral-reg lr=0.001 [lambda1e-3]", "spectral-reg lr=0.0001 [lambda1e-3]"]
+    c = run("c", [{"lr": 1e-3, "spectral_lambda": 1e-2}])
+    d = run("d", [{"lr": 1e-3, "spectral_lambda": 1e-3}])
+    plot.set_labels([c, d])
+    assert c.labels == ["spectral-reg [lr=0.001, spectral_lambda=0.01]"]
+    assert d.labels == ["spectral-reg [lr=0.001, spectral_lambda=0.001]"]
