@@ -352,6 +352,45 @@ def plot(path, traj1, traj2, starts, args):
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
+def summarize(args, in_bowl, steps2, solved2, cond, final_loss, diverged, best2):
+    """summary.json: per method, Task 1's basins and Task 2's steps to solve it from the grid's starts
+    ([methods, starts] each), and the paper's two Fig. 1 claims, compared in total and start by start."""
+    summary = {"grid_starts": in_bowl.shape[1], "task2_best_loss": best2, "tol": args.tol, "eta": args.eta,
+               "task1_steps": args.task1_steps, "task2_steps": args.task2_steps,
+               "task1_only_curv_in_bowl": int((in_bowl[1] & ~in_bowl[0]).sum()),
+               "task1_only_gd_in_bowl": int((in_bowl[0] & ~in_bowl[1]).sum())}
+    for i, m in enumerate(METHODS):
+        bowl, steps = in_bowl[i], steps2[i]
+        summary[m] = {
+            "task1_bowl_fraction": float(bowl.mean()),
+            "task1_bowl_count": int(bowl.sum()),
+            "task2_start_cond_median": float(np.median(cond[i])),
+            "task2_steps_mean": float(steps.mean()),
+            "task2_steps_median": float(np.median(steps)),
+            "task2_solved_fraction": float(solved2[i].mean()),
+            "task2_steps_mean_from_bowl": _mean_or_none(steps[bowl]),
+            "task2_steps_mean_from_canyon": _mean_or_none(steps[~bowl]),
+            "task2_final_loss_median": float(np.median(final_loss[i])),
+            "diverged_fraction": float(diverged[i].mean()),
+        }
+    gd, curv = summary["gd"], summary["curv"]
+    summary["claims"] = {  # the paper's Fig. 1 story, as bare comparisons on this grid (no tie margin)
+        "curv_ends_task1_in_bowl_more_often": curv["task1_bowl_fraction"] > gd["task1_bowl_fraction"],
+        "curv_needs_fewer_task2_steps": curv["task2_steps_mean"] < gd["task2_steps_mean"],
+    }
+    # The same claims judged start by start, with a tie margin (TIE_MIN_STARTS says why).
+    flips = basin_flips(in_bowl[0], in_bowl[1])
+    fewer = fewer_steps(steps2[0], steps2[1])
+    margin = tie_margin(args.grid_size)
+    summary.update(task1_flips=flips, task2_fewer_steps=fewer, tie_margin=margin, verdicts={})
+    for claim, n_for, n_against in (
+            ("curv_ends_task1_in_bowl_more_often", flips["canyon_to_bowl"], flips["bowl_to_canyon"]),
+            ("curv_needs_fewer_task2_steps", fewer["curv"], fewer["gd"])):
+        summary["verdicts"][claim] = {"verdict": verdict(n_for, n_against, margin), "net": n_for - n_against,
+                                      "starts_for": n_for, "starts_against": n_against}
+    return summary
+
+
 def main(args):
     validate(args)
     run_dir = common.make_run_dir("toy", "gd-vs-curv", args.out_dir)
@@ -388,39 +427,8 @@ def main(args):
             print(f"warning: {m} diverged (non-finite iterates) from {int(diverged[i, :n].sum())} of {n} starts; "
                   f"lower --eta", file=sys.stderr, flush=True)
 
-    summary = {"grid_starts": n, "task2_best_loss": best2, "tol": args.tol, "eta": args.eta,
-               "task1_steps": args.task1_steps, "task2_steps": args.task2_steps,
-               "task1_only_curv_in_bowl": int((in_bowl[1, :n] & ~in_bowl[0, :n]).sum()),
-               "task1_only_gd_in_bowl": int((in_bowl[0, :n] & ~in_bowl[1, :n]).sum())}
-    for i, m in enumerate(METHODS):
-        bowl, steps = in_bowl[i, :n], steps2[i, :n]
-        summary[m] = {
-            "task1_bowl_fraction": float(bowl.mean()),
-            "task1_bowl_count": int(bowl.sum()),
-            "task2_start_cond_median": float(np.median(cond[i, :n])),
-            "task2_steps_mean": float(steps.mean()),
-            "task2_steps_median": float(np.median(steps)),
-            "task2_solved_fraction": float(solved2[i, :n].mean()),
-            "task2_steps_mean_from_bowl": _mean_or_none(steps[bowl]),
-            "task2_steps_mean_from_canyon": _mean_or_none(steps[~bowl]),
-            "task2_final_loss_median": float(np.median(losses2[i, :n, -1])),
-            "diverged_fraction": float(diverged[i, :n].mean()),
-        }
-    gd, curv = summary["gd"], summary["curv"]
-    summary["claims"] = {  # the paper's Fig. 1 story, as bare comparisons on this grid (no tie margin)
-        "curv_ends_task1_in_bowl_more_often": curv["task1_bowl_fraction"] > gd["task1_bowl_fraction"],
-        "curv_needs_fewer_task2_steps": curv["task2_steps_mean"] < gd["task2_steps_mean"],
-    }
-    # The same claims judged start by start, with a tie margin (TIE_MIN_STARTS says why).
-    flips = basin_flips(in_bowl[0, :n], in_bowl[1, :n])
-    fewer = fewer_steps(steps2[0, :n], steps2[1, :n])
-    margin = tie_margin(args.grid_size)
-    summary.update(task1_flips=flips, task2_fewer_steps=fewer, tie_margin=margin, verdicts={})
-    for claim, n_for, n_against in (
-            ("curv_ends_task1_in_bowl_more_often", flips["canyon_to_bowl"], flips["bowl_to_canyon"]),
-            ("curv_needs_fewer_task2_steps", fewer["curv"], fewer["gd"])):
-        summary["verdicts"][claim] = {"verdict": verdict(n_for, n_against, margin), "net": n_for - n_against,
-                                      "starts_for": n_for, "starts_against": n_against}
+    summary = summarize(args, in_bowl[:, :n], steps2[:, :n], solved2[:, :n], cond[:, :n], losses2[:, :n, -1],
+                        diverged[:, :n], best2)
     print_table(summary)
     print_claims(summary)
 
