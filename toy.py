@@ -352,9 +352,12 @@ def plot(path, traj1, traj2, starts, args):
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
-def summarize(args, in_bowl, steps2, solved2, cond, final_loss, diverged, best2):
+def summarize(args, grid_metrics, best2):
     """summary.json: per method, Task 1's basins and Task 2's steps to solve it from the grid's starts
-    ([methods, starts] each), and the paper's two Fig. 1 claims, compared in total and start by start."""
+    (`grid_metrics`: metrics.npz's [methods, starts] arrays), and the paper's two Fig. 1 claims, compared in total
+    and start by start."""
+    in_bowl, steps2, solved2 = (grid_metrics[k] for k in ("task1_in_bowl", "task2_steps", "task2_solved"))
+    cond, final_loss, diverged = (grid_metrics[k] for k in ("task2_start_cond", "task2_final_loss", "diverged"))
     summary = {"grid_starts": in_bowl.shape[1], "task2_best_loss": best2, "tol": args.tol, "eta": args.eta,
                "task1_steps": args.task1_steps, "task2_steps": args.task2_steps,
                "task1_only_curv_in_bowl": int((in_bowl[1] & ~in_bowl[0]).sum()),
@@ -427,14 +430,14 @@ def main(args):
             print(f"warning: {m} diverged (non-finite iterates) from {int(diverged[i, :n].sum())} of {n} starts; "
                   f"lower --eta", file=sys.stderr, flush=True)
 
-    summary = summarize(args, in_bowl[:, :n], steps2[:, :n], solved2[:, :n], cond[:, :n], losses2[:, :n, -1],
-                        diverged[:, :n], best2)
+    grid_metrics = dict(task1_end=end1[:, :n], task1_in_bowl=in_bowl[:, :n], task2_start_cond=cond[:, :n],
+                        task2_steps=steps2[:, :n], task2_solved=solved2[:, :n], task2_final_loss=losses2[:, :n, -1],
+                        diverged=diverged[:, :n])  # the grid's starts, without the figure's
+    summary = summarize(args, grid_metrics, best2)
     print_table(summary)
     print_claims(summary)
 
-    common.save_npz(run_dir / "metrics.npz", methods=np.asarray(METHODS), starts=grid, task1_end=end1[:, :n],
-                    task1_in_bowl=in_bowl[:, :n], task2_start_cond=cond[:, :n], task2_steps=steps2[:, :n],
-                    task2_solved=solved2[:, :n], task2_final_loss=losses2[:, :n, -1], diverged=diverged[:, :n],
+    common.save_npz(run_dir / "metrics.npz", methods=np.asarray(METHODS), starts=grid, **grid_metrics,
                     plot_task1=traj1[:, n], plot_task2=traj2[:, n])
     common.save_json(run_dir / "summary.json", summary)
     plot(run_dir / "fig1_left.png", traj1[:, n], traj2[:, n], grid, args)
