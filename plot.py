@@ -190,11 +190,12 @@ def set_labels(runs):
     """Agent name, plus the config values that vary when a run has several configs; lines that would still
     share a label get the config values their run's labels do not show, then the run directory's name. Also fixes
     each line's colour (the same in every figure of a script; RESET, the CIFAR baseline, in black as in the paper)."""
-    shown = {}  # run directory -> the config keys its labels already show
+    def varying(run):  # the config keys a run's labels show
+        return [k for k in run.configs[0] if len({repr(c.get(k)) for c in run.configs}) > 1]
+
     for run in runs:
-        varying = shown[run.path] = [k for k in run.configs[0] if len({repr(c.get(k)) for c in run.configs}) > 1]
         run.labels = [" ".join([run.agent] + [f"{k}={c.get(k):g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}"
-                                               for k in varying]) for c in run.configs]
+                                               for k in varying(run)]) for c in run.configs]
     for script in {r.script for r in runs}:
         group = [r for r in runs if r.script == script]
         for fallback in ("all", "dir"):
@@ -202,7 +203,7 @@ def set_labels(runs):
             for run in group:
                 for c, lab in enumerate(run.labels):
                     if seen.count(lab) > 1:
-                        extra = (", ".join(f"{k}={v}" for k, v in run.configs[c].items() if k not in shown[run.path])
+                        extra = (", ".join(f"{k}={v}" for k, v in run.configs[c].items() if k not in varying(run))
                                  if fallback == "all" else run.path.name)
                         run.labels[c] = f"{lab} [{extra}]" if extra else lab
         # A known agent's single-config run keeps its colour in every figure; other lines take the tab10
