@@ -327,11 +327,13 @@ def plot_units_rank(script, runs, out, args):
                 arr = run.metrics[key][c].astype(np.float64)
                 values = reduce(arr, axis=-1) if arr.ndim == 3 else arr  # [S, T, L] -> [S, T]
                 report_nonfinite(run, c, values, key, unit)
-                bounds = (0, arr.shape[-1] * run.width) if key == "dead_units" and run.width else (None, None)
+                bounds = ((0, arr.shape[-1] * run.width if run.width else None) if key == "dead_units"
+                          else (None, None))  # a count's band stays in [0, units]
                 draw_curve(ax, values, run.labels[c], line_style(run, c), args, bounds)
                 n_lines += 1
         if n_lines:
             ax.set(xlabel=unit, ylabel=ylabel)
+            mark_friction_phases(ax, runs)  # Slippery Ant: do units die at the changes?
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         else:

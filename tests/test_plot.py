@@ -299,6 +299,27 @@ def test_ant_phase_table_by_hand(tmp_path):
     assert "| n/a (return <= 0) (2 +- 0 vs 2.25 +- 41) |" in plot.phase_table(run, 4096).splitlines()[3]
 
 
+def test_ant_units_rank_marks_phases_and_keeps_counts_nonnegative(tmp_path, monkeypatch):
+    """The dead-units panel of an Ant run (no width in its config) marks the friction changes like the return
+    figure, and its band is clipped at 0 units: two seeds of 0 and 6 dead units have a t-interval reaching -35."""
+    import types
+    friction = np.array([0.3] * 3 + [0.04] * 3)
+    dead = np.stack([np.zeros((6, 2)), np.full((6, 2), 3.0)])  # [seeds, updates, layers]
+    metrics = {"episodic_return": np.ones((1, 2, 6)), "friction": np.broadcast_to(friction, (1, 2, 6)),
+               "env_steps": 2048 * np.arange(1, 7), "dead_units": dead[None],
+               "effective_rank": np.full((1, 2, 6, 2), 10.0)}
+    run = plot.load_run(write_run(tmp_path / "ant", "ant_ppo", "bp", [{"lr": 1e-4}], [0, 1], metrics))
+    plot.set_labels([run])
+    figures = []
+    monkeypatch.setattr(plot, "save", lambda fig, out, name: figures.append(fig) or out / name)
+    plot.plot_units_rank("ant_ppo", [run], tmp_path, types.SimpleNamespace(smooth=None, polyorder=2))
+    dead_ax, rank_ax = figures[0].axes
+    for ax in (dead_ax, rank_ax):
+        assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [3.5]
+        assert [t.get_text() for t in ax.texts] == ["friction 0.3", "friction 0.04"]
+    band = dead_ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == 0.0 and band[:, 1].max() > 6
+
 def test_labels_tell_runs_apart_without_repeating_what_they_show():
     """Two sweeps of one agent over the same lr values: each line names the lr it shows once, then its run
     directory; runs whose configs differ in a value the labels do not show get that value instead."""
