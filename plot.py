@@ -9,7 +9,8 @@ hessian.npz; format in the README) and writes one PNG per figure and per benchma
 - hessian_<script>.png       Hessian spectral density at task init and end, log y (Figs. 10, 12, 13)
 - curvature_<script>.png     accuracy vs normalized eps-rank at task init with a least-squares line (Figs. 2, 7);
                              the eps-rank integrates the smoothed density, as the authors computed Fig. 2
-Runs of several agents and scripts can be mixed: runs of one script share its figures. For Slippery Ant runs
+Runs of several agents and scripts can be mixed: runs of one script share its figures; runs of one experiment
+split over seeds (e.g. one `--seed S --seeds 1` per core) are pooled into one line. For Slippery Ant runs
 it also prints a per-phase table (return at each phase's end, the drop after each friction change, dead units
 and effective rank); --table prints one of chosen windows for any script.
 """
@@ -140,6 +141,7 @@ class Run:
     labels: list  # one legend label per config
     colors: list  # one line colour per config
     width: int | None = None  # units per hidden layer, when the run recorded it
+    args: dict | None = None  # the script's arguments, as config.json records them
 
 
 def load_run(path):
@@ -155,7 +157,8 @@ def load_run(path):
         # the benchmark the run belongs to (a fork of pmnist.py records "pmnist"), else its script's name
         script, agent = str(cfg.get("benchmark", cfg["script"])), str(cfg["agent"])
         configs, seeds = [dict(c) for c in cfg["configs"]], [int(s) for s in cfg["seeds"]]
-        width = cfg.get("args", {}).get("width")
+        run_args = dict(cfg.get("args", {}))
+        width = run_args.get("width")
     except (ValueError, KeyError, TypeError) as e:
         common.fail(f"{path}/config.json: not a run config ({type(e).__name__}: {one_line(e)})")
     if not configs or not seeds:
@@ -177,13 +180,69 @@ def load_run(path):
                 hess = {k: f[k] for k in f.files}
         except Exception as e:  # a truncated or foreign file: the other figures can still be drawn
             notice(f"{path.name}: hessian.npz unreadable ({type(e).__name__}: {one_line(e)}); spectra skipped")
-            return Run(path, script, agent, configs, seeds, metrics, None, [], [], width)
+            return Run(path, script, agent, configs, seeds, metrics, None, [], [], width, run_args)
         missing = [k for k in HESSIAN_KEYS if k not in hess]
         bad = [k for k in HESSIAN_KEYS[1:] if k in hess and hess[k].shape[:3] != (*shape, len(hess["tasks"]))]
         if missing or bad:
             notice(f"{path.name}: hessian.npz lacks {missing} or has misshapen {bad}; spectra skipped")
             hess = None
-    return Run(path, script, agent, configs, seeds, metrics, hess, [], [], width)
+    return Run(path, script, agent, configs, seeds, metrics, hess, [], [], width, run_args)
+
+
+# Arguments that may differ between runs of one experiment that were split over seeds (several processes,
+# machines or sessions) and are pooled into one line: where each run went, and how it was run, not what it did.
+POOL_FREE = ("seed", "seeds", "out_dir", "resume", "data_dir", "manual_dir", "checkpoint_minutes",
+             "member_batching", "tasks", "total_steps")
+
+
+def pool_seed_runs(runs):
+    """Runs of one experiment split over seeds (same script, agent, configs and arguments but for POOL_FREE,
+    disjoint seeds) become one run with all their seeds, e.g. `--seed 2024 --seeds 1` and `--seed 2025 --seeds 1`
+    on two cores; a seed trains the same alone as beside others. Time axes are cut to the shortest run, and only
+    the Hessian measurements every run has are kept."""
+    def key(r):
+        return r.script, r.agent, repr(r.configs), repr(sorted((k, repr(v)) for k, v in (r.args or {}).items()
+                                                             if k not in POOL_FREE))
+    pooled = []
+    for run in runs:
+        home = next((p for p in pooled if key(p[0]) == key(run)
+                     and not {s for r in p for s in r.seeds} & set(run.seeds)), None)
+        if home is None:
+            pooled.append([run])
+        else:
+            home.append(run)
+    return [group[0] if len(group) == 1 else merge_runs(group) for group in pooled]
+
+
+def merge_runs(group):
+    """One Run holding the seeds of every run in group (all of one experiment, see pool_seed_runs)."""
+    first, C = group[0], len(group[0].configs)
+    keys = set.intersection(*(set(r.metrics) for r in group))
+    metrics = {}
+    for k in sorted(keys):
+        arrays = [r.metrics[k] for r in group]
+        if any(a.shape[:2] != (C, len(r.seeds)) for a, r in zip(arrays, group)):
+            continue  # not a per-member array
+        if arrays[0].ndim >= 3:  # [C, S, T, ...]: the time axis of the shortest run
+            T = min(a.shape[2] for a in arrays)
+            arrays = [a[:, :, :T] for a in arrays]
+        if len({a.shape[2:] for a in arrays}) == 1:
+            metrics[k] = np.concatenate(arrays, axis=1)
+    primary = PRIMARY.get(first.script, (None,))[0]
+    lengths = sorted({r.metrics[primary].shape[2] for r in group if primary in r.metrics})
+    hess = None
+    if all(r.hessian is not None for r in group):
+        common_tasks = sorted(set.intersection(*(set(r.hessian["tasks"].tolist()) for r in group)))
+        if common_tasks:
+            hess = {"tasks": np.asarray(common_tasks)}
+            for k in HESSIAN_KEYS[1:]:
+                hess[k] = np.concatenate([r.hessian[k][:, :, [r.hessian["tasks"].tolist().index(t)
+                                                                 for t in common_tasks]] for r in group], axis=1)
+    names = "+".join(r.path.name for r in group)
+    notice(f"pooled {names} as one run of seeds {[s for r in group for s in r.seeds]}"
+           + (f"; cut to the shortest, {lengths[0]} of {lengths[-1]}" if len(lengths) > 1 else ""))
+    return Run(first.path.parent / names, first.script, first.agent, first.configs,
+               [s for r in group for s in r.seeds], metrics, hess, [], [], first.width, first.args)
 
 
 def set_labels(runs):
@@ -580,14 +639,14 @@ def main(args):
         common.fail(f"--table windows must look like 1-10 (tasks counted from 1), got {' '.join(args.table)}")
     if args.smooth is not None and (args.smooth % 2 == 0 or args.smooth <= args.polyorder):
         common.fail(f"--smooth must be an odd window larger than --polyorder ({args.polyorder}), got {args.smooth}")
-    runs = [load_run(p) for p in args.run_dirs]
+    runs = pool_seed_runs([load_run(p) for p in args.run_dirs])
     set_labels(runs)
     if args.out is not None:
         out = Path(args.out)
-    elif len(runs) == 1:
-        out = runs[0].path
+    elif len(args.run_dirs) == 1:
+        out = Path(args.run_dirs[0])
     else:
-        out = Path(os.path.commonpath([r.path.resolve() for r in runs]))
+        out = Path(os.path.commonpath([Path(p).resolve() for p in args.run_dirs]))
     out.mkdir(parents=True, exist_ok=True)
     written, r2 = [], {}
     for script in dict.fromkeys(r.script for r in runs):  # first-seen order

@@ -336,3 +336,30 @@ def test_labels_tell_runs_apart_without_repeating_what_they_show():
     plot.set_labels([c, d])
     assert c.labels == ["spectral-reg [lr=0.001, spectral_lambda=0.01]"]
     assert d.labels == ["spectral-reg [lr=0.001, spectral_lambda=0.001]"]
+
+
+def test_runs_split_over_seeds_are_pooled(tmp_path, capsys):
+    """Two `--seeds 1` runs of one experiment become one line of both seeds (time cut to the shorter, common
+    Hessian measurements only); another config, or a seed already present, stays a separate run."""
+    acc_a, acc_b = np.array([[[0.8, 0.9, 0.5, 0.7]]]), np.array([[[0.6, 0.7, 0.7]]])  # [C=1, S=1, T]
+    nodes, weights = spectra([[0.2, 0.4]])  # [1, 1, K=2, 1, 2]
+    hess_a = {"tasks": np.array([0, 2]), "init_nodes": nodes, "init_weights": weights, "end_nodes": nodes,
+              "end_weights": weights}
+    hess_b = {k: (np.array([2]) if k == "tasks" else v[:, :, 1:]) for k, v in hess_a.items()}
+    lr = [{"lr": 0.01}]
+    a = write_run(tmp_path / "a", "pmnist", "bp", lr, [0], {"online_acc": acc_a}, hess_a)
+    b = write_run(tmp_path / "b", "pmnist", "bp", lr, [1], {"online_acc": acc_b}, hess_b)
+    other = write_run(tmp_path / "c", "pmnist", "bp", [{"lr": 0.1}], [1], {"online_acc": acc_b})
+    again = write_run(tmp_path / "d", "pmnist", "bp", lr, [0], {"online_acc": acc_a})
+    runs = plot.pool_seed_runs([plot.load_run(p) for p in (a, b, other, again)])
+    assert [r.path.name for r in runs] == ["a+b", "c", "d"]
+    both = runs[0]
+    assert both.seeds == [0, 1]
+    np.testing.assert_array_equal(both.metrics["online_acc"], [[[0.8, 0.9, 0.5], [0.6, 0.7, 0.7]]])
+    assert both.metrics["diverged"].shape == (1, 2)
+    assert both.hessian["tasks"].tolist() == [2]
+    np.testing.assert_array_equal(both.hessian["init_weights"][0, :, 0], [weights[0, 0, 1], weights[0, 0, 1]])
+    assert "pooled a+b as one run of seeds [0, 1]; cut to the shortest, 3 of 4" in capsys.readouterr().out
+    plot.set_labels(runs[:1])  # alone: "d" would share its label
+    # window 1-2: seed means 0.85, 0.65 -> 0.75 +- 12.7062 * 0.1414 / sqrt(2), as in test_window_table_by_hand
+    assert plot.window_table("pmnist", runs[:1], ("1-2",)).splitlines()[2] == "| a+b [bp] | 2 | 0.7500 +- 1.2706 |"
