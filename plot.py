@@ -142,6 +142,7 @@ class Run:
     colors: list  # one line colour per config
     width: int | None = None  # units per hidden layer, when the run recorded it
     args: dict | None = None  # the script's arguments, as config.json records them
+    source: str | None = None  # the script that wrote the run (a fork of pmnist.py names itself, not pmnist)
 
 
 def load_run(path):
@@ -157,7 +158,7 @@ def load_run(path):
         # the benchmark the run belongs to (a fork of pmnist.py records "pmnist"), else its script's name
         script, agent = str(cfg.get("benchmark", cfg["script"])), str(cfg["agent"])
         configs, seeds = [dict(c) for c in cfg["configs"]], [int(s) for s in cfg["seeds"]]
-        run_args = dict(cfg.get("args", {}))
+        run_args, source = dict(cfg.get("args", {})), str(cfg["script"])
         width = run_args.get("width")
     except (ValueError, KeyError, TypeError) as e:
         common.fail(f"{path}/config.json: not a run config ({type(e).__name__}: {one_line(e)})")
@@ -180,13 +181,13 @@ def load_run(path):
                 hess = {k: f[k] for k in f.files}
         except Exception as e:  # a truncated or foreign file: the other figures can still be drawn
             notice(f"{path.name}: hessian.npz unreadable ({type(e).__name__}: {one_line(e)}); spectra skipped")
-            return Run(path, script, agent, configs, seeds, metrics, None, [], [], width, run_args)
+            return Run(path, script, agent, configs, seeds, metrics, None, [], [], width, run_args, source)
         missing = [k for k in HESSIAN_KEYS if k not in hess]
         bad = [k for k in HESSIAN_KEYS[1:] if k in hess and hess[k].shape[:3] != (*shape, len(hess["tasks"]))]
         if missing or bad:
             notice(f"{path.name}: hessian.npz lacks {missing} or has misshapen {bad}; spectra skipped")
             hess = None
-    return Run(path, script, agent, configs, seeds, metrics, hess, [], [], width, run_args)
+    return Run(path, script, agent, configs, seeds, metrics, hess, [], [], width, run_args, source)
 
 
 # Arguments that may differ between runs of one experiment that were split over seeds (several processes,
@@ -201,8 +202,8 @@ def pool_seed_runs(runs):
     on two cores; a seed trains the same alone as beside others. Time axes are cut to the shortest run, and only
     the Hessian measurements every run has are kept."""
     def key(r):
-        return r.script, r.agent, repr(r.configs), repr(sorted((k, repr(v)) for k, v in (r.args or {}).items()
-                                                             if k not in POOL_FREE))
+        kept = sorted((k, repr(v)) for k, v in (r.args or {}).items() if k not in POOL_FREE)
+        return r.source, r.script, r.agent, repr(r.configs), repr(kept)
     pooled = []
     for run in runs:
         home = next((p for p in pooled if key(p[0]) == key(run)
@@ -242,7 +243,7 @@ def merge_runs(group):
     notice(f"pooled {names} as one run of seeds {[s for r in group for s in r.seeds]}"
            + (f"; cut to the shortest, {lengths[0]} of {lengths[-1]}" if len(lengths) > 1 else ""))
     return Run(first.path.parent / names, first.script, first.agent, first.configs,
-               [s for r in group for s in r.seeds], metrics, hess, [], [], first.width, first.args)
+               [s for r in group for s in r.seeds], metrics, hess, [], [], first.width, first.args, first.source)
 
 
 def set_labels(runs):

@@ -351,8 +351,11 @@ def test_runs_split_over_seeds_are_pooled(tmp_path, capsys):
     b = write_run(tmp_path / "b", "pmnist", "bp", lr, [1], {"online_acc": acc_b}, hess_b)
     other = write_run(tmp_path / "c", "pmnist", "bp", [{"lr": 0.1}], [1], {"online_acc": acc_b})
     again = write_run(tmp_path / "d", "pmnist", "bp", lr, [0], {"online_acc": acc_a})
-    runs = plot.pool_seed_runs([plot.load_run(p) for p in (a, b, other, again)])
-    assert [r.path.name for r in runs] == ["a+b", "c", "d"]
+    fork = write_run(tmp_path / "e", "pmnist", "bp", lr, [2], {"online_acc": acc_b})  # a fork's run: other code
+    config = json.loads((fork / "config.json").read_text())
+    (fork / "config.json").write_text(json.dumps({**config, "script": "my_idea", "benchmark": "pmnist"}))
+    runs = plot.pool_seed_runs([plot.load_run(p) for p in (a, b, other, again, fork)])
+    assert [r.path.name for r in runs] == ["a+b", "c", "d", "e"]
     both = runs[0]
     assert both.seeds == [0, 1]
     np.testing.assert_array_equal(both.metrics["online_acc"], [[[0.8, 0.9, 0.5], [0.6, 0.7, 0.7]]])
