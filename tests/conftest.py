@@ -7,6 +7,15 @@ from pathlib import Path
 # eigen/SVD solves crawl or stall on a 2-core machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# One core per test process (pytest-xdist's worker N on the Nth core it may use): XLA's CPU results depend on how
+# many cores a process may use (work split over more threads rounds differently: a 1-core and a 2-core run of the
+# same ER step differ by 1e-5 after one task and by 5% in the Hessian nodes after two), and tests/golden/ holds
+# one-core values. Pinning also keeps the workers from oversubscribing the cores.
+if hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    os.sched_setaffinity(0, {_cores[int(_worker[2:] or 0) % len(_cores)]})
+
 ROOT = Path(__file__).resolve().parents[1]
 # Compiling is most of this suite's time, and many runs compile the same programs again (every run builds its own
 # closures): JAX's persistent compilation cache, shared by the test files, pytest-xdist's workers and the
