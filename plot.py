@@ -223,7 +223,12 @@ def merge_runs(group):
     for k in sorted(keys):
         arrays = [r.metrics[k] for r in group]
         if any(a.shape[:2] != (C, len(r.seeds)) for a, r in zip(arrays, group)):
-            continue  # not a per-member array
+            # shared by all members (Ant's env_steps [U], layer_names): kept where every run agrees on its
+            # first T entries, T the shortest run's
+            T = min(len(a) if a.ndim else 0 for a in arrays)
+            if all(a.ndim == arrays[0].ndim and np.array_equal(a[:T], arrays[0][:T]) for a in arrays):
+                metrics[k] = arrays[0][:T] if arrays[0].ndim else arrays[0]
+            continue
         if arrays[0].ndim >= 3:  # [C, S, T, ...]: the time axis of the shortest run
             T = min(a.shape[2] for a in arrays)
             arrays = [a[:, :, :T] for a in arrays]

@@ -299,6 +299,37 @@ def test_ant_phase_table_by_hand(tmp_path):
     assert "| n/a (return <= 0) (2 +- 0 vs 2.25 +- 41) |" in plot.phase_table(run, 4096).splitlines()[3]
 
 
+def test_ant_runs_split_over_seeds_keep_their_phase_table(tmp_path):
+    """Slippery Ant seeds run as separate processes pool into one run that still has its env steps (shared by all
+    members, not per member), cut to the shorter run, so plot.py prints the per-phase table of both seeds."""
+    friction = np.array([0.3] * 4 + [0.04] * 4)
+
+    def ant(name, seed, ret):
+        updates = len(ret)
+        metrics = {"episodic_return": np.asarray(ret, np.float64)[None, None],
+                   "friction": friction[None, None, :updates], "env_steps": 2048 * np.arange(1, updates + 1),
+                   "dead_units": np.zeros((1, 1, updates, 2)), "effective_rank": np.full((1, 1, updates, 2), 5.0),
+                   "layer_names": np.array(["actor", "critic"])}
+        return plot.load_run(write_run(tmp_path / name, "ant_ppo", "bp", [{"lr": 1e-4}], [seed], metrics))
+
+    runs = plot.pool_seed_runs([ant("ant_s0", 0, [1, 2, 3, 4, 2, 2, 6, 6]), ant("ant_s1", 1, [3, 4, 5, 6, 1, 3, 8])])
+    assert len(runs) == 1 and plot.PHASE_KEYS <= runs[0].metrics.keys()
+    run = runs[0]
+    np.testing.assert_array_equal(run.metrics["env_steps"], 2048 * np.arange(1, 8))
+    assert run.metrics["layer_names"].tolist() == ["actor", "critic"]
+    plot.set_labels(runs)
+    rows = plot.phase_table(run, 4096).splitlines()[2:]
+    # as test_ant_phase_table_by_hand: phase 1's last 2 updates, seed means 3.5, 5.5 -> 4.5 +- 12.7
+    assert rows[0] == "| ant_s0+ant_s1 [bp] | 2 | 1 | 0.3 | 1-4 | 4.5 +- 13 | - | 0, 0 | 5, 5 |"
+    # phase 2 so far (updates 6-7): 4, 5.5 -> 4.75 +- 12.706 x 1.0607 / sqrt(2); the change as there
+    assert rows[1] == ("| ant_s0+ant_s1 [bp] | 2 | 2 | 0.04 | 5-7 so far | 4.75 +- 9.5 "
+                       "| 0.4675 +- 1.3 (2 +- 0 vs 4.5 +- 13) | 0, 0 | 5, 5 |")
+    # runs whose shared arrays disagree (another --num-steps) would not pool; if forced, the array is dropped
+    other = ant("ant_s2", 2, [1, 2, 3])
+    other.metrics["env_steps"] = 64 * np.arange(1, 4)
+    assert "env_steps" not in plot.merge_runs([run, other]).metrics
+
+
 def test_ant_units_rank_marks_phases_and_keeps_counts_nonnegative(tmp_path, monkeypatch):
     """The dead-units panel of an Ant run (no width in its config) marks the friction changes like the return
     figure, and its band is clipped at 0 units: two seeds of 0 and 6 dead units have a t-interval reaching -35."""
