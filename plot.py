@@ -225,9 +225,10 @@ def merge_runs(group):
         if any(a.shape[:2] != (C, len(r.seeds)) for a, r in zip(arrays, group)):
             # shared by all members (Ant's env_steps [U], layer_names): kept where every run agrees on its
             # first T entries, T the shortest run's
-            T = min(len(a) if a.ndim else 0 for a in arrays)
-            if all(a.ndim == arrays[0].ndim and np.array_equal(a[:T], arrays[0][:T]) for a in arrays):
-                metrics[k] = arrays[0][:T] if arrays[0].ndim else arrays[0]
+            if arrays[0].ndim and all(a.ndim == arrays[0].ndim for a in arrays):
+                T = min(len(a) for a in arrays)
+                if all(np.array_equal(a[:T], arrays[0][:T]) for a in arrays):
+                    metrics[k] = arrays[0][:T]
             continue
         if arrays[0].ndim >= 3:  # [C, S, T, ...]: the time axis of the shortest run
             T = min(a.shape[2] for a in arrays)

@@ -10,8 +10,8 @@ compilation cache that tests/conftest.py turns on).
 Regularizer strengths are raised where the paper's values would move these few steps' numbers by less than
 the tolerance, so that a regression in any mechanism shows.
 The values are one core's (tests/conftest.py pins every test process to one): XLA rounds differently with more
-cores, and may on another CPU model. Where this test fails on a new machine, run the last commit that passed
-there: if it gives the same new values, the code is not at fault, and re-recording is right."""
+cores, and may on another CPU model. Where this test fails on a new machine, run on that machine the last commit
+that passed elsewhere: if it gives the same new values, the code is not at fault, and re-recording is right."""
 import sys
 import tempfile
 import zipfile
