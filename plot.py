@@ -252,32 +252,56 @@ def merge_runs(group):
                [s for r in group for s in r.seeds], metrics, hess, [], [], first.width, first.args, first.source)
 
 
+def _fmt(value):
+    """An argument's value as a label shows it: 0.99, 64, 0.2961 0.0387."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_fmt(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def set_labels(runs):
     """Agent name, plus the config values that vary when a run has several configs; lines that would still
-    share a label get the config values their run's labels do not show, then the run directory's name. Also fixes
-    each line's colour (the same in every figure of a script; RESET, the CIFAR baseline, in black as in the paper)."""
+    share a label get the arguments that set them apart (e.g. `bp [beta1=0.99, beta2=0.99]` beside plain bp; an
+    unset argument, the agent's default, is not shown), then the config values their run's labels do not show,
+    then the run directory's name. Also fixes each line's colour (an agent's own colour in every figure of a
+    script, for its plainest run; RESET, the CIFAR baseline, in black as in the paper)."""
     def varying(run):  # the config keys a run's labels show
         return [k for k in run.configs[0] if len({repr(c.get(k)) for c in run.configs}) > 1]
 
+    def differing_args(run, c, label, group):  # arguments in which the runs sharing this label differ
+        peers = [r for r in group if label in r.labels]
+        keys = sorted({k for r in peers for k in (r.args or {})} - set(POOL_FREE) - set(run.configs[c]))
+        return ", ".join(f"{k}={_fmt((run.args or {}).get(k))}" for k in keys
+                         if (run.args or {}).get(k) is not None
+                         and len({repr((r.args or {}).get(k)) for r in peers}) > 1)
+
     for run in runs:
-        run.labels = [" ".join([run.agent] + [f"{k}={c.get(k):g}" if isinstance(c.get(k), float) else f"{k}={c.get(k)}"
-                                               for k in varying(run)]) for c in run.configs]
+        run.labels = [" ".join([run.agent] + [f"{k}={_fmt(c.get(k))}" for k in varying(run)]) for c in run.configs]
     for script in {r.script for r in runs}:
         group = [r for r in runs if r.script == script]
-        for fallback in ("all", "dir"):
+        for fallback in ("args", "all", "dir"):
             seen = [lab for r in group for lab in r.labels]
+            new = {}
             for run in group:
                 for c, lab in enumerate(run.labels):
                     if seen.count(lab) > 1:
-                        extra = (", ".join(f"{k}={v}" for k, v in run.configs[c].items() if k not in varying(run))
+                        extra = (differing_args(run, c, lab, group) if fallback == "args" else
+                                 ", ".join(f"{k}={v}" for k, v in run.configs[c].items() if k not in varying(run))
                                  if fallback == "all" else run.path.name)
-                        run.labels[c] = f"{lab} [{extra}]" if extra else lab
-        # A known agent's single-config run keeps its colour in every figure; other lines take the tab10
-        # colours no known agent of this group uses, in order.
+                        new[id(run), c] = f"{lab} [{extra}]" if extra else lab
+            for run in group:  # after the loop: differing_args compares the labels as they were
+                run.labels = [new.get((id(run), c), lab) for c, lab in enumerate(run.labels)]
+        # A known agent's single-config run keeps its colour in every figure; other lines (a second run of
+        # that agent too) take the tab10 colours no known agent of this group uses, in order.
         used = {AGENT_COLORS[r.agent.lower()] for r in group if r.agent.lower() in AGENT_COLORS}
         free = itertools.cycle([c for c in [f"C{i}" for i in range(10)] if c not in used] or ["C0"])
+        owner = {}  # agent -> its single-config run with the shortest label (plain bp, not bp [beta1=0.99, ...])
         for run in group:
-            known = AGENT_COLORS.get(run.agent.lower()) if len(run.configs) == 1 else None
+            a = run.agent.lower()
+            if len(run.configs) == 1 and (a not in owner or len(run.labels[0]) < len(owner[a].labels[0])):
+                owner[a] = run
+        for run in group:
+            known = AGENT_COLORS.get(run.agent.lower()) if owner.get(run.agent.lower()) is run else None
             run.colors = [known or next(free) for _ in run.configs]
 
 

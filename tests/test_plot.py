@@ -369,6 +369,25 @@ def test_labels_tell_runs_apart_without_repeating_what_they_show():
     assert d.labels == ["spectral-reg [lr=0.001, spectral_lambda=0.001]"]
 
 
+def test_labels_name_the_arguments_that_set_runs_of_one_agent_apart():
+    """A control run (bp with other Adam betas) beside plain bp: the control's label names its betas, plain bp's
+    names nothing it left at the agent's default (None), and plain bp keeps bp's colour whatever the order."""
+    def run(name, args):
+        base = {"agent": "bp", "seed": 0, "out_dir": name, "lr": [1e-4], "beta1": None, "beta2": None, "num_envs": 1}
+        return plot.Run(Path(name), "ant_ppo", "bp", [{"lr": 1e-4}], [0], {}, None, [], [], args={**base, **args})
+
+    control, plain, wide = run("c", {"beta1": 0.99, "beta2": 0.99}), run("p", {"seed": 1}), run("w", {"num_envs": 64})
+    l2er = plot.Run(Path("l"), "ant_ppo", "l2-er", [{"lr": 1e-4}], [0], {}, None, [], [], args={"beta1": None})
+    plot.set_labels([control, l2er, plain])
+    assert [control.labels, l2er.labels, plain.labels] == [["bp [beta1=0.99, beta2=0.99]"], ["l2-er"], ["bp"]]
+    assert plain.colors == [plot.AGENT_COLORS["bp"]] and l2er.colors == [plot.AGENT_COLORS["l2-er"]]
+    assert control.colors[0] not in (plot.AGENT_COLORS["bp"], plot.AGENT_COLORS["l2-er"])
+    plot.set_labels([plain, control, wide])
+    assert [plain.labels, control.labels, wide.labels] == [
+        ["bp [num_envs=1]"], ["bp [beta1=0.99, beta2=0.99, num_envs=1]"], ["bp [num_envs=64]"]]
+    assert len({plain.colors[0], control.colors[0], wide.colors[0]}) == 3
+
+
 def test_runs_split_over_seeds_are_pooled(tmp_path, capsys):
     """Two `--seeds 1` runs of one experiment become one line of both seeds (time cut to the shorter, common
     Hessian measurements only); another config, or a seed already present, stays a separate run."""
