@@ -20,8 +20,19 @@ the authors' five frictions every 200k steps, 64 envs; lr 1e-3/1e-4 x the author
 return over the run): layernorm-l2 lr 1e-4, weight decay 1e-3; spectral-reg lr 1e-4, lambda 1e-4. At lr 1e-3 every
 spectral-reg run collapsed (returns -6,000 to -44,000: the action means grow and the control cost, on the unclipped
 action, explodes). One seed and 1M steps, where no run walks yet (mean returns over the run -101 to +66 at lr 1e-4),
-make this weak evidence: README gives the table. No source gives ReDo's tau or period for Slippery Ant: tau 0.025
-is our pMNIST sweep's, the period (every update) our unswept choice.
+make this weak evidence. No source gives ReDo's tau or period for Slippery Ant: tau 0.025 is our pMNIST sweep's,
+the period (every update) our unswept choice. The sweep, and its mean return over updates 1-488 (last phase,
+392-488) from `python plot.py runs/ant_sweep/* --table 1-488 392-488`:
+
+    python ant_ppo.py --agent layernorm-l2 --lr 1e-3 1e-4 --weight-decay 1e-3 1e-4 1e-5 --seeds 1 --num-envs 64 \
+        --total-steps 1000000 --change-every 200000 --out-dir runs/ant_sweep/layernorm-l2
+    python ant_ppo.py --agent spectral-reg --spectral-lambda L --lr 1e-3 1e-4 --seeds 1 --num-envs 64 \
+        --total-steps 1000000 --change-every 200000 --out-dir runs/ant_sweep/spectral-reg_lambdaL  # L: 1e-2 1e-3 1e-4
+
+    layernorm-l2, weight decay 1e-3 / 1e-4 / 1e-5:  lr 1e-4: 66 (217) / 56 (205) / 52 (181)
+                                                    lr 1e-3: 32 (93) / -21 (37) / -21 (49)
+    spectral-reg, lambda 1e-2 / 1e-3 / 1e-4:        lr 1e-4: -101 (-77) / -90 (-71) / -70 (-9)
+                                                    lr 1e-3: -6,871 (-6,154) / -14,242 (-6,821) / -43,611 (-33,966)
 
 Seeds and swept hyperparameters (--lr, --weight-decay, --er-lr) are "members" trained together, PureJaxRL
 style: one update = rollout + GAE + 10 epochs of minibatch Adam, and a chunk of --updates-per-chunk updates
