@@ -269,11 +269,18 @@ def set_labels(runs):
         return [k for k in run.configs[0] if len({repr(c.get(k)) for c in run.configs}) > 1]
 
     def differing_args(run, c, label, group):  # arguments in which the runs sharing this label differ
-        peers = [r for r in group if label in r.labels]
-        keys = sorted({k for r in peers for k in (r.args or {})} - set(POOL_FREE) - set(run.configs[c]))
-        return ", ".join(f"{k}={_fmt((run.args or {}).get(k))}" for k in keys
-                         if (run.args or {}).get(k) is not None
-                         and len({repr((r.args or {}).get(k)) for r in peers}) > 1)
+        peers = [r.args or {} for r in group if label in r.labels]
+        args = run.args or {}
+        keys = sorted({k for a in peers for k in a} - set(POOL_FREE) - set(run.configs[c]))
+        return ", ".join(f"{k}={_fmt(args[k])}" for k in keys
+                         if args.get(k) is not None and len({repr(a.get(k)) for a in peers}) > 1)
+
+    def extra(fallback, run, c, label, group):  # what a label that is still shared gets, per fallback
+        if fallback == "args":
+            return differing_args(run, c, label, group)
+        if fallback == "all":
+            return ", ".join(f"{k}={v}" for k, v in run.configs[c].items() if k not in varying(run))
+        return run.path.name
 
     for run in runs:
         run.labels = [" ".join([run.agent] + [f"{k}={_fmt(c.get(k))}" for k in varying(run)]) for c in run.configs]
@@ -285,10 +292,8 @@ def set_labels(runs):
             for run in group:
                 for c, lab in enumerate(run.labels):
                     if seen.count(lab) > 1:
-                        extra = (differing_args(run, c, lab, group) if fallback == "args" else
-                                 ", ".join(f"{k}={v}" for k, v in run.configs[c].items() if k not in varying(run))
-                                 if fallback == "all" else run.path.name)
-                        new[id(run), c] = f"{lab} [{extra}]" if extra else lab
+                        more = extra(fallback, run, c, lab, group)
+                        new[id(run), c] = f"{lab} [{more}]" if more else lab
             for run in group:  # after the loop: differing_args compares the labels as they were
                 run.labels = [new.get((id(run), c), lab) for c, lab in enumerate(run.labels)]
         # A known agent's single-config run keeps its colour in every figure; other lines (a second run of
