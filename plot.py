@@ -378,8 +378,7 @@ def plot_performance(script, runs, out, args):
         notice(f"{script}: no run has '{key}'; performance figure skipped")
         return []
     ax.set(xlabel=unit, ylabel=ylabel, title=f"{script}: {ylabel}, mean and 95% CI over seeds{smooth_note(args)}")
-    mark_friction_phases(ax, runs)
-    ax.legend(fontsize=8)
+    legend(ax, below=mark_friction_phases(ax, runs))
     ax.grid(alpha=0.3)
     return [save(fig, out, f"performance_{script}.png")]
 
@@ -397,12 +396,20 @@ def friction_phases(runs):
 
 
 def mark_friction_phases(ax, runs):
-    """A dotted line where the friction changes and each phase's friction along the top (App. J's schedule)."""
-    for first, last, friction in friction_phases(runs):
+    """A dotted line where the friction changes and each phase's friction along the top (App. J's schedule).
+    Returns the phases, empty when the runs have none."""
+    phases = friction_phases(runs)
+    for first, last, friction in phases:
         if first > 1:
             ax.axvline(first - 0.5, color="0.35", ls=":", lw=1)
         ax.text((first + last) / 2, 0.98, f"friction {friction:.4g}", transform=ax.get_xaxis_transform(),
                 ha="center", va="top", fontsize=7, color="0.25")
+    return phases
+
+
+def legend(ax, below):
+    """Below the axes when friction labels take the top edge, where it would cover them."""
+    ax.legend(fontsize=8, **(dict(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3) if below else {}))
 
 
 def plot_units_rank(script, runs, out, args):
@@ -428,8 +435,7 @@ def plot_units_rank(script, runs, out, args):
                 n_lines += 1
         if n_lines:
             ax.set(xlabel=unit, ylabel=ylabel)
-            mark_friction_phases(ax, runs)  # Slippery Ant: do units die at the changes?
-            ax.legend(fontsize=8)
+            legend(ax, below=mark_friction_phases(ax, runs))  # Slippery Ant: do units die at the changes?
             ax.grid(alpha=0.3)
         else:
             ax.text(0.5, 0.5, f"no '{key}' in these runs", ha="center", va="center", transform=ax.transAxes)

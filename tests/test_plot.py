@@ -127,6 +127,10 @@ def test_ant_friction_phases_are_marked(result):
     plot.mark_friction_phases(ax, [run])
     assert [line.get_xdata()[0] for line in ax.lines] == [7.5, 13.5]
     assert [text.get_text() for text in ax.texts] == ["friction 0.2961", "friction 0.2399", "friction 0.0387"]
+    ax.plot([1, 20], [0, 1], label="bp")
+    plot.legend(ax, below=True)  # the friction labels hold the top edge: the legend must not cover them
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().y1 < ax.get_window_extent().y0
     plt.close(fig)
 
 
