@@ -69,7 +69,7 @@ class Sizes(NamedTuple):
     cifar_steps: int       # steps per timed call (a multiple of cifar's ER interval, 5)
     cifar_seeds: int       # CIFAR members (the paper: 5)
     ant_seeds: int         # Ant members (the paper: 5)
-    ant_envs: int          # envs per seed (ant_ppo's default 64)
+    ant_envs: int          # envs per seed (64: a speed setting; ant_ppo's default is Table 8's 1)
     ant_samples: int       # samples per PPO update (2,048)
     ant_epochs: int        # epochs per update (10)
     ant_minibatches: int   # minibatches per epoch (128)

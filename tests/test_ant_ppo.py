@@ -70,6 +70,7 @@ def test_env_defaults_match_the_flags():
     args = ant_ppo.Args()
     assert ant_ppo.env_config(args) == CFG == ant_ppo.EnvConfig(10, 20, "feet", "crouched", False, False, 1000)
     assert args.normalize_obs is False and args.bootstrap_timeouts is False
+    assert (args.num_envs, args.num_steps, args.num_minibatches) == (1, 2048, 128)  # Table 8's rollout
     assert ant_ppo.phase_frictions(args) == ant_ppo.AUTHORS_FRICTIONS == (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
     assert ant_ppo.resolve(ant_ppo.Args(agent="cbp"))[0]["cbp_utility"] == "contribution"
 
