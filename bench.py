@@ -97,12 +97,12 @@ PMNIST_RUN = dict(tasks=800, steps=60_000, seeds=5, goal_h=2.0)
 
 # Expected cost of each section at full size on one H100: (programs compiled, seconds to compile each, seconds
 # of timed calls). The timed calls follow from step times measured on an H100 (pMNIST batch-1 step with 5 seeds
-# ~110 us, 10-seed ConvNet step ~3.1 ms, ResNet-18 step ~4.9 ms, 64-env MJX Ant step ~1.7 ms, 2,000-sample
-# HVP ~0.5 ms) times the calls made (1 + warm-ups + repeats per row). GPU compile times were not measured:
-# these are guesses from the CPU compile times of the same programs (CPU seconds: pMNIST bp 7, l2-er 9,
+# ~110 us, 10-seed ConvNet step ~3.1 ms, ResNet-18 step ~4.9 ms, MJX Ant step ~1.7 ms at 64 envs and ~1.4 ms at
+# 1 env, 2,000-sample HVP ~0.5 ms) times the calls made (1 + warm-ups + repeats per row). GPU compile times were
+# not measured: these are guesses from the CPU compile times of the same programs (CPU seconds: pMNIST bp 7, l2-er 9,
 # spectral-reg 20; MJX Ant PPO chunk 29). --max-minutes stops the run if the guesses are wrong.
 H100_PLAN = {"pmnist": (12, 8, 32), "er": (6, 3, 2), "hessian": (2, 5, 1), "imagenet": (4, 10, 6),
-             "cifar": (3, 25, 20), "ant": (6, 30, 15), "agents": (9, 22, 27)}
+             "cifar": (3, 25, 20), "ant": (7, 30, 60), "agents": (9, 22, 27)}
 RESERVE_S = 60  # a measurement starts only this long before the --max-minutes deadline (one slow compile)
 
 
@@ -556,8 +556,8 @@ def bench_cifar(bench, ds, setups, agents=("bp", "l2-er"), section="cifar"):
 ANT_RUN = dict(steps=10_000_000, seeds=5, goal_h=20 / 60)
 
 
-def ant_args(ant_ppo, sizes, agent, seeds):
-    return ant_ppo.Args(agent=agent, seeds=seeds, num_envs=sizes.ant_envs, num_steps=sizes.ant_samples,
+def ant_args(ant_ppo, sizes, agent, seeds, envs=None):
+    return ant_ppo.Args(agent=agent, seeds=seeds, num_envs=envs or sizes.ant_envs, num_steps=sizes.ant_samples,
                         update_epochs=sizes.ant_epochs, num_minibatches=sizes.ant_minibatches,
                         hidden_size=sizes.ant_hidden, updates_per_chunk=sizes.ant_updates,
                         fast_compile=sizes.ant_fast_compile, member_batching="vmap")
@@ -593,12 +593,19 @@ def bench_ant(bench, ds, setups, agents=None, section="ant"):
         rollout = precise(bare_ant_rollout(ant_ppo, cfg, vector_steps, args.fast_compile))
         seconds, compile_s = bench.time(rollout, envs, jax.random.key(1), per=vector_steps * seeds * args.num_envs)
         bench.add("ant", f"bare{seeds}", work, seconds, unit="env-step", compile_s=compile_s)
-    runs = (("bp", 1), ("l2-er", 1), ("bp", sizes.ant_seeds), ("l2-er", sizes.ant_seeds))
-    for agent, seeds in runs if agents is None else [(agent, sizes.ant_seeds) for agent in agents]:
-        args = ant_args(ant_ppo, sizes, agent, seeds)
+    speed_envs = sizes.ant_envs
+    runs = [("bp", 1, speed_envs), ("l2-er", 1, speed_envs), ("bp", sizes.ant_seeds, speed_envs),
+            ("l2-er", sizes.ant_seeds, speed_envs)]
+    if agents is not None:
+        runs = [(agent, sizes.ant_seeds, speed_envs) for agent in agents]
+    elif speed_envs != 1:  # last, l2-er at ant_ppo's default of 1 env (the paper's rollout): the run a reproduction
+        runs.append(("l2-er", sizes.ant_seeds, 1))  # makes, as more envs learn far slower (README's Slippery Ant)
+    for agent, seeds, n_envs in runs:
+        args = ant_args(ant_ppo, sizes, agent, seeds, n_envs)
         work = (f"`ant_ppo` {agent}, {seeds} seed(s), {args.num_envs} envs, {args.updates_per_chunk} update(s) of "
                 f"{args.num_steps} samples")
-        if seeds == 1 and not bench.variant("ant", work):
+        default_envs = n_envs != speed_envs  # the extra row: the bare and bp rows step speed_envs
+        if (seeds == 1 or default_envs) and not bench.variant("ant", work):
             continue
         entry, configs = ant_ppo.resolve(args)
         members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
@@ -608,11 +615,14 @@ def bench_ant(bench, ds, setups, agents=None, section="ant"):
         seconds, compile_s = bench.time(train, state, hp, members.seeds, jnp.int32(args.updates_per_chunk),
                                         per=env_steps)
         run = ANT_RUN["steps"] * ANT_RUN["seeds"] * seconds
-        bench.add(section, f"{agent}{seeds}", work, seconds, unit="env-step",
-                  baseline=("ant", f"bare{seeds}"), bp=("ant", f"bp{seeds}"), compile_s=compile_s,
+        bench.add(section, f"{agent}{seeds}" + ("x1env" if default_envs else ""), work, seconds, unit="env-step",
+                  baseline=None if default_envs else ("ant", f"bare{seeds}"),
+                  bp=None if default_envs else ("ant", f"bp{seeds}"), compile_s=compile_s,
                   full_run=projection(run, ANT_RUN["goal_h"] * 3600, bench.quick)
                   if (agent, seeds) == ("l2-er", sizes.ant_seeds) else "",
-                  note=f"{format_seconds(seconds)} per env-step")
+                  note=f"{format_seconds(seconds)} per env-step"
+                  + ("; 1 env: ant_ppo's default, as the paper" if n_envs == 1
+                     else f"; {n_envs} envs: a speed setting"))
 
 
 def bench_agents(bench, ds, setups):
