@@ -604,8 +604,8 @@ def bench_ant(bench, ds, setups, agents=None, section="ant"):
         args = ant_args(ant_ppo, sizes, agent, seeds, n_envs)
         work = (f"`ant_ppo` {agent}, {seeds} seed(s), {args.num_envs} envs, {args.updates_per_chunk} update(s) of "
                 f"{args.num_steps} samples")
-        default_envs = n_envs != speed_envs  # the extra row: the bare and bp rows step speed_envs
-        if (seeds == 1 or default_envs) and not bench.variant("ant", work):
+        extra_row = n_envs != speed_envs  # the 1-env row: no bare or bp row steps its env count
+        if (seeds == 1 or extra_row) and not bench.variant("ant", work):
             continue
         entry, configs = ant_ppo.resolve(args)
         members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
@@ -615,9 +615,9 @@ def bench_ant(bench, ds, setups, agents=None, section="ant"):
         seconds, compile_s = bench.time(train, state, hp, members.seeds, jnp.int32(args.updates_per_chunk),
                                         per=env_steps)
         run = ANT_RUN["steps"] * ANT_RUN["seeds"] * seconds
-        bench.add(section, f"{agent}{seeds}" + ("x1env" if default_envs else ""), work, seconds, unit="env-step",
-                  baseline=None if default_envs else ("ant", f"bare{seeds}"),
-                  bp=None if default_envs else ("ant", f"bp{seeds}"), compile_s=compile_s,
+        bench.add(section, f"{agent}{seeds}" + (f"x{n_envs}env" if extra_row else ""), work, seconds, unit="env-step",
+                  baseline=None if extra_row else ("ant", f"bare{seeds}"),
+                  bp=None if extra_row else ("ant", f"bp{seeds}"), compile_s=compile_s,
                   full_run=projection(run, ANT_RUN["goal_h"] * 3600, bench.quick)
                   if (agent, seeds) == ("l2-er", sizes.ant_seeds) else "",
                   note=f"{format_seconds(seconds)} per env-step"
