@@ -145,6 +145,28 @@ def test_er_ascent_raises_effective_rank():
     assert float(after) > float(before)
 
 
+def test_er_ascent_step_is_er_lr_times_the_exact_gradient_of_the_mean_rank():
+    """The step itself (not just `singular_values`) uses the exact route: with the features the parameters
+    themselves, er_ascent moves each by er_lr x 1/2 x the float64 gradient of its effective rank (the mean over
+    two layers), also for a spectrum collapsed over four decades, where the Gram route's step has cosine ~0.28."""
+    collapsed_spectrum, small_spectrum = np.logspace(0.0, -4.0, 128), np.linspace(2.0, 0.5, 30)
+    collapsed, u1, vt1 = features_with_spectrum((1200, 128), collapsed_spectrum, seed=1)
+    small, u2, vt2 = features_with_spectrum((100, 30), small_spectrum, seed=2)
+    params = {"collapsed": jnp.asarray(collapsed, jnp.float32), "small": jnp.asarray(small, jnp.float32)}
+    exact = {"collapsed": exact_effective_rank_gradient(u1, collapsed_spectrum, vt1),
+             "small": exact_effective_rank_gradient(u2, small_spectrum, vt2)}
+    er_lr = 1e-3
+    new_params, before = common.er_ascent(params, lambda p, _: [p["collapsed"], p["small"]], None, er_lr)
+    for name, expected in exact.items():
+        step = (np.asarray(new_params[name], np.float64) - np.asarray(params[name], np.float64)) / er_lr
+        expected = 0.5 * expected  # d mean(rank_1, rank_2) / d features_i
+        cosine = np.sum(step * expected) / np.linalg.norm(step) / np.linalg.norm(expected)
+        assert cosine >= 0.999, (name, cosine)
+        np.testing.assert_allclose(np.linalg.norm(step), np.linalg.norm(expected), rtol=1e-2)
+    np.testing.assert_allclose(float(before), (svd_effective_rank(collapsed) + svd_effective_rank(small)) / 2,
+                               rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- optimizers
 def test_sgd_adds_weight_decay_to_the_gradient_before_the_step():
     params = {"w": jnp.array([1.0, -2.0])}
@@ -169,6 +191,21 @@ def test_shrink_perturb_noise_scale():
     assert abs(float(jnp.corrcoef(twins["a"].ravel(), twins["b"].ravel())[0, 1])) < 0.05  # ~5 sigma
     same = common.shrink_perturb(params, jax.random.key(5), 0.0)
     assert all(jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(params)))
+
+
+def test_shrink_perturb_only_adds_noise_and_does_not_shrink():
+    """S&P here is params + N(0, scale^2) noise; the shrink is the separate weight decay. With large parameters
+    any multiplicative shrink ((1 - scale) x + noise: -0.05 on a parameter of 5) shows: what is added equals the
+    noise the same key gives to all-zero parameters, with mean ~0 (within 5 standard errors) and std perturb_scale."""
+    params = {"w": jnp.full((300, 100), 5.0), "b": jnp.linspace(-4.0, 4.0, 20_000)}
+    key, scale = jax.random.key(12), 0.01
+    noisy = common.shrink_perturb(params, key, scale)
+    noise = common.shrink_perturb(jax.tree.map(jnp.zeros_like, params), key, scale)
+    for name in params:
+        added = np.asarray(noisy[name], np.float64) - np.asarray(params[name], np.float64)
+        np.testing.assert_allclose(added, np.asarray(noise[name]), atol=2e-6)  # float32 rounding at |x| <= 5
+        assert abs(added.mean()) < 5 * scale / np.sqrt(added.size), (name, added.mean())
+        np.testing.assert_allclose(added.std(), scale, rtol=0.03)
 
 
 # ---------------------------------------------------------------------------------------------- continual backprop
@@ -334,6 +371,57 @@ def test_cbp_conv_channels_and_the_conv_to_dense_boundary():
     np.testing.assert_array_equal(w_d[rows], 0.0)
     assert np.all(np.delete(np.asarray(w_d), rows, axis=0) != 0)
     assert np.count_nonzero(np.asarray(keep_out) == 0) == rows.size * 3
+
+
+# Dense [fan_in 100, 512 units] (fan_in != fan_out) and conv HWIO [3, 3, 16 in, 64 out] (fan_in 3*3*16 = 144,
+# not the 16 input channels, nor the 64 output channels).
+@pytest.mark.parametrize("w_in_shape, w_out_shape, out_unit_axis",
+                         [((100, 512), (512, 10), 0), ((3, 3, 16, 64), (3, 3, 64, 8), 2)])
+def test_cbp_redraws_incoming_weights_kaiming_uniform_over_the_fan_in(w_in_shape, w_out_shape, out_unit_axis):
+    """Replaced units get fresh U(-b, b) incoming weights, b = sqrt(6 / fan_in) with fan_in every input to the
+    unit (kh x kw x in for a conv): over > 4,000 draws max|w| is within 1% of b and std within 3% of b / sqrt(3),
+    which tells b from the fan-out's or the input channels' bound. Units idx[~valid] and units not in idx keep
+    their weights; replaced units get bias 0 and outgoing weights 0."""
+    units = w_in_shape[-1]
+    idx = jnp.arange(0, units, 2, dtype=jnp.int32)  # every other unit; the last 4 entries not valid
+    valid = jnp.arange(idx.size) < idx.size - 4
+    w_in, b_in, w_out = jnp.full(w_in_shape, 7.0), jnp.full(units, 0.25), jnp.full(w_out_shape, 1.0)
+    new_in, new_b, new_out, *_ = common.cbp_replace(jax.random.key(13), w_in, b_in, w_out, idx, valid,
+                                                    out_unit_axis=out_unit_axis)
+    replaced = np.asarray(idx)[np.asarray(valid)]
+    kept = np.setdiff1d(np.arange(units), replaced)
+    fresh = np.asarray(new_in[..., replaced], np.float64)
+    bound = np.sqrt(6.0 / np.prod(w_in_shape[:-1]))
+    assert fresh.size > 4000
+    assert np.abs(fresh).max() <= bound and np.abs(fresh).max() > 0.99 * bound, (np.abs(fresh).max(), bound)
+    np.testing.assert_allclose(fresh.std(), bound / np.sqrt(3), rtol=0.03)
+    assert abs(fresh.mean()) < 5 * bound / np.sqrt(3 * fresh.size)
+    np.testing.assert_array_equal(new_in[..., kept], 7.0)
+    np.testing.assert_array_equal(new_b[replaced], 0.0)
+    np.testing.assert_array_equal(new_b[kept], 0.25)
+    moved = np.moveaxis(np.asarray(new_out), out_unit_axis, 0)
+    np.testing.assert_array_equal(moved[replaced], 0.0)
+    np.testing.assert_array_equal(moved[kept], 1.0)
+
+
+def test_cbp_replace_draws_from_the_init_it_is_given():
+    """With `init=`, the fresh incoming weights come from init(key, w_in.shape, dtype) (here N(3, 0.01^2), which
+    no Kaiming-uniform draw resembles), not from the default Kaiming-uniform; other units keep theirs."""
+    calls = []
+
+    def init(key, shape, dtype):
+        calls.append((tuple(shape), dtype))
+        return 3.0 + 0.01 * jax.random.normal(key, shape, dtype)
+
+    w_in = jnp.zeros((50, 200))
+    idx, valid = jnp.arange(100, dtype=jnp.int32) * 2, jnp.ones(100, bool)
+    new_in = common.cbp_replace(jax.random.key(14), w_in, jnp.zeros(200), jnp.ones((200, 3)), idx, valid,
+                                init=init)[0]
+    assert calls == [((50, 200), np.dtype(np.float32))]
+    fresh = np.asarray(new_in[:, ::2], np.float64)  # 5,000 draws
+    np.testing.assert_allclose(fresh.mean(), 3.0, atol=1e-3)
+    np.testing.assert_allclose(fresh.std(), 0.01, rtol=0.05)
+    np.testing.assert_array_equal(new_in[:, 1::2], 0.0)
 
 
 def test_mask_opt_state_zeroes_momentum_and_adam_moments():
@@ -594,6 +682,36 @@ def test_persistent_power_iteration_converges_to_the_penalty():
         penalty, starts = common.spectral_penalty({"w": w}, 2.0, 2.0, 1, starts)
     assert abs(float(first) - 4.0) > 1e-3  # one iteration from the fixed start is not converged
     np.testing.assert_allclose(float(penalty), (2.0 ** 2 - 2) ** 2, atol=1e-4)
+
+
+def numpy_layer_norm(x, scale, shift, eps):
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(scale, np.float64) + np.asarray(shift, np.float64)
+
+
+def test_layer_norm_against_float64_numpy():
+    """(x - mean) / sqrt(var + eps) x scale + shift over the last axis, per-feature scale and shift, against
+    float64 numpy. Rows with a mean of 50 (leaving the mean in changes every output), a row of variance 1e-6 = eps
+    (eps inside the root: 1 / sqrt(2e-6) = 707, outside: 1 / (1e-3 + 1e-6) = 999) and eps = 0.5 at variance ~1
+    (1 / sqrt(1.5) = 0.82 against 1 / 1.5 = 0.67)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 16))  # [batch, tokens, features]: normalized over the 16 features only
+    x[0, 0] += 50.0
+    x[1, 1] = 3.0 * x[1, 1] - 20.0
+    x[1, 2] = 1e-3 * (x[1, 2] - x[1, 2].mean()) / x[1, 2].std()  # variance exactly 1e-6
+    scale, shift = rng.uniform(0.5, 2.0, 16), rng.uniform(-1.0, 1.0, 16)
+    as32 = lambda a: jnp.asarray(a, jnp.float32)
+    for eps in (1e-6, 0.5):
+        got = np.asarray(common.layer_norm(as32(x), as32(scale), as32(shift), eps), np.float64)
+        np.testing.assert_allclose(got, numpy_layer_norm(x, scale, shift, eps), rtol=1e-4, atol=1e-4)
+    got = np.asarray(common.layer_norm(as32(x), as32(scale), as32(shift)), np.float64)  # default eps 1e-6
+    np.testing.assert_allclose(got, numpy_layer_norm(x, scale, shift, 1e-6), rtol=1e-4, atol=1e-4)
+    # Without scale and shift every row comes out with mean 0 and variance var / (var + eps).
+    plain = np.asarray(common.layer_norm(as32(x), 1.0, 0.0, 1e-6), np.float64)
+    np.testing.assert_allclose(plain.mean(axis=-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(plain[1, 2].var(), 0.5, rtol=1e-3)
 
 
 def test_dormant_units_score():
