@@ -1038,9 +1038,9 @@ def save(run, args, measured, schedule):
 
 def describe(args, agent, members, num_updates, schedule, run_dir):
     shown = lambda row: ", ".join(f"{f:.4g}" for f in row)
-    lines = [f"ant_ppo {args.agent}: {members}; {num_updates} updates of {args.num_steps} samples ({args.num_envs} "
-             f"envs x {args.num_steps // args.num_envs} steps); Adam betas {agent['beta1']} / {agent['beta2']}; "
-             f"steps/s below counts the env steps of all members; out {run_dir}"]
+    lines = [f"{common.script_name(args)} {args.agent}: {members}; {num_updates} updates of {args.num_steps} samples "
+             f"({args.num_envs} envs x {args.num_steps // args.num_envs} steps); Adam betas {agent['beta1']} / "
+             f"{agent['beta2']}; steps/s below counts the env steps of all members; out {run_dir}"]
     if (schedule == schedule[0]).all():
         lines.append(f"friction schedule (every seed), one value per {args.change_every:,} env steps: "
                      f"{shown(schedule[0])}")
@@ -1091,7 +1091,7 @@ def spectra_shapes(args):
 # Driver: init or resume, then for each chunk of updates: spectra at phase changes, train, record, checkpoint
 # ----------------------------------------------------------------------------------------------------------
 def main(args):
-    common.check_agent(args.agent, AGENTS)
+    common.check_agent(args, AGENTS, SWEPT)
     agent, configs = resolve(args)
     members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
     init, train, spectrum = programs(args, agent, members.batching)
@@ -1134,4 +1134,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(common.cli(Args))
+    with common.quiet_on_closed_pipe():
+        main(common.cli(Args, AGENTS))

@@ -737,4 +737,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with common.quiet_on_closed_pipe():
+        main()

@@ -719,7 +719,7 @@ def save(run, measured):
 def main(args, dataset=None):
     """Run the experiment. `dataset` (tests) replaces CIFAR-100: a dict of x_train [N, 32, 32, 3] uint8,
     y_train [N] int, x_test [M, 32, 32, 3] uint8, y_test [M] int, every class equally often."""
-    common.check_agent(args.agent, AGENTS)
+    common.check_agent(args, AGENTS, SWEPT)
     agent, configs = resolve(args)
     ds = load_data(args, agent, dataset)
     jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else "highest")
@@ -738,7 +738,7 @@ def main(args, dataset=None):
     stop, start, start_call = common.StopRequests(), run.cursor["unit"], run.cursor["call"]
     progress, timer, last_checkpoint = progress_from(args, calls, run.cursor), common.StepTimer(), time.time()
     done = progress.done  # minibatch steps per member
-    print(f"cifar {args.agent}: {members}, out {run.dir}", flush=True)
+    print(f"{common.script_name(args)} {args.agent}: {members}, out {run.dir}", flush=True)
     for task in range(start, args.tasks):
         k, task_calls, fresh = measured.index(task) if task in measured else None, calls(task), run.cursor["call"] == 0
         if fresh and task > 0 and "reset" in agent:  # RESET: a fresh network, statistics and optimizer
@@ -811,4 +811,5 @@ if __name__ == "__main__":
     for old, new in RENAMED.items():  # flags of earlier versions: one line naming the replacement
         if any(a == old or a.startswith(old + "=") for a in sys.argv[1:]):
             common.fail(f"{old} was replaced by {new}")
-    main(common.cli(Args))
+    with common.quiet_on_closed_pipe():
+        main(common.cli(Args, AGENTS))

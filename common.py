@@ -5,6 +5,8 @@ regularization, LayerNorm, ReDo, Shrink & Perturb, continual backprop, plasticit
 banner): one-line errors and the CLI, members and sweeps, run folders, atomic files, checkpoints, progress.
 """
 import contextlib
+import difflib
+import hashlib
 import itertools
 import json
 import math
@@ -15,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+import types
+import typing
+from dataclasses import asdict, field, fields, make_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -303,9 +307,28 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-def check_agent(agent, agents):
-    if agent not in agents:  # main() may be called without tyro, which checks the choice
-        fail(f"unknown agent {agent!r}; choose one of {', '.join(agents)}")
+def check_agent(args, agents, swept):
+    """The agent is an entry of AGENTS (main() may be called without tyro, which checks the choice), and Args
+    agrees with SWEPT: a per-agent hyperparameter takes several values (a tuple field) exactly when it is swept.
+    A swept value is traced per member (read as hp[name]); a tuple read as agent[name] would fail in the trace,
+    and a swept name with a one-value field could never sweep."""
+    if args.agent not in agents:
+        fail(f"unknown agent {args.agent!r}; choose one of {', '.join(agents)}")
+    per_agent = set().union(*agents.values())
+    for name, annotation in typing.get_type_hints(type(args)).items():
+        if name in per_agent and _takes_several(annotation) and name not in swept:
+            fail(f"Args.{name} takes several values (a tuple) but is not in SWEPT: add \"{name}\" to SWEPT and read it "
+                 f"as hp[\"{name}\"], or make the field float | None")
+        if name in swept and not _takes_several(annotation):
+            fail(f"SWEPT has \"{name}\" but Args.{name} takes one value: make the field tuple[float, ...] | None, or "
+                 f"take it out of SWEPT")
+
+
+def _takes_several(annotation):
+    """tuple[X, ...] or list[X], alone or in a union (`tuple[float, ...] | None`)."""
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    return any(typing.get_origin(t) is list or (typing.get_origin(t) is tuple and typing.get_args(t)[-1:] == (...,))
+               for t in (typing.get_args(annotation) if union else (annotation,)))
 
 
 def agent_settings(args, agents):
@@ -332,15 +355,71 @@ def agent_configs(agent, checks, swept, lr):
                     for name in swept if name in agent or name == "lr"})
 
 
-def cli(args_class):
-    """tyro's parse; an unknown option (a typo) is one line, exit 1 (tyro names a bad value itself, exit 2)."""
+def cli(args_class, agents=None):
+    """tyro's parse. With the script's AGENTS, --help lists the agents near its top and shows each per-agent
+    flag's defaults from the table (its Args default is None). An unknown option (a typo) is one line naming
+    the closest flag, exit 1 (tyro names a bad value itself, exit 2)."""
     import tyro  # only the command line needs it
 
-    args, unknown = tyro.cli(args_class, return_unknown_args=True)
+    parsed_class, description = args_class, None
+    if agents is not None:
+        parsed_class, description = _with_agent_defaults(tyro, args_class, agents)
+    args, unknown = tyro.cli(parsed_class, return_unknown_args=True, description=description)
     if unknown:
         options = [u for u in unknown if u.startswith("-")] or unknown
-        fail(f"unrecognized option{'s' * (len(options) > 1)} {' '.join(options)} (see --help)")
-    return args
+        close = [match[0] + f" for {o}" * (len(options) > 1) for o in options
+                 if (match := difflib.get_close_matches(o.split("=")[0], _flags(tyro, args_class), 1, cutoff=0.8))]
+        fail(f"unrecognized option{'s' * (len(options) > 1)} {' '.join(options)}"
+             f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (see --help)")
+    return args_class(**{f.name: getattr(args, f.name) for f in fields(args_class)})
+
+
+def _flags(tyro, args_class):
+    """Every option of Args: --name, and --no-name for a bool; not the positional arguments (plot.py's runs)."""
+    positional = typing.get_args(tyro.conf.Positional[int])[1:]
+    flags = ["--help"]
+    for name, annotation in typing.get_type_hints(args_class, include_extras=True).items():
+        if not any(marker in positional for marker in typing.get_args(annotation)[1:]):
+            flags += [f"--{name.replace('_', '-')}"] + [f"--no-{name.replace('_', '-')}"] * (annotation is bool)
+    return flags
+
+
+def _shown(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _with_agent_defaults(tyro, args_class, agents):
+    """A subclass of Args whose per-agent fields say their defaults per agent, and the --help description: the
+    script's first docstring line, then each agent with its AGENTS entry (a fork's new entry shows by itself)."""
+    overrides, hints = [], typing.get_type_hints(args_class, include_extras=True)
+    for f in fields(args_class):
+        users = [f"{name} {_shown(entry[f.name])}" for name, entry in agents.items() if f.name in entry]
+        if users:
+            hint = f"(default per agent: {', '.join(users)}{'; no other agent' if len(users) < len(agents) else ''})"
+            overrides.append((f.name, typing.Annotated[hints[f.name], tyro.conf.arg(help_behavior_hint=hint)],
+                              field(default=f.default)))
+    width = max(len(name) for name in agents)
+    lines = [f"  {name:<{width}}  {', '.join(f'{k} {_shown(v)}' for k, v in entry.items()) or '(nothing added)'}"
+             for name, entry in agents.items()]
+    doc = (sys.modules[args_class.__module__].__doc__ or "").strip().split("\n")[0]
+    header = "Agents (--agent) and their defaults, from AGENTS (a flag overrides one):"
+    description = "\n".join([doc, "", header] + lines)
+    frozen = args_class.__dataclass_params__.frozen
+    return make_dataclass(args_class.__name__, overrides, bases=(args_class,), frozen=frozen), description
+
+
+@contextlib.contextmanager
+def quiet_on_closed_pipe():
+    """A reader that closes the pipe early (`python pmnist.py --help | head`) ends the script quietly with exit
+    status 141, as a process killed by SIGPIPE, instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            yield
+        finally:
+            sys.stdout.flush()  # raises here, not at the interpreter's exit, where it would print an error
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's last flush finds no reader
+        raise SystemExit(141) from None
 
 
 def sweep(**values):
@@ -425,6 +504,11 @@ def _script(args):
     return Path(sys.modules[type(args).__module__].__file__)
 
 
+def script_name(args):
+    """The name of the script whose Args these are, for its start line: `my_idea` for a fork of pmnist.py."""
+    return _script(args).stem
+
+
 def make_run_dir(script, agent, out_dir=None):
     """`out_dir`, else a new runs/<script>__<agent>__<UTC stamp>[-n] (created)."""
     if out_dir is None:
@@ -464,16 +548,22 @@ def save_json(path, obj):
 
 def save_config(run_dir, args, configs, seeds, benchmark=None):
     """config.json: the script, its benchmark (plot.py overlays a fork's runs on its parent's), every Args field,
-    the config axis, the seeds and provenance."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    the config axis, the seeds and provenance: the commit, whether the work tree differed from it (`git_dirty`:
+    changed or new files; None outside git) and the sha256 of the script file that ran (a fork's own code)."""
+    def git(*command):
+        try:
+            proc = subprocess.run(["git", *command], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
     save_json(Path(run_dir) / "config.json", {
         "script": _script(args).stem, "benchmark": benchmark or _script(args).stem,
         "agent": getattr(args, "agent", None), "args": asdict(args), "configs": list(configs),
-        "seeds": [int(s) for s in seeds], "git_commit": commit or "unknown", "jax_version": jax.__version__,
+        "seeds": [int(s) for s in seeds], "git_commit": commit or "unknown",
+        "git_dirty": None if status is None else bool(status),
+        "script_sha256": hashlib.sha256(_script(args).read_bytes()).hexdigest(), "jax_version": jax.__version__,
         "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 

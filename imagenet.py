@@ -497,7 +497,7 @@ def redo_step(agent, opt, state, x, key, impl):
 def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science."""
-    common.check_agent(args.agent, AGENTS)
+    common.check_agent(args, AGENTS, SWEPT)
     agent = common.agent_settings(args, AGENTS)
     for name in ("tasks", "epochs", "seeds", "batch_size", "train_per_class", "test_per_class", "lanczos_iters",
                  "hessian_probes"):
@@ -550,8 +550,8 @@ def main(args):
     evaluate, spectrum = members.run(evaluate, (0, 0, 0)), members.run(spectrum, (0, 0, None, 0, None))
     stop, start, steps = common.StopRequests(), run.cursor["unit"], 2 * args.train_per_class // args.batch_size
     progress, timer, last_checkpoint = common.Progress(args.tasks, "task", start), common.StepTimer(), time.time()
-    print(f"imagenet {args.agent}: {members}, {ds['images'].shape[0]} classes, {args.tasks} tasks x {args.epochs} "
-          f"epochs x {steps} steps, out {run.dir}", flush=True)
+    print(f"{common.script_name(args)} {args.agent}: {members}, {ds['images'].shape[0]} classes, {args.tasks} tasks x "
+          f"{args.epochs} epochs x {steps} steps, out {run.dir}", flush=True)
     if ds["pixel_mean"] and args.input_norm == "center":
         print(f"input: [0, 1] pixels minus the channel mean {tuple(round(m, 4) for m in ds['pixel_mean'])}", flush=True)
     for task in range(start, args.tasks):
@@ -616,4 +616,5 @@ def spectra_shapes(args):
 if __name__ == "__main__":
     if any(a == "--seed-batching" or a.startswith("--seed-batching=") for a in sys.argv[1:]):
         common.fail("--seed-batching is now --member-batching {auto,vmap,map} (auto: map on one CPU device, else vmap)")
-    main(common.cli(Args))
+    with common.quiet_on_closed_pipe():
+        main(common.cli(Args, AGENTS))

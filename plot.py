@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.signal  # noqa: E402
@@ -336,6 +337,7 @@ def draw_curve(ax, values, label, style, args, bounds=(None, None)):
     mean, half, _ = mean_ci(values)
     x = np.arange(1, values.shape[1] + 1)
     ax.plot(x, mean, label=label, lw=1.2, **style)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # a few tasks: 1, 2, 3, not 1.25
     ax.fill_between(x, np.clip(mean - half, *bounds), np.clip(mean + half, *bounds), alpha=0.2,
                     color=style["color"], lw=0)
 
@@ -709,4 +711,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(common.cli(Args))
+    with common.quiet_on_closed_pipe():
+        main(common.cli(Args))

@@ -106,7 +106,7 @@ class Args:
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb)"""
     spectral_lambda: float | None = None
-    """weight of the spectral penalty: sum over kernels of (sigma_max^k - target)^2, plus squared biases (Lewandowski et al. 2024; default: the authors' chosen 1e-3)"""
+    """weight of the spectral penalty (Lewandowski et al. 2024): sum over kernels of (sigma_max^k - target)^2, plus squared biases"""
     spectral_k: float | None = None
     """power of sigma_max in the spectral penalty (the authors: 2)"""
     spectral_target: float | None = None
@@ -220,7 +220,7 @@ def make_train(args, agent, ds):
         if agent.get("layer_norm"):
             params = [{**p, "scale": jnp.ones(args.width), "shift": jnp.zeros(args.width)} for p in params[:-1]] + params[-1:]
         state = {"params": params, "opt": optimizer({"lr": 0.0}).init(params)}
-        if agent.get("spectral_persistent"):
+        if agent.get("spectral_persistent"):  # an agent's own state goes here: step reads it and writes it back
             state["spectral_v"] = common.spectral_starts(params)
         if "replacement_rate" in agent:
             state["cbp"] = [common.cbp_init(args.width) for _ in range(3)]
@@ -387,7 +387,7 @@ def load_data(args):
 def main(args, dataset=None):
     """Run the experiment. `dataset` (tests) replaces MNIST: a dict of train_x [N, D] uint8, train_y [N] int,
     test_x [M, D] uint8, test_y [M] int."""
-    common.check_agent(args.agent, AGENTS)
+    common.check_agent(args, AGENTS, SWEPT)
     ds = load_data(args) if dataset is None else dataset
     agent, configs = resolve(args, ds)
     ds = {k: jnp.asarray(v, jnp.uint8 if k.endswith("_x") else jnp.int32) for k, v in ds.items()}
@@ -404,7 +404,7 @@ def main(args, dataset=None):
     spectrum = members.run(spectrum, (0, 0, None, None, None), batching="map")  # a Lanczos basis per member
     stop, start = common.StopRequests(), run.cursor["unit"]
     progress, timer, last_checkpoint = common.Progress(args.tasks, "task", start), common.StepTimer(), time.time()
-    print(f"pmnist {args.agent}: {members}, out {run.dir}", flush=True)
+    print(f"{common.script_name(args)} {args.agent}: {members}, out {run.dir}", flush=True)
     for task in range(start, args.tasks):
         k = measured.index(task) if task in measured else None
         if k is not None and run.cursor["call"] == 0:  # "init": the last task's final params on this task's data
@@ -471,4 +471,5 @@ def spectra_shapes(args):
 
 
 if __name__ == "__main__":
-    main(common.cli(Args))
+    with common.quiet_on_closed_pipe():
+        main(common.cli(Args, AGENTS))

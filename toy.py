@@ -446,4 +446,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(common.cli(Args))
+    with common.quiet_on_closed_pipe():
+        main(common.cli(Args))

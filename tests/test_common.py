@@ -1,10 +1,14 @@
 """common.py: effective rank, ER, optimizers, Shrink & Perturb, continual backprop, metrics, run plumbing."""
+import ast
+import hashlib
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+import types
+from dataclasses import dataclass, make_dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -469,7 +473,8 @@ def test_run_dir_config_npz_and_checkpoint_roundtrip(tmp_path, monkeypatch):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["script"] == "test_common" and config["agent"] == "l2-er"
     assert config["args"] == {"agent": "l2-er", "lr": [0.01]} and config["seeds"] == [3, 4]
-    assert {"git_commit", "jax_version", "device_kind"} <= config.keys()
+    assert {"git_commit", "git_dirty", "jax_version", "device_kind"} <= config.keys()
+    assert config["script_sha256"] == hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # the file that ran
 
     common.save_npz(run_dir / "metrics.npz", online_acc=np.ones((1, 2, 3)))
     with np.load(run_dir / "metrics.npz") as m:
@@ -485,6 +490,43 @@ def test_run_dir_config_npz_and_checkpoint_roundtrip(tmp_path, monkeypatch):
     np.testing.assert_array_equal(jax.random.key_data(loaded["keys"]), jax.random.key_data(state["keys"]))
     np.testing.assert_array_equal(jax.random.uniform(loaded["keys"][1], (3,)), jax.random.uniform(state["keys"][1], (3,)))
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pkl", "config.json", "metrics.npz"]
+
+
+def test_config_records_whether_the_tree_differs_from_the_commit(tmp_path, monkeypatch):
+    """git_dirty: False on a clean checkout, True with a changed or a new file, None outside git."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True,
+                                    capture_output=True)
+    git("init", "-q")
+    (repo / "common.py").write_text("x = 1\n")
+    git("add", "common.py")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setattr(common, "REPO_DIR", repo)
+
+    def recorded():
+        common.save_config(tmp_path, FakeArgs(), [{"lr": 0.01}], [0])
+        config = json.loads((tmp_path / "config.json").read_text())
+        return config["git_dirty"], config["git_commit"]
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert recorded() == (False, head)
+    (repo / "my_idea.py").write_text("# a fork\n")
+    assert recorded() == (True, head)
+    (repo / "my_idea.py").unlink()
+    (repo / "common.py").write_text("x = 2\n")
+    assert recorded() == (True, head)
+    monkeypatch.setattr(common, "REPO_DIR", tmp_path / "not_a_repo")
+    assert recorded() == (None, "unknown")
+
+
+def test_script_name_is_the_file_that_ran(monkeypatch):
+    """A fork saved as my_idea.py says my_idea on its start line, in its run folder and in config.json."""
+    fork = types.ModuleType("my_idea")
+    fork.__file__ = "/somewhere/my_idea.py"
+    monkeypatch.setitem(sys.modules, "my_idea", fork)
+    args = type("Args", (), {"__module__": "my_idea"})()
+    assert common.script_name(args) == "my_idea" and common.script_name(FakeArgs()) == "test_common"
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
@@ -529,7 +571,7 @@ def test_cli_unknown_options_are_one_line_and_bad_values_get_tyros_message(monke
     monkeypatch.setattr(sys, "argv", ["script.py", "--taks", "2"])
     with pytest.raises(SystemExit) as exit_info:
         common.cli(CliArgs)
-    assert exit_info.value.code == "error: unrecognized option --taks (see --help)"
+    assert exit_info.value.code == "error: unrecognized option --taks (see --help)"  # nothing close: no guess
     monkeypatch.setattr(sys, "argv", ["script.py", "--agent", "nope"])
     with pytest.raises(SystemExit) as exit_info:
         common.cli(CliArgs)
@@ -538,15 +580,135 @@ def test_cli_unknown_options_are_one_line_and_bad_values_get_tyros_message(monke
     assert common.cli(CliArgs) == CliArgs("l2", 3)
 
 
+@dataclass(frozen=True)
+class ForkArgs:
+    """A fork's Args: L2-Init (Kumar et al. 2023) added to a table like pmnist's."""
+    agent: Literal["bp", "l2", "l2-init"] = "bp"
+    """the agent"""
+    tasks: int = 3
+    """tasks"""
+    lr: tuple[float, ...] = (0.01,)
+    """learning rate(s)"""
+    weight_decay: tuple[float, ...] | None = None
+    """coupled L2"""
+    l2_init_lambda: float | None = None
+    """weight of ||theta - theta_0||^2"""
+    l2_init_every: int | None = None
+    """steps between the penalty's updates"""
+    resume: bool = False
+    """continue"""
+
+
+FORK_AGENTS = {"bp": {}, "l2": dict(weight_decay=1e-3), "l2-init": dict(l2_init_lambda=1e-2, l2_init_every=1)}
+FORK_SWEPT = ("lr", "weight_decay")
+
+
+def test_cli_names_the_closest_flag(monkeypatch):
+    cases = {("--l2init-lambda", "0.1"): "unrecognized option --l2init-lambda; did you mean --l2-init-lambda?",
+             ("--tsks=3",): "unrecognized option --tsks=3; did you mean --tasks?",
+             ("--no-resum",): "unrecognized option --no-resum; did you mean --no-resume?",
+             ("--taks", "3", "--lrr", "1"): "unrecognized options --taks --lrr; did you mean --tasks for --taks, "
+                                            "--lr for --lrr?",
+             ("--frobnicate",): "unrecognized option --frobnicate (see --help)"}  # nothing close: no guess
+    for argv, message in cases.items():
+        monkeypatch.setattr(sys, "argv", ["my_idea.py", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            common.cli(ForkArgs, FORK_AGENTS)
+        assert exit_info.value.code.startswith("error: " + message), exit_info.value.code
+
+
+def test_cli_help_lists_the_agents_and_each_flags_default_per_agent(monkeypatch, capsys):
+    """The Args field is None (the table holds the defaults): --help says the table's values, not None."""
+    monkeypatch.setattr(sys, "argv", ["my_idea.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(ForkArgs, FORK_AGENTS)
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    flat = re.sub(r"[\s\u2502]+", " ", out)  # tyro wraps lines inside a box
+    assert "(default per agent: l2-init 0.01; no other agent)" in flat
+    assert "(default per agent: l2 0.001; no other agent)" in flat
+    assert "(default per agent: l2-init 1; no other agent)" in flat and "(default: None)" not in flat
+    assert "(default: 3)" in flat  # an ordinary field keeps tyro's default
+    top = out.split("\n\n")  # usage, the docstring's first line, the agents, then the options
+    agents = next(block for block in top if block.startswith("Agents (--agent)")).splitlines()[1:]
+    assert [line.split()[0] for line in agents] == list(FORK_AGENTS)
+    assert "  l2-init  l2_init_lambda 0.01, l2_init_every 1" in agents and "  bp       (nothing added)" in agents
+    monkeypatch.setattr(sys, "argv", ["my_idea.py", "--agent", "l2-init", "--l2-init-lambda", "0.5"])
+    assert common.cli(ForkArgs, FORK_AGENTS) == ForkArgs("l2-init", l2_init_lambda=0.5)  # parses as before
+
+
+@pytest.mark.parametrize("script", ["pmnist", "imagenet", "cifar", "ant_ppo"])
+def test_each_scripts_help_shows_its_agents_defaults_and_its_table_agrees_with_swept(script, monkeypatch, capsys):
+    module = importlib.import_module(script)
+    common.check_agent(module.Args(), module.AGENTS, module.SWEPT)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit):
+        common.cli(module.Args, module.AGENTS)
+    flat = re.sub(r"[\s\u2502]+", " ", capsys.readouterr().out)
+    for name in {n for entry in module.AGENTS.values() for n in entry if n in module.Args.__dataclass_fields__}:
+        users = [f"{agent} {entry[name]:g}" if isinstance(entry[name], float) else f"{agent} {entry[name]}"
+                 for agent, entry in module.AGENTS.items() if name in entry]
+        assert f"(default per agent: {', '.join(users)}" in flat, name
+
+
+def test_check_agent_stops_where_a_tuple_field_and_swept_disagree():
+    """The README's recipe: a swept hyperparameter is a tuple field named in SWEPT and read as hp[...]. A tuple
+    field outside SWEPT (read as agent[...], it fails in the trace once the flag is given) or a SWEPT name with a
+    one-value field stops at start with one line saying what to change."""
+    common.check_agent(ForkArgs(), FORK_AGENTS, FORK_SWEPT)
+    Tuple = make_dataclass("Args", [("l2_init_lambda", tuple[float, ...] | None, None)], bases=(ForkArgs,),
+                           frozen=True)
+    with pytest.raises(SystemExit) as exit_info:
+        common.check_agent(Tuple(), FORK_AGENTS, FORK_SWEPT)
+    assert exit_info.value.code == ('error: Args.l2_init_lambda takes several values (a tuple) but is not in SWEPT: '
+                                    'add "l2_init_lambda" to SWEPT and read it as hp["l2_init_lambda"], or make the '
+                                    'field float | None')
+    common.check_agent(Tuple(), FORK_AGENTS, FORK_SWEPT + ("l2_init_lambda",))  # the recipe: agrees
+    with pytest.raises(SystemExit) as exit_info:
+        common.check_agent(ForkArgs(), FORK_AGENTS, FORK_SWEPT + ("l2_init_lambda",))
+    assert exit_info.value.code == ('error: SWEPT has "l2_init_lambda" but Args.l2_init_lambda takes one value: make '
+                                    'the field tuple[float, ...] | None, or take it out of SWEPT')
+    with pytest.raises(SystemExit, match="unknown agent 'nope'"):
+        common.check_agent(replace(ForkArgs(), agent="nope"), FORK_AGENTS, FORK_SWEPT)
+
+
 def test_cli_from_the_shell():
     """Through a real script: a typo is one line with exit 1, no traceback; a bad agent is tyro's message."""
     root = Path(common.__file__).parent
     proc = subprocess.run([sys.executable, "pmnist.py", "--taks", "2"], cwd=root, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 1 and proc.stderr == "error: unrecognized option --taks (see --help)\n", proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == "error: unrecognized option --taks; did you mean --tasks? (see --help)\n", proc.stderr
     proc = subprocess.run([sys.executable, "pmnist.py", "--agent", "nope"], cwd=root, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    """`python pmnist.py --help | head` where head has gone: no BrokenPipeError traceback, exit status 141 (as a
+    process killed by SIGPIPE). The reading end is closed before the script starts, so every write fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "pmnist.py", "--help"], cwd=ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+SCRIPTS = ["pmnist.py", "imagenet.py", "cifar.py", "ant_ppo.py", "toy.py", "plot.py", "bench.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_scripts_entry_exits_quietly_on_a_closed_pipe(script):
+    """Each script's `if __name__ == "__main__":` block runs its main inside common.quiet_on_closed_pipe()."""
+    tree = ast.parse((ROOT / script).read_text())
+    entry = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert len(entry) == 1
+    guarded = [node for node in ast.walk(entry[0]) if isinstance(node, ast.With)
+               and ast.unparse(node.items[0].context_expr) == "common.quiet_on_closed_pipe()"]
+    assert guarded and any("main(" in ast.unparse(statement) for statement in guarded[0].body)
 
 
 def test_progress_line(capsys):

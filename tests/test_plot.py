@@ -208,6 +208,17 @@ def test_ci_band_matches_hand_computed():
     plt.close(fig)
 
 
+def test_task_axis_of_a_few_tasks_has_integer_ticks():
+    """Three tasks: ticks at whole tasks, not 1.25, 1.50 (matplotlib's default on a short axis)."""
+    fig, ax = plt.subplots()
+    plot.draw_curve(ax, np.array([[0.5, 0.6, 0.7], [0.6, 0.7, 0.8]]), "bp", dict(color="C0"), plot.Args(run_dirs=()))
+    fig.canvas.draw()
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert len(ticks) >= 2 and all(t == round(t) for t in ticks), ticks
+    plt.close(fig)
+
+
 def test_savgol_matches_hand_computed():
     y = np.array([1.0, 4.0, 2.0, 8.0, 5.0, 7.0, 3.0, 6.0])
     got = plot.savgol(y, 5, 2)

@@ -31,3 +31,22 @@ def test_readme_is_a_first_read_and_cites_no_file_outside_the_repository():
     assert "REFERENCE.md" not in README
     for rel in set(re.findall(r"\]\(([^)#:\s]+)\)", README)):  # relative links
         assert (ROOT / rel).exists(), rel
+
+
+def test_fork_it_diff_is_the_code_in_pmnist():
+    """Every hunk of the Fork it diff, less its removed ('-') lines, is a run of consecutive lines of pmnist.py:
+    each added ('+') and context (' ') line verbatim, in order; each '@@' header names a line of the script."""
+    section = README[README.index("## Fork it"):README.index("## Tests")]
+    diff = re.search(r"```diff\n(.*?)```", section, re.S).group(1).splitlines()
+    script = (ROOT / "pmnist.py").read_text().splitlines()
+    hunks = []
+    for line in diff:
+        if line.startswith("@@"):
+            assert line[3:] in [s.strip() for s in script], line
+            hunks.append([])
+        elif not line.startswith("-"):
+            assert line[:1] in ("+", " ", ""), line
+            hunks[-1].append(line[1:])
+    assert len(hunks) >= 3 and sum(map(len, hunks)) >= 10
+    for hunk in hunks:
+        assert any(script[i:i + len(hunk)] == hunk for i in range(len(script))), "\n".join(hunk)
