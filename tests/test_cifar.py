@@ -268,29 +268,38 @@ def bp_alone(tmp_path_factory, data_dir):
     return [run(out, f"seed{s}", agent="bp", seed=s, data_dir=data_dir) for s in (0, 1)]
 
 
+# The settings of every agent's end-to-end run (beside bp's, from bp_alone): tests/test_equal_metrics.py records
+# these runs' metrics, and test_metrics_equal_the_recorded_ones below checks them, from the same runs.
+# Table 6's ER step (1e-4), Table 5's noise (1e-5) and weight decay (1e-4 to 1e-3) move this tiny network's numbers
+# by ~1e-6 (relative) in its 15 steps, below the recorded values' tolerance: larger values show that they act.
+# Spectra for one agent (they do not depend on it; each costs ~0.8 s of CPU here). ReDo every 2 steps, so that it
+# acts in these 15; the persistent power iteration (1 per step: compiles faster than 10) carries its vectors
+# through main's calls and checkpoints.
+HESSIAN = dict(hessian_every=1, hessian_samples=20, hessian_batch=10, lanczos_iters=4)
+AGENT_RUNS = {"l2": dict(weight_decay=(1e-2,), **HESSIAN), "l2-er": dict(weight_decay=(1e-2,), er_lr=(1e-2,)),
+              "er": dict(er_lr=(1e-2,)), "cbp": CBP, "snp": dict(perturb_scale=1e-3),
+              "snp-l2": dict(perturb_scale=1e-3, weight_decay=(1e-2,)), "redo": dict(redo_every=2),
+              "spectral-reg": dict(spectral_persistent=True, power_iters=1)}
+
+
+def agent_run(out, agent, data_dir):
+    """(metrics, hessian or None) of the agent's end-to-end run: TINY and AGENT_RUNS' settings, seed 0."""
+    metrics = run(out, agent, agent=agent, data_dir=data_dir, **AGENT_RUNS.get(agent, {}))
+    spectra = out / agent / "hessian.npz"
+    if not spectra.exists():
+        return metrics, None
+    with np.load(spectra) as h:
+        return metrics, {k: h[k] for k in h.files}
+
+
 @pytest.fixture(scope="module")
 def agent_runs(tmp_path_factory, data_dir, bp_alone):
     out = tmp_path_factory.mktemp("agents")
     results = {"bp": bp_alone[0]}
     for agent in list(cifar.AGENTS)[1:]:
-        extra = CBP if agent == "cbp" else {}
-        if agent == "l2":
-            extra = {"hessian_every": 1, "hessian_samples": 20, "hessian_batch": 10, "lanczos_iters": 4}
-        # Table 6's ER step (1e-4) and Table 5's noise (1e-5) move this tiny network's parameter norm by ~1e-6
-        # (relative) in its 15 steps, below np.allclose's tolerance: larger values show that they act.
-        if agent == "er":
-            extra = {"er_lr": (1e-2,)}
-        if agent == "snp":
-            extra = {"perturb_scale": 1e-3}
-        # ReDo every 2 steps, so that it acts in these 15; the persistent power iteration (1 per step: compiles
-        # faster than 10) carries its vectors through main's calls and checkpoints.
-        if agent == "redo":
-            extra = {"redo_every": 2}
-        if agent == "spectral-reg":
-            extra = {"spectral_persistent": True, "power_iters": 1}
-        results[agent] = run(out, agent, agent=agent, data_dir=data_dir, **extra)
-    with np.load(out / "l2" / "hessian.npz") as h:
-        results["l2-hessian"] = {k: h[k] for k in h.files}
+        results[agent], spectra = agent_run(out, agent, data_dir)
+        if spectra is not None:
+            results[f"{agent}-hessian"] = spectra
     return results
 
 
@@ -313,6 +322,15 @@ def test_every_agent_runs(agent_runs):
         assert not np.allclose(results[agent]["param_norm"], results["bp"]["param_norm"]), agent
     for k in KEYS:
         np.testing.assert_array_equal(results["reset"][k][:, :, 0], results["bp"][k][:, :, 0], err_msg=k)
+
+
+def test_metrics_equal_the_recorded_ones(agent_runs):
+    """Every agent's end-to-end numbers equal those recorded in tests/golden/cifar.npz, each within its measured
+    tolerance (tests/test_equal_metrics.py says how they were recorded and measured)."""
+    import test_equal_metrics
+    got = {f"{agent}/metrics/{k}": v for agent in cifar.AGENTS for k, v in agent_runs[agent].items()}
+    got |= {f"l2/hessian/{k}": v for k, v in agent_runs["l2-hessian"].items()}
+    test_equal_metrics.check_recorded("cifar", got)
 
 
 def test_cbp_replaces_channels_with_their_batchnorm_and_optimizer_state(data_dir):
@@ -589,7 +607,7 @@ def test_ctrl_c_sigterm_and_more_tasks_then_resume_equal_uninterrupted(tmp_path,
     1-task run gets SIGINT after the first: checkpoint, the resume command, exit 130. Resumed with --tasks 2, it
     gets SIGTERM in task 1's last call: it finishes the task, exits 143. The next resume ends with the metrics of
     the 2-task run that took each task in one call."""
-    cut = dict(agent="l2-er", call_steps=3, data_dir=data_dir)
+    cut = dict(agent="l2-er", call_steps=3, data_dir=data_dir, **AGENT_RUNS["l2-er"])
     signal_after(monkeypatch, 1, signal.SIGINT)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "cut", tasks=1, **cut)
