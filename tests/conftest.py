@@ -11,8 +11,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # many cores a process may use (work split over more threads rounds differently: a 1-core and a 2-core run of the
 # same ER step differ by 1e-5 after one task and by 5% in the Hessian nodes after two), and tests/golden/ holds
 # one-core values. Pinning also keeps the workers from oversubscribing the cores.
+# The cores come from the first process that loads this file (pytest itself, or pytest-xdist's controller), through
+# the environment: the workers it starts inherit its pinning, and would otherwise all share its one core.
 if hasattr(os, "sched_setaffinity"):
-    _cores = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("TESTS_CORES", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    _cores = [int(c) for c in os.environ["TESTS_CORES"].split(",")]
     _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     os.sched_setaffinity(0, {_cores[int(_worker[2:] or 0) % len(_cores)]})
 
