@@ -194,7 +194,7 @@ def check(script, got, golden):
         allowed = np.maximum(np.maximum(floor, SPREAD_FACTOR * spread), one_example)
         same = (np.abs(have[key] - value) <= allowed) | (np.isnan(have[key]) & np.isnan(value)) | (have[key] == value)
         if key.endswith(("_nodes", "_weights")):  # a raw Ritz value or weight that rounding moved in any variant
-            same |= spread > floor  # is left to its spectrum's moments and extreme nodes (compared above and below)
+            same |= spread > floor  # is left to its spectrum's moments and extreme nodes (their own keys here)
         assert same.all(), (f"{key}: {np.count_nonzero(~same)} of {same.size} numbers off:\n got {have[key][~same]}\n"
                             f" recorded {value[~same]}\n allowed deviation {allowed[~same]}")
 
