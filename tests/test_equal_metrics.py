@@ -51,10 +51,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the ImageNet and CIFAR runs reuse those tests' tiny data files
 
 
+PMNIST_SMALL = dict(seeds=1, tasks=2, steps_per_task=250, width=16, eval_size=200, hessian_every=1,
+                    hessian_samples=100, lanczos_iters=8, synthetic_data=True, member_batching="map")
+
+
 def pmnist_runs():
     import pmnist
-    small = dict(seeds=1, tasks=2, steps_per_task=250, width=16, eval_size=200, hessian_every=1,
-                 hessian_samples=100, lanczos_iters=8, synthetic_data=True, member_batching="map")
+    small = PMNIST_SMALL
     for agent in ("bp", "l2", "er", "l2-er", "cbp", "snp", "snp-l2"):
         extra = {"replacement_rate": 0.02, "maturity_threshold": 20} if agent == "cbp" else {}
         extra |= {"er_batch": 50} if agent in ("er", "l2-er") else {}
@@ -164,16 +167,20 @@ def compared(arrays):
 
 def accuracy_step(script, key, shape):
     """What one example is worth in an accuracy array of `script` ([config, seed, task]; 0 for other arrays):
-    1 / the number of examples it counts, per task."""
+    1 / the number of examples it counts, per task, from the recorded runs' settings."""
     name, task = key.split("/")[-1], np.arange(shape[-1]) if shape else 0
     if not name.endswith("_acc"):
         return 0.0
     if script == "pmnist":  # test_acc on eval_size images; online_acc over a task's steps
-        return {"test_acc": 1 / 200, "online_acc": 1 / 250}[name]
-    if script == "imagenet":  # the task's 2 classes: 1 test image each; the last epoch's 12 training images
-        return {"test_acc": 1 / 2, "train_acc": 1 / 12}[name]
-    if script == "cifar":  # the seen classes' test images (5 classes per task, 2 each); the last epoch's batches
-        return {"test_acc": 1 / (10 * (task + 1)), "train_acc": 1 / (50 * (task + 1))}[name]
+        return 1 / PMNIST_SMALL["eval_size" if name == "test_acc" else "steps_per_task"]
+    if script == "imagenet":  # the task's 2 classes: their test images; the last epoch's training images
+        import test_imagenet as t
+        return 1 / (2 * t.TINY["test_per_class" if name == "test_acc" else "train_per_class"])
+    if script == "cifar":  # every seen class's test images; the last epoch's minibatches, each a mean over its images
+        import cifar
+        import test_cifar as t
+        per_class = t.TEST_PER_CLASS if name == "test_acc" else t.TRAIN_PER_CLASS
+        return 1 / (per_class * cifar.Args().classes_per_task * (task + 1))
     raise KeyError(f"{script} has no accuracy step for {key}")
 
 
