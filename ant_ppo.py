@@ -5,24 +5,31 @@ floor; crouched start) runs in MJX with the Newton solver (10 iterations, 20 lin
 leave low friction barely slippery), timestep 0.01 s and 5 physics steps per env step. Every `--change-every`
 env steps the sliding friction of every geom jumps to the next value of the schedule: by default the authors'
 five frictions 0.2961, 0.2399, 0.0387, 0.3528, 0.0829, the same for every seed (MJX gives a contact the
-larger of its two geoms' frictions, so setting only the floor would change nothing). As in the authors' runs,
+larger of its two geoms' frictions, so setting only the floor would change nothing). `--physics brax` runs Brax's
+own Ant instead, on its positional pipeline (timestep 0.005 s, 10 substeps, gear 200): the authors' engine, in
+Brax's episode and auto-reset wrappers, its friction set on every geom each step as their wrapper does. About a
+quarter of its random start states pop above the healthy height (z > 1) within 20 steps of zero action, and the
+auto-reset returns every episode of an env to its first start. As in the authors' runs,
 observations are raw, the control cost is on the unclipped action and a time-out ends the episode without
 bootstrapping. PPO (Table 8) trains a separate actor (Gaussian, state-independent log-std) and critic, each
-with one ReLU hidden layer, continually, never reset. The agents are the table `AGENTS` below (Table 7 best
-values; Adam betas as the authors ran each agent): bp, l2 (coupled weight decay), er (effective-rank ascent
-on the actor and critic hidden layers, once per epoch on the rollout's observations), l2-er, cbp (continual
-backprop with L2, as the paper); and beyond the paper's table: layernorm-l2 (LayerNorm before each hidden ReLU
-with coupled L2 on every parameter; Lyle et al. 2024, as the authors' later runs), spectral-reg (Lewandowski et
-al. 2024's spectral regularizer in the form of the authors' later runs) and redo (ReDo, Sokar et al. 2023).
-The authors swept layernorm-l2 (lr 1e-2/1e-3/1e-4 x weight decay 1e-3/1e-4/1e-5) and spectral-reg (lr x lambda
-1e-2/1e-3/1e-4) on Slippery Ant but recorded no chosen values. Ours come from a small sweep (1 seed, 1M env steps,
-the authors' five frictions every 200k steps, 64 envs; lr 1e-3/1e-4 x the authors' other values; picked by the mean
-return over the run): layernorm-l2 lr 1e-4, weight decay 1e-3; spectral-reg lr 1e-4, lambda 1e-4. At lr 1e-3 every
-spectral-reg run collapsed (returns -6,000 to -44,000: the action means grow and the control cost, on the unclipped
-action, explodes). One seed and 1M steps, where no run walks yet (mean returns over the run -101 to +66 at lr 1e-4),
-make this weak evidence. No source gives ReDo's tau or period for Slippery Ant: tau 0.025 is our pMNIST sweep's,
-the period (every update) our unswept choice. The sweep, and its mean return over updates 1-488 (last phase,
-392-488) from `python plot.py runs/ant_sweep/* --table 1-488 392-488`:
+with one ReLU hidden layer, continually, never reset, with the details of the authors' code: every layer
+LeCun-uniform (the policy head not scaled down), the value loss the larger of the clipped and unclipped squared
+errors (no factor 0.5), Adam eps 1e-8. The agents are the table `AGENTS` below (Table 7 best values; Adam betas
+as the authors ran each agent): bp, l2 (coupled weight decay), er (effective-rank ascent on the actor's rank plus
+the critic's, one step before each epoch, on the rollout's observations), l2-er, cbp (continual backprop with
+L2, as the paper); and beyond the paper's table: layernorm-l2 (LayerNorm before each hidden ReLU with coupled L2
+on every parameter; Lyle et al. 2024, as the authors' later runs), spectral-reg (Lewandowski et al. 2024's
+spectral regularizer in the form of the authors' later runs) and redo (ReDo, Sokar et al. 2023, as Dohare et
+al.'s Ant config: tau 0.1 every 100 Adam steps, weight decay 1e-4). The authors swept layernorm-l2 (lr
+1e-2/1e-3/1e-4 x weight decay 1e-3/1e-4/1e-5) and spectral-reg (lr x lambda 1e-2/1e-3/1e-4) on Slippery Ant but
+recorded no chosen values. Ours come from a small sweep with the PPO of commit 595b52d (Kaiming init, head x 0.01,
+0.5 x MSE value loss, eps 1e-5; 1 seed, 1M env steps, the authors' five frictions every 200k steps, 64 envs; lr
+1e-3/1e-4 x the authors' other values; picked by the mean return over the run): layernorm-l2 lr 1e-4, weight
+decay 1e-3; spectral-reg lr 1e-4, lambda 1e-4. At lr 1e-3 every spectral-reg run collapsed (returns -6,000 to
+-44,000: the action means grow and the control cost, on the unclipped action, explodes). One seed and 1M steps,
+where no run walks yet (mean returns over the run -101 to +66 at lr 1e-4), make this weak evidence. The sweep,
+and its mean return over updates 1-488 (last phase, 392-488) from
+`python plot.py runs/ant_sweep/* --table 1-488 392-488`:
 
     python ant_ppo.py --agent layernorm-l2 --lr 1e-3 1e-4 --weight-decay 1e-3 1e-4 1e-5 --seeds 1 --num-envs 64 \
         --total-steps 1000000 --change-every 200000 --out-dir runs/ant_sweep/layernorm-l2
@@ -44,8 +51,8 @@ Outputs (besides config.json and checkpoint.pkl): metrics.npz, arrays [config, s
 `episodic_return` (mean return of the episodes that ended in the update's rollout; NaN if none), `episodes`,
 `friction` (at the rollout's last step), `loss` (mean PPO loss over the update's minibatches), `dead_units`
 and `effective_rank` [C, S, U, 2] of the actor's and the critic's hidden layer (`layer_names`) on the
-update's observations after the update, `param_norm`; and `env_steps` [U], `friction_schedule` [C, S, phases],
-`diverged` [C, S]. With --hessian-every-phase, hessian.npz as pMNIST's with `tasks` = the measured phases.
+rollout's activations (before the update, as the authors), `param_norm` (after it); and `env_steps` [U],
+`friction_schedule` [C, S, phases], `diverged` [C, S]. With --hessian-every-phase, hessian.npz as pMNIST's with `tasks` = the measured phases.
 
     python ant_ppo.py --agent l2-er --seeds 5   # 10M env steps per seed, 5 friction phases, 1 env each
 """
@@ -59,6 +66,7 @@ import contextlib  # noqa: E402 (after the environment is set)
 import io
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
@@ -85,8 +93,8 @@ import hessian
 # The authors' later Slippery Ant runs (their code): layernorm-l2 with 0.99 / 0.99 like the rest of the L2
 # family, spectral-reg with no betas set (their default 0.9 / 0.999), k 2, target 2, 10 power iterations from
 # fixed start vectors and no weight decay. They recorded no chosen lr, weight decay or lambda for Ant: ours come
-# from our small sweep (module docstring). ReDo has bp's betas; tau 0.025 comes from our pMNIST sweep, the period
-# (every update) is our choice; neither is swept on Ant.
+# from our small sweep (module docstring). ReDo is Dohare et al.'s Ant config (their cfg/ant/redo.yml): tau 0.1,
+# every 100 Adam steps (their reset_period counts optimizer steps), coupled weight decay 1e-4, betas 0.99 / 0.99.
 AGENTS = {
     "bp": dict(beta1=0.9, beta2=0.999),
     "l2": dict(weight_decay=1e-3, beta1=0.99, beta2=0.99),
@@ -97,7 +105,7 @@ AGENTS = {
     "layernorm-l2": dict(layer_norm=True, weight_decay=1e-3, beta1=0.99, beta2=0.99),  # our sweep's weight decay
     "spectral-reg": dict(spectral_lambda=1e-4, spectral_k=2.0, spectral_target=2.0, power_iters=10,
                          spectral_persistent=False, beta1=0.9, beta2=0.999),  # our sweep's lambda
-    "redo": dict(redo_tau=0.025, redo_every=1, beta1=0.9, beta2=0.999),  # Sokar et al. 2023; our tau and period
+    "redo": dict(redo_tau=0.1, redo_every=100, weight_decay=1e-4, beta1=0.99, beta2=0.99),  # Dohare et al.'s Ant
 }
 SWEPT = ("lr", "weight_decay", "er_lr")  # traced hyperparameters: several values train together as configs
 # The frictions of the runs behind the paper's Slippery Ant figure (the authors' code: row 0 of their
@@ -108,8 +116,8 @@ AUTHORS_FRICTIONS = (0.2961, 0.2399, 0.0387, 0.3528, 0.0829)
 @dataclass(frozen=True)
 class Args:
     agent: Literal[tuple(AGENTS)] = "bp"
-    """algorithm: an entry of AGENTS (Table 7's best values; cbp is CBP with L2, as the paper; layernorm-l2,
-    spectral-reg and redo run our own choices: see the module docstring)"""
+    """algorithm: an entry of AGENTS (Table 7's best values; cbp is CBP with L2, as the paper; layernorm-l2 and
+    spectral-reg run our own choices, redo Dohare et al.'s: see the module docstring)"""
     seed: int = 0
     """base seed; seeds seed .. seed+seeds-1 train together. A seed fixes the init, the env noise and, with
     random frictions, the friction schedule"""
@@ -120,7 +128,7 @@ class Args:
     layernorm-l2 and spectral-reg, unswept for redo); several values are swept together"""
     weight_decay: tuple[float, ...] | None = None
     """coupled L2 weight decay(s) added to the gradient of every parameter (agents with weight_decay in AGENTS:
-    l2, l2-er, cbp, layernorm-l2; layernorm-l2's 1e-3 is our small sweep's: the authors record none)"""
+    l2, l2-er, cbp, layernorm-l2, redo; layernorm-l2's 1e-3 is our small sweep's: the authors record none)"""
     er_lr: tuple[float, ...] | None = None
     """effective-rank ascent step size(s) (agents with er_lr: er 1e-7, l2-er 1e-6)"""
     replacement_rate: float | None = None
@@ -148,18 +156,17 @@ class Args:
     """start each Adam step's power iterations from the last step's vectors (carried in the state) instead of the
     fixed ones; with --power-iters 1 it costs ~1/10 (our option, not the authors')"""
     redo_tau: float | None = None
-    """ReDo: recycle hidden units whose score mean|h_i| / (layer mean of mean|h_k|) on the update's observations
-    is <= tau (default 0.025: our pMNIST sweep's; unswept on Ant)"""
+    """ReDo: recycle hidden units whose score mean|h_i| / (layer mean of mean|h_k|) on the minibatch is <= tau
+    (Dohare et al.'s Ant config: 0.1)"""
     redo_every: int | None = None
-    """ReDo: score and recycle after every K PPO updates (at the start of updates K, 2K, ..., on that update's
-    rollout observations, before its epochs; K = 1, every update (1,280 Adam steps at Table 8's 10 epochs x 128
-    minibatches), is our unswept choice)"""
+    """ReDo: score and recycle after every K-th Adam step, on that step's minibatch (Dohare et al.'s Ant config:
+    100, i.e. ~13 times per PPO update of 10 epochs x 128 minibatches)"""
     beta1: float | None = None
     """Adam beta_1 (every agent; as the authors' runs: 0.9 for bp (Table 8), 0.99 for the others)"""
     beta2: float | None = None
     """Adam beta_2 (every agent; as the authors' runs: 0.999 for bp (Table 8), 0.99 for the others)"""
-    adam_eps: float = 1e-5
-    """Adam epsilon (not in the paper; 1e-5 as in PureJaxRL's PPO)"""
+    adam_eps: float = 1e-8
+    """Adam epsilon (not in the paper; 1e-8, optax's default, as the authors' runs)"""
     total_steps: int = 10_000_000
     """env steps per seed; rounded down to whole updates of --num-steps samples"""
     num_envs: int = 1
@@ -201,6 +208,11 @@ class Args:
     """range of --random-frictions"""
     fixed_friction: float | None = None
     """use this friction for the whole run (same as --frictions F; e.g. 1.0 for a plain Ant)"""
+    physics: Literal["mjx", "brax"] = "mjx"
+    """the engine: "mjx" (Brax's ant rewritten for MuJoCo MJX, the flags below) or "brax" (Brax's own Ant on its
+    positional pipeline, the authors' engine: `brax.envs.get_environment("ant", backend="positional")` in Brax's
+    episode and auto-reset wrappers, sliding friction set on every geom each step as their wrapper does; the
+    MJX-only flags below must keep their defaults)"""
     solver_iterations: int = 10
     """Newton iterations of MJX's constraint solver per physics step. Brax's MJX Ant uses 1 (and 4 line-search
     iterations); then the contact forces are far from converged and low friction is barely slippery (random
@@ -252,6 +264,9 @@ class Args:
     map on one CPU device (faster there), else vmap"""
 
 
+# Args of the MJX env alone (Brax's Ant has its own solver, contacts, start pose, control cost and resets).
+MJX_ONLY = ("solver_iterations", "ls_iterations", "contacts", "init_pose", "ctrl_cost_clipped", "fresh_resets",
+            "bootstrap_timeouts")
 # Args that may change between a run and its --resume (--total-steps to run longer).
 RESUME_FREE = ("total_steps", "resume", "out_dir", "checkpoint_minutes", "member_batching")
 LAYER_NAMES = ("actor_hidden", "critic_hidden")
@@ -369,6 +384,7 @@ class EnvConfig(NamedTuple):
     ctrl_cost_clipped: bool = False  # control cost on the action clipped to the motor range (else the raw one)
     fresh_resets: bool = False      # fresh reset noise every episode (else each env's first start, as Brax)
     episode_length: int = 1000
+    physics: str = "mjx"            # "mjx" (this file's MJX Ant) or "brax" (Brax's own positional Ant)
 
 
 @lru_cache(maxsize=None)
@@ -484,23 +500,90 @@ def phase_friction(friction_key, phase, frictions, friction_range):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# --physics brax: Brax's own Ant on its positional pipeline, the engine of the authors' runs (their
+# NonstationaryFrictionBraxWrapper): `brax.envs.get_environment("ant", backend="positional")` (timestep 0.005 s,
+# 10 substeps, gear 200) in Brax's EpisodeWrapper (1000 steps, action repeat 1) and AutoResetWrapper (every
+# episode restarts from the env's first start state); before each step the system's sliding friction
+# `geom_friction[:, 0]` of every geom is set to the phase's value, as their wrapper does. Their wrapper switches
+# phase one env step early ((steps + 1) // change_every); both physics here use the schedule above.
+# ----------------------------------------------------------------------------------------------------------
+class BraxEnvState(NamedTuple):
+    brax: object          # brax.envs.base.State of the wrapped env (obs, done, info: steps, truncation, ...)
+    ret: jax.Array        # undiscounted return of the episode so far
+
+
+@lru_cache(maxsize=None)
+def brax_ant(episode_length):
+    """Brax's positional Ant in the authors' wrappers; imported on first use (MJX runs do not need Brax)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # Brax prints a notice when its optional Warp backend is absent
+        from brax import envs
+        from brax.envs.wrappers.training import AutoResetWrapper, EpisodeWrapper
+    with warnings.catch_warnings(), jax.ensure_compile_time_eval():  # concrete arrays even inside a jit trace
+        warnings.simplefilter("ignore", UserWarning)  # Brax warns on every load that its pipelines are unmaintained
+        ant = envs.get_environment("ant", backend="positional")
+    return AutoResetWrapper(EpisodeWrapper(ant, episode_length, 1))
+
+
+def brax_reset(cfg, key):
+    return BraxEnvState(brax_ant(cfg.episode_length).reset(key), jnp.zeros((), jnp.float32))
+
+
+def brax_observe(state):
+    return state.brax.obs
+
+
+def brax_step(cfg, state, action, friction, reset_key):
+    """One env step of Brax's Ant at `friction`: the base env's system gets the friction for this step (restored
+    after tracing it), then the wrappers step, auto-reset included. Brax clips the action to the motors' range
+    and charges the control cost on the action as given, as the MJX env."""
+    del reset_key  # Brax's auto-reset returns to the first start state: no fresh noise
+    env = brax_ant(cfg.episode_length)
+    base, sys = env.unwrapped, env.unwrapped.sys
+    base.sys = sys.replace(geom_friction=sys.geom_friction.at[:, 0].set(friction))
+    try:
+        after = env.step(state.brax, action)
+    finally:
+        base.sys = sys
+    done = after.done > 0.5
+    truncated = done & (after.info["truncation"] > 0.5)
+    ret = state.ret + after.reward
+    info = StepInfo(after.reward, done & ~truncated, truncated, after.obs, ret)  # obs after a reset where done
+    return BraxEnvState(after, jnp.where(done, 0.0, ret)), info
+
+
+def env_functions(cfg):
+    """(reset, step, observe) of the chosen physics."""
+    if cfg.physics == "brax":
+        return brax_reset, brax_step, brax_observe
+    return env_reset, env_step, observe
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Actor-critic (App. J.1): separate networks, one ReLU hidden layer each; Gaussian policy with a
 # state-independent log standard deviation. Zero biases. With LayerNorm (layernorm-l2) each hidden layer also
 # holds its scale and shift, which the forward pass applies before the ReLU.
 # ----------------------------------------------------------------------------------------------------------
+def lecun_dense(key, fan_in, fan_out):
+    """{"w": U(-b, b) with b = sqrt(3 / fan_in) (LeCun-uniform), "b": 0}: the init of every layer of the authors'
+    actor and critic (their models.py), the policy head included."""
+    bound = math.sqrt(3.0 / fan_in)
+    return {"w": jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -bound, bound),
+            "b": jnp.zeros(fan_out, jnp.float32)}
+
+
 def init_params(key, hidden, layer_norm=False):
-    """Kaiming-uniform layers, except the actor's output weights, scaled by 0.01 so the first policy is
-    centred on zero action (as PureJaxRL's PPO, whose head is initialized at scale 0.01): a plain Kaiming
-    head puts most initial action means beyond the [-1, 1] motor range. `layer_norm`: the hidden layers also
-    get a LayerNorm scale (1) and shift (0), as Flax's LayerNorm inits them in the authors' runs."""
+    """Every layer LeCun-uniform, the policy head not scaled down, as the authors' runs: their untrained policy's
+    action means reach well beyond the [-1, 1] motor range, where the control cost on the unclipped action is
+    large (an untrained policy's return is about -350 to -550 here, against -70 to -134 with a head scaled by
+    0.01). `layer_norm`: the hidden layers also get a LayerNorm scale (1) and shift (0), as Flax's LayerNorm
+    inits them in the authors' runs."""
     k = jax.random.split(key, 4)
-    actor_out = common.dense_init(k[1], hidden, ACT_DIM)
     norm = {"scale": jnp.ones(hidden, jnp.float32), "shift": jnp.zeros(hidden, jnp.float32)} if layer_norm else {}
-    return {"actor": {"hidden": {**common.dense_init(k[0], OBS_DIM, hidden), **norm},
-                      "out": {"w": 0.01 * actor_out["w"], "b": actor_out["b"]},
+    return {"actor": {"hidden": {**lecun_dense(k[0], OBS_DIM, hidden), **norm},
+                      "out": lecun_dense(k[1], hidden, ACT_DIM),
                       "log_std": jnp.zeros(ACT_DIM, jnp.float32)},
-            "critic": {"hidden": {**common.dense_init(k[2], OBS_DIM, hidden), **norm},
-                       "out": common.dense_init(k[3], hidden, 1)}}
+            "critic": {"hidden": {**lecun_dense(k[2], OBS_DIM, hidden), **norm},
+                       "out": lecun_dense(k[3], hidden, 1)}}
 
 
 def dense(layer, x):
@@ -541,20 +624,23 @@ class Batch(NamedTuple):
     obs: jax.Array
     action: jax.Array
     log_prob: jax.Array   # under the policy that acted
+    value: jax.Array      # the critic's value when the policy acted (the centre of the clipped value loss)
     advantage: jax.Array
     target: jax.Array     # value target (advantage + value)
 
 
 def ppo_loss(params, batch, args):
-    """Clipped PPO objective + value loss - entropy bonus (advantages normalized over the batch).
-    Returns (loss, (actor hidden, critic hidden))."""
+    """Clipped PPO objective + value loss - entropy bonus (advantages normalized over the batch). The value loss is
+    the authors': the larger of the squared error and that of the value clipped to +-clip_eps around the rollout's
+    value, with no factor 0.5. Returns (loss, (actor hidden, critic hidden))."""
     mean, log_std, h_actor = actor_apply(params["actor"], batch.obs)
     ratio = jnp.exp(gaussian_log_prob(batch.action, mean, log_std) - batch.log_prob)
     adv = (batch.advantage - batch.advantage.mean()) / (batch.advantage.std() + 1e-8)
     policy_loss = -jnp.mean(jnp.minimum(ratio * adv,
                                         jnp.clip(ratio, 1 - args.clip_eps, 1 + args.clip_eps) * adv))
     value, h_critic = critic_apply(params["critic"], batch.obs)
-    value_loss = 0.5 * jnp.mean(jnp.square(value - batch.target))
+    clipped = batch.value + jnp.clip(value - batch.value, -args.clip_eps, args.clip_eps)
+    value_loss = jnp.mean(jnp.maximum(jnp.square(value - batch.target), jnp.square(clipped - batch.target)))
     entropy = jnp.sum(log_std + 0.5 * math.log(2 * math.pi * math.e))
     return policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy, (h_actor, h_critic)
 
@@ -645,7 +731,7 @@ class Transition(NamedTuple):
 def env_config(args):
     return EnvConfig(solver_iterations=args.solver_iterations, ls_iterations=args.ls_iterations,
                      contacts=args.contacts, init_pose=args.init_pose, ctrl_cost_clipped=args.ctrl_cost_clipped,
-                     fresh_resets=args.fresh_resets, episode_length=args.episode_length)
+                     fresh_resets=args.fresh_resets, episode_length=args.episode_length, physics=args.physics)
 
 
 def phase_frictions(args):
@@ -679,7 +765,8 @@ def rollout(args, params, env, obs_stats, steps, key, friction_of_step):
     """num_steps / num_envs vector steps of all envs under the current policy. `friction_of_step(s)` gives
     the friction of a vector step that starts after s env steps. Returns ((env, obs_stats, steps), Transition
     [T, envs], normalized obs after the last step)."""
-    step_fn = jax.vmap(partial(env_step, env_config(args)), in_axes=(0, 0, None, 0))
+    _, step, observe = env_functions(env_config(args))
+    step_fn = jax.vmap(partial(step, env_config(args)), in_axes=(0, 0, None, 0))
 
     def one(carry, key_t):
         env, obs_stats, steps = carry
@@ -711,7 +798,8 @@ def make_batch(args, params, traj, last_obs):
     last_value, _ = critic_apply(params["critic"], last_obs)
     advantages, targets = gae(traj.value, traj.reward, traj.done, last_value, args.gamma, args.gae_lambda)
     flat = lambda x: x.reshape((args.num_steps,) + x.shape[2:])
-    return Batch(flat(traj.obs), flat(traj.action), flat(traj.log_prob), flat(advantages), flat(targets))
+    return Batch(flat(traj.obs), flat(traj.action), flat(traj.log_prob), flat(traj.value), flat(advantages),
+                 flat(targets))
 
 
 def make_train(args, agent):
@@ -728,8 +816,9 @@ def make_train(args, agent):
         k_init, k_env, k_train, *_ = member_keys(seed)
         params = init_params(k_init, args.hidden_size, agent.get("layer_norm", False))
         env_keys = jax.random.split(k_env, args.num_envs)
+        reset = partial(env_functions(env_config(args))[0], env_config(args))
         state = {"params": params, "opt": optimizer({"lr": 1.0, "weight_decay": 0.0}).init(params),
-                 "obs_stats": obs_stats_init(), "env": jax.vmap(partial(env_reset, env_config(args)))(env_keys),
+                 "obs_stats": obs_stats_init(), "env": jax.vmap(reset)(env_keys),
                  "steps": jnp.zeros((), jnp.int32), "key": jax.random.key_data(k_train)}  # raw: "map" stacks states on the host
         if "replacement_rate" in agent:
             state["cbp"] = (common.cbp_init(args.hidden_size), common.cbp_init(args.hidden_size))
@@ -739,8 +828,8 @@ def make_train(args, agent):
 
     @jax.jit  # its trace is cached: eval_shape in train and the cond there reuse one trace
     def update(state, hp, seed):
-        """One PPO update: rollout, GAE, (ReDo when due,) update_epochs x num_minibatches Adam steps (+ CBP after
-        each, + one ER ascent step after each epoch). Returns (new state, metrics of this update)."""
+        """One PPO update: rollout, GAE, update_epochs x (one ER ascent step, then num_minibatches Adam steps, each
+        followed by CBP or, when due, ReDo). Returns (new state, metrics of this update)."""
         opt = optimizer(hp)
         key, k_roll, k_epochs = jax.random.split(jax.random.wrap_key_data(state["key"]), 3)
         friction_key = member_keys(seed)[3]
@@ -748,16 +837,15 @@ def make_train(args, agent):
                                                           state["steps"], k_roll, schedule(args, friction_key))
         batch = make_batch(args, state["params"], traj, last_obs)
         mb_size = args.num_steps // args.num_minibatches
-        params, opt_state = state["params"], state["opt"]
-        if "redo_tau" in agent:  # after every redo_every updates, on this rollout's observations (outputs unchanged)
-            done_updates = state["steps"] // args.num_steps
-            due = (done_updates > 0) & (done_updates % agent["redo_every"] == 0)
-            params, opt_state = redo_step(agent, opt, params, opt_state, batch.obs,
-                                          jax.random.fold_in(member_keys(seed)[5], done_updates), due)
+        # The plasticity metrics on the rollout's activations, i.e. of the policy and critic that acted, before the
+        # update (as the authors' runs record them)
+        feats = hidden_features(state["params"], batch.obs)
+        steps_per_update = args.update_epochs * args.num_minibatches
+        first_step = state["steps"] // args.num_steps * steps_per_update  # Adam steps before this update
 
         def minibatch_step(carry, xs):
             params, opt_state, cbp, vectors = carry
-            mb, k_cbp = xs
+            mb, k_cbp, number = xs
             starts = vectors if agent.get("spectral_persistent") else None
             (_, (loss, hiddens, ends)), grads = jax.value_and_grad(
                 lambda p: train_loss(p, mb, args, agent, starts), has_aux=True)(params)
@@ -765,21 +853,26 @@ def make_train(args, agent):
             params = jax.tree.map(jnp.add, params, updates)
             if "replacement_rate" in agent:
                 params, opt_state, cbp = cbp_step(agent, opt, params, opt_state, cbp, hiddens, k_cbp)
+            if "redo_tau" in agent:  # after every redo_every-th Adam step, scored on its minibatch's activations
+                due = (number + 1) % agent["redo_every"] == 0
+                params = redo_step(agent, params, hiddens, jax.random.fold_in(member_keys(seed)[5], number), due)
             return (params, opt_state, cbp, ends if agent.get("spectral_persistent") else vectors), loss
 
-        def epoch(carry, key_e):
+        def epoch(carry, xs):
+            key_e, index = xs
             k_perm, k_cbp = jax.random.split(key_e)
+            if "er_lr" in agent:  # the ER step (App. D) before the epoch's Adam steps, on the whole rollout
+                carry = (er_step(carry[0], batch.obs, hp["er_lr"]),) + carry[1:]
             perm = jax.random.permutation(k_perm, args.num_steps)
             mbs = jax.tree.map(lambda x: x[perm].reshape((args.num_minibatches, mb_size) + x.shape[1:]), batch)
-            carry, losses = jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(k_cbp, args.num_minibatches)))
-            if "er_lr" in agent:  # the ER step on the rollout's observations, outside the optimizer
-                carry = (common.er_ascent(carry[0], hidden_features, batch.obs, hp["er_lr"])[0],) + carry[1:]
+            numbers = first_step + index * args.num_minibatches + jnp.arange(args.num_minibatches)
+            carry, losses = jax.lax.scan(minibatch_step, carry,
+                                         (mbs, jax.random.split(k_cbp, args.num_minibatches), numbers))
             return carry, losses.mean()
 
         (params, opt_state, cbp, vectors), losses = jax.lax.scan(
-            epoch, (params, opt_state, state.get("cbp", ()), state.get("spectral_v", ())),
-            jax.random.split(k_epochs, args.update_epochs))
-        feats = hidden_features(params, batch.obs)
+            epoch, (state["params"], state["opt"], state.get("cbp", ()), state.get("spectral_v", ())),
+            (jax.random.split(k_epochs, args.update_epochs), jnp.arange(args.update_epochs)))
         done = traj.done.astype(jnp.float32)
         episodes = done.sum()
         metrics = {
@@ -847,23 +940,27 @@ def cbp_step(agent, opt, params, opt_state, cbp, hiddens, key):
     return params, common.mask_opt_state(opt, opt_state, keep), tuple(new_cbp)
 
 
-def redo_step(agent, opt, params, opt_state, obs, key, due):
-    """ReDo (Sokar et al. 2023) when `due`: the actor's and the critic's hidden units dormant on the observations
-    `obs` (score mean|h_i| / layer mean <= redo_tau, on the post-ReLU activations, whose magnitude is Sokar et
-    al.'s activity) get fresh incoming weights from the layer's init (Kaiming-uniform), bias 0, outgoing weights 0
-    (the policy and the value are unchanged) and zeroed Adam moments; the output layers and log_std never."""
+def redo_step(agent, params, hiddens, key, due):
+    """ReDo (Sokar et al. 2023) as Dohare et al.'s Ant runs (their GnTredo) when `due`: the actor's and the critic's
+    hidden units dormant on `hiddens`, the minibatch's post-ReLU activations before the Adam step (score mean|h_i|
+    / layer mean <= redo_tau), get fresh incoming weights U(+-sqrt(6 / fan_in)) (their bound), bias 0 and outgoing
+    weights 0 (the policy and the value are unchanged); the Adam moments are kept, as theirs; the output layers and
+    log_std never change."""
     params = {net: dict(p) for net, p in params.items()}
-    keep = jax.tree.map(jnp.ones_like, params)
-    for net, h, k in zip(("actor", "critic"), hidden_features(params, obs), jax.random.split(key, 2)):
+    for net, h, k in zip(("actor", "critic"), hiddens, jax.random.split(key, 2)):
         p = params[net]
         dormant = common.dormant_units(h, agent["redo_tau"]) & due
-        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+        w_in, b_in, w_out, *_ = common.cbp_replace(
             k, p["hidden"]["w"], p["hidden"]["b"], p["out"]["w"], jnp.arange(dormant.shape[0]), dormant)
         p["hidden"] = {**p["hidden"], "w": w_in, "b": b_in}
         p["out"] = {**p["out"], "w": w_out}
-        keep[net]["hidden"] = {**keep[net]["hidden"], "w": keep_in, "b": keep_b}
-        keep[net]["out"] = {**keep[net]["out"], "w": keep_out}
-    return params, common.mask_opt_state(opt, opt_state, keep)
+    return params
+
+
+def er_step(params, obs, er_lr):
+    """One ER ascent step (App. D) as the authors' Ant runs: the objective is the actor's effective rank plus the
+    critic's (their sum of the two networks' per-layer means; one hidden layer each), not their mean."""
+    return common.er_ascent(params, hidden_features, obs, er_lr, reduce=jnp.sum)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -896,6 +993,8 @@ def resolve(args):
         (args.solver_iterations >= 1 and args.ls_iterations >= 1,
          "--solver-iterations and --ls-iterations must be >= 1"),
         (args.episode_length >= 1, "--episode-length must be >= 1"),
+        *[(args.physics == "mjx" or getattr(args, name) == getattr(Args, name),
+           f"--{name.replace('_', '-')} applies only to --physics mjx") for name in MJX_ONLY],
         (args.updates_per_chunk >= 1, "--updates-per-chunk must be >= 1"),
         (args.hessian_probes >= 1 and args.hessian_iters >= 1, "--hessian-iters and --hessian-probes must be >= 1"),
         (not args.hessian_every_phase or args.hessian_iters <= num_params,
@@ -1038,7 +1137,7 @@ def save(run, args, measured, schedule):
 
 def describe(args, agent, members, num_updates, schedule, run_dir):
     shown = lambda row: ", ".join(f"{f:.4g}" for f in row)
-    lines = [f"{common.script_name(args)} {args.agent}: {members}; {num_updates} updates of {args.num_steps} samples "
+    lines = [f"{common.script_name(args)} {args.agent} on {args.physics}: {members}; {num_updates} updates of {args.num_steps} samples "
              f"({args.num_envs} envs x {args.num_steps // args.num_envs} steps); Adam betas {agent['beta1']} / "
              f"{agent['beta2']}; steps/s below counts the env steps of all members; out {run_dir}"]
     if (schedule == schedule[0]).all():

@@ -556,22 +556,24 @@ def bench_cifar(bench, ds, setups, agents=("bp", "l2-er"), section="cifar"):
 ANT_RUN = dict(steps=10_000_000, seeds=5, goal_h=20 / 60)
 
 
-def ant_args(ant_ppo, sizes, agent, seeds, envs=None):
+def ant_args(ant_ppo, sizes, agent, seeds, envs=None, physics="mjx"):
     return ant_ppo.Args(agent=agent, seeds=seeds, num_envs=envs or sizes.ant_envs, num_steps=sizes.ant_samples,
                         update_epochs=sizes.ant_epochs, num_minibatches=sizes.ant_minibatches,
                         hidden_size=sizes.ant_hidden, updates_per_chunk=sizes.ant_updates,
-                        fast_compile=sizes.ant_fast_compile, member_batching="vmap")
+                        fast_compile=sizes.ant_fast_compile, member_batching="vmap", physics=physics)
 
 
 def bare_ant_rollout(ant_ppo, cfg, vector_steps, fast_compile):
     """All envs of all members stepped `vector_steps` times with Gaussian actions: the physics alone."""
-    step = jax.vmap(lambda s, a, k: ant_ppo.env_step(cfg, s, a, ant_ppo.AUTHORS_FRICTIONS[0], k))
+    _, env_step, _ = ant_ppo.env_functions(cfg)
+    step = jax.vmap(lambda s, a, k: env_step(cfg, s, a, ant_ppo.AUTHORS_FRICTIONS[0], k))
 
     def rollout(envs, key):
         def one(envs, k):
             k_act, k_reset = jax.random.split(k)
-            actions = jax.random.normal(k_act, (envs.t.shape[0], ant_ppo.ACT_DIM))
-            envs, info = step(envs, actions, jax.random.split(k_reset, envs.t.shape[0]))
+            count = jax.tree.leaves(envs)[0].shape[0]
+            actions = jax.random.normal(k_act, (count, ant_ppo.ACT_DIM))
+            envs, info = step(envs, actions, jax.random.split(k_reset, count))
             return envs, info.reward
         return jax.lax.scan(one, envs, jax.random.split(key, vector_steps))
 
@@ -581,31 +583,36 @@ def bare_ant_rollout(ant_ppo, cfg, vector_steps, fast_compile):
 def bench_ant(bench, ds, setups, agents=None, section="ant"):
     import ant_ppo
     sizes = bench.sizes
-    for seeds in (1, sizes.ant_seeds) if section == "ant" else ():
-        args = ant_args(ant_ppo, sizes, "bp", seeds)
-        work = f"baseline: bare MJX Ant physics, random actions, {seeds} seed(s) x {args.num_envs} envs"
+    bare = [("mjx", 1), ("mjx", sizes.ant_seeds), ("brax", sizes.ant_seeds)]  # Brax: the authors' engine
+    for physics, seeds in bare if section == "ant" else ():
+        args = ant_args(ant_ppo, sizes, "bp", seeds, physics=physics)
+        work = (f"baseline: bare {'MJX' if physics == 'mjx' else 'Brax positional'} Ant physics, random actions, "
+                f"{seeds} seed(s) x {args.num_envs} envs")
         if not bench.variant("ant", work):  # MJX compiles slowly: --quick keeps only the two agents
             continue
         cfg = ant_ppo.env_config(args)
         vector_steps = args.updates_per_chunk * args.num_steps // args.num_envs
-        envs = jax.vmap(lambda k: ant_ppo.env_reset(cfg, k))(
-            jax.random.split(jax.random.key(0), seeds * args.num_envs))
+        reset = ant_ppo.env_functions(cfg)[0]
+        envs = jax.vmap(lambda k: reset(cfg, k))(jax.random.split(jax.random.key(0), seeds * args.num_envs))
         rollout = precise(bare_ant_rollout(ant_ppo, cfg, vector_steps, args.fast_compile))
         seconds, compile_s = bench.time(rollout, envs, jax.random.key(1), per=vector_steps * seeds * args.num_envs)
-        bench.add("ant", f"bare{seeds}", work, seconds, unit="env-step", compile_s=compile_s)
+        bench.add("ant", ("brax-" if physics == "brax" else "") + f"bare{seeds}", work, seconds, unit="env-step",
+                  compile_s=compile_s)
     speed_envs = sizes.ant_envs
-    runs = [("bp", 1, speed_envs), ("l2-er", 1, speed_envs), ("bp", sizes.ant_seeds, speed_envs),
-            ("l2-er", sizes.ant_seeds, speed_envs)]
+    runs = [("bp", 1, speed_envs, "mjx"), ("l2-er", 1, speed_envs, "mjx"), ("bp", sizes.ant_seeds, speed_envs, "mjx"),
+            ("l2-er", sizes.ant_seeds, speed_envs, "mjx")]
     if agents is not None:
-        runs = [(agent, sizes.ant_seeds, speed_envs) for agent in agents]
-    elif speed_envs != 1:  # last, l2-er at ant_ppo's default of 1 env (the paper's rollout): the run a reproduction
-        runs.append(("l2-er", sizes.ant_seeds, 1))  # makes, as more envs learn far slower (README's Slippery Ant)
-    for agent, seeds, n_envs in runs:
-        args = ant_args(ant_ppo, sizes, agent, seeds, n_envs)
+        runs = [(agent, sizes.ant_seeds, speed_envs, "mjx") for agent in agents]
+    else:
+        runs.append(("bp", sizes.ant_seeds, speed_envs, "brax"))  # the same PPO on the authors' engine
+        if speed_envs != 1:  # last, l2-er at ant_ppo's default of 1 env (the paper's rollout): the run a
+            runs.append(("l2-er", sizes.ant_seeds, 1, "mjx"))  # reproduction makes (more envs learn far slower)
+    for agent, seeds, n_envs, physics in runs:
+        args = ant_args(ant_ppo, sizes, agent, seeds, n_envs, physics)
         work = (f"`ant_ppo` {agent}, {seeds} seed(s), {args.num_envs} envs, {args.updates_per_chunk} update(s) of "
-                f"{args.num_steps} samples")
+                f"{args.num_steps} samples" + (", --physics brax" if physics == "brax" else ""))
         extra_row = n_envs != speed_envs  # the 1-env row: no bare or bp row steps its env count
-        if (seeds == 1 or extra_row) and not bench.variant("ant", work):
+        if (seeds == 1 or extra_row or physics == "brax") and not bench.variant("ant", work):
             continue
         entry, configs = ant_ppo.resolve(args)
         members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
@@ -615,9 +622,10 @@ def bench_ant(bench, ds, setups, agents=None, section="ant"):
         seconds, compile_s = bench.time(train, state, hp, members.seeds, jnp.int32(args.updates_per_chunk),
                                         per=env_steps)
         run = ANT_RUN["steps"] * ANT_RUN["seeds"] * seconds
-        bench.add(section, f"{agent}{seeds}" + (f"x{n_envs}env" if extra_row else ""), work, seconds, unit="env-step",
-                  baseline=None if extra_row else ("ant", f"bare{seeds}"),
-                  bp=None if extra_row else ("ant", f"bp{seeds}"), compile_s=compile_s,
+        brax = "brax-" if physics == "brax" else ""
+        bench.add(section, f"{brax}{agent}{seeds}" + (f"x{n_envs}env" if extra_row else ""), work, seconds,
+                  unit="env-step", baseline=None if extra_row else ("ant", f"{brax}bare{seeds}"),
+                  bp=None if extra_row or brax else ("ant", f"bp{seeds}"), compile_s=compile_s,
                   full_run=projection(run, ANT_RUN["goal_h"] * 3600, bench.quick)
                   if (agent, seeds) == ("l2-er", sizes.ant_seeds) else "",
                   note=f"{format_seconds(seconds)} per env-step"

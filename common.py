@@ -115,13 +115,14 @@ def effective_ranks(features_list, method="svd"):
     return jnp.stack(ranks)
 
 
-def er_ascent(params, features_fn, inputs, er_lr):
+def er_ascent(params, features_fn, inputs, er_lr, reduce=jnp.mean):
     """One ER step as the authors' code: plain gradient ascent outside the optimizer (no momentum, no decay) on the
-    mean effective rank of the [n, d] matrices `features_fn(params, inputs)`. Returns (params, rank before)."""
-    def mean_rank(p):
-        return jnp.mean(effective_ranks(features_fn(p, inputs), method="qr"))
+    effective ranks of the [n, d] matrices `features_fn(params, inputs)`, combined by `reduce` (their mean over
+    layers; Slippery Ant sums its actor's and critic's). Returns (params, objective before)."""
+    def objective(p):
+        return reduce(effective_ranks(features_fn(p, inputs), method="qr"))
 
-    value, grads = jax.value_and_grad(mean_rank)(params)
+    value, grads = jax.value_and_grad(objective)(params)
     return jax.tree.map(lambda p, g: p + er_lr * g, params, grads), value
 
 

@@ -279,9 +279,9 @@ def test_every_seed_gets_the_authors_frictions_by_default():
 
 def test_adam_betas_per_agent():
     """As the authors ran Slippery Ant: bp 0.9 / 0.999 (Table 8); l2, er, l2-er, cbp, layernorm-l2 0.99 / 0.99;
-    spectral-reg (their runs set none: their default) 0.9 / 0.999; redo as bp."""
+    spectral-reg (their runs set none: their default) 0.9 / 0.999; redo 0.99 / 0.99 (Dohare et al.'s Ant config)."""
     expected = {"bp": (0.9, 0.999), "l2": (0.99, 0.99), "er": (0.99, 0.99), "l2-er": (0.99, 0.99),
-                "cbp": (0.99, 0.99), "layernorm-l2": (0.99, 0.99), "spectral-reg": (0.9, 0.999), "redo": (0.9, 0.999)}
+                "cbp": (0.99, 0.99), "layernorm-l2": (0.99, 0.99), "spectral-reg": (0.9, 0.999), "redo": (0.99, 0.99)}
     assert set(expected) == set(ant_ppo.AGENTS)
     betas = lambda **flags: tuple(ant_ppo.resolve(ant_ppo.Args(**flags))[0][b] for b in ("beta1", "beta2"))
     for agent, pair in expected.items():
@@ -564,9 +564,9 @@ def test_cbp_end_to_end_with_hessian(tmp_path, cbp_two_seeds):
 # The agents beyond the paper's table, with strengths raised so that each mechanism moves these two updates (as
 # tests/test_equal_metrics.py raises them): LayerNorm with weight decay 0.1 beside 0 (two configs, one seed: the
 # same program as two seeds); lambda 0.1; tau 16 = the width, so every hidden unit scores <= tau and all are
-# recycled at the start of update 1 (score_i = 16 m_i / sum_k m_k <= 16).
+# recycled after the 12th of the run's 16 Adam steps (score_i = 16 m_i / sum_k m_k <= 16).
 NEW_AGENTS = {"layernorm-l2": dict(seeds=1, weight_decay=(0.1, 0.0)),
-              "spectral-reg": dict(seeds=2, spectral_lambda=0.1), "redo": dict(seeds=2, redo_tau=16.0)}
+              "spectral-reg": dict(seeds=2, spectral_lambda=0.1), "redo": dict(seeds=2, redo_tau=16.0, redo_every=12)}
 
 
 def checkpoint_params(out, args):
@@ -580,7 +580,7 @@ def checkpoint_params(out, args):
 def test_new_agents_end_to_end(agent, tmp_path):
     out, metrics = printed_run(tmp_path, agent, agent=agent, **NEW_AGENTS[agent])
     check_outputs(metrics, *((2, 1) if agent == "layernorm-l2" else (1, 2)))
-    betas = {"layernorm-l2": "0.99 / 0.99", "spectral-reg": "0.9 / 0.999", "redo": "0.9 / 0.999"}[agent]
+    betas = {"layernorm-l2": "0.99 / 0.99", "spectral-reg": "0.9 / 0.999", "redo": "0.99 / 0.99"}[agent]
     assert f"Adam betas {betas}" in (out / "stdout.txt").read_text()
     params = checkpoint_params(out, ant_ppo.Args(**{**TINY, "agent": agent, **NEW_AGENTS[agent]}))
     if agent == "layernorm-l2":
@@ -589,8 +589,8 @@ def test_new_agents_end_to_end(agent, tmp_path):
             assert np.all(np.asarray(params[net]["hidden"]["scale"][0]) != 1.0)  # (config 0: weight decay 0.1)
         assert not np.allclose(metrics["param_norm"][0], metrics["param_norm"][1])  # weight decay 0.1 vs 0 acts
     if agent == "redo":
-        # Every unit recycled at update 1 (outgoing weights set to 0), then 8 Adam steps of lr 1e-4 (< 3e-3 in all):
-        # the critic's output weights, Kaiming-uniform in +-0.61 before, are all near 0.
+        # Every unit recycled after Adam step 12 (outgoing weights set to 0), then 4 Adam steps of lr 1e-4 (< 2e-3
+        # in all): the critic's output weights, LeCun-uniform in +-0.43 before, are all near 0.
         assert np.abs(np.asarray(params["critic"]["out"]["w"])).max() < 0.01
 
 
@@ -628,8 +628,9 @@ def toy_batch(params, key, n=32):
     obs = jax.random.normal(k_obs, (n, ant_ppo.OBS_DIM))
     mean, log_std, _ = ant_ppo.actor_apply(params["actor"], obs)
     action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
-    return ant_ppo.Batch(obs, action, ant_ppo.gaussian_log_prob(action, mean, log_std) + 0.1,
-                         jax.random.normal(k_adv, (n,)), jax.random.normal(k_target, (n,)))
+    value = ant_ppo.critic_apply(params["critic"], obs)[0]
+    return ant_ppo.Batch(obs, action, ant_ppo.gaussian_log_prob(action, mean, log_std) + 0.1, value,
+                         jax.random.normal(k_adv, (n,)), value + jax.random.normal(k_target, (n,)))
 
 
 def test_spectral_penalty_in_the_loss_without_log_std():
@@ -670,13 +671,92 @@ def test_spectral_penalty_in_the_loss_without_log_std():
             np.testing.assert_allclose(diff("b"), 2e-3 * np.asarray(params[net][layer]["b"]), rtol=1e-2, atol=1e-7)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The authors' PPO details: init, value loss, the ER step's objective and place, metrics before the update
+# ----------------------------------------------------------------------------------------------------------
+def test_init_is_lecun_uniform_everywhere_as_the_authors():
+    """Every layer U(+-sqrt(3 / fan-in)) (Flax's lecun_uniform in the authors' models.py), zero biases and log-std;
+    the policy head is not scaled down (a head x 0.01 would put its largest weight near 0.001)."""
+    params = ant_ppo.init_params(jax.random.key(0), 256)
+    for net, layer, fan_in in (("actor", "hidden", 27), ("actor", "out", 256), ("critic", "hidden", 27),
+                               ("critic", "out", 256)):
+        w, bound = np.asarray(params[net][layer]["w"], np.float64), np.sqrt(3.0 / fan_in)
+        assert 0.95 * bound < np.abs(w).max() <= bound, (net, layer)
+        np.testing.assert_allclose(w.std(), bound / np.sqrt(3.0), rtol=0.1, err_msg=f"{net} {layer}")
+        np.testing.assert_array_equal(params[net][layer]["b"], 0.0)
+    np.testing.assert_array_equal(params["actor"]["log_std"], 0.0)
+
+
+def test_value_loss_is_the_clipped_max_without_a_half():
+    """The value part of ppo_loss (vf_coef 1 minus vf_coef 0) = mean of max((v - R)^2, (v_old + clip(v - v_old,
+    +-0.2) - R)^2), the authors' form, by hand in float64; half the samples' values moved by 1 from the rollout's
+    (the clipped error counts there), the others by 0.05 (inside the clip)."""
+    args = ant_ppo.Args(**TINY)
+    params = ant_ppo.init_params(jax.random.key(0), 16)
+    batch = toy_batch(params, jax.random.key(1))
+    shift = jnp.where(jnp.arange(32) < 16, 1.0, 0.05)
+    batch = batch._replace(value=batch.value - shift, target=batch.value + jnp.linspace(-2.0, 2.0, 32))
+    value_part = float(ant_ppo.ppo_loss(params, batch, args)[0] - ant_ppo.ppo_loss(params, batch,
+                                                                                     replace(args, vf_coef=0.0))[0])
+    v = np.asarray(ant_ppo.critic_apply(params["critic"], batch.obs)[0], np.float64)
+    old, target = np.asarray(batch.value, np.float64), np.asarray(batch.target, np.float64)
+    clipped = old + np.clip(v - old, -0.2, 0.2)
+    expected = np.mean(np.maximum((v - target) ** 2, (clipped - target) ** 2))
+    np.testing.assert_allclose(value_part, expected, rtol=1e-5)
+    assert abs(expected - 0.5 * np.mean((v - target) ** 2)) > 0.1 * expected  # not PureJaxRL's 0.5 x MSE
+    assert abs(expected - np.mean((v - target) ** 2)) > 0.01 * expected  # the clipped term matters here
+
+
+def test_er_step_ascends_the_sum_of_actor_and_critic_ranks():
+    """The authors' ER objective on Ant is the actor's effective rank plus the critic's: each network's step is
+    er_lr x the gradient of its own rank (a mean of the two would halve it)."""
+    params = ant_ppo.init_params(jax.random.key(0), 16)
+    obs = jax.random.normal(jax.random.key(1), (64, ant_ppo.OBS_DIM))
+    stepped = jax.jit(lambda p: ant_ppo.er_step(p, obs, 1e-2), compiler_options=FAST_COMPILE)(params)
+    for i, net in enumerate(("actor", "critic")):
+        own = jax.grad(lambda p: common.effective_rank(ant_ppo.hidden_features(p, obs)[i]))(params)
+        for layer in ("hidden", "out"):
+            for leaf in ("w", "b"):
+                np.testing.assert_allclose(stepped[net][layer][leaf] - params[net][layer][leaf],
+                                           1e-2 * np.asarray(own[net][layer][leaf]), rtol=2e-3, atol=1e-7,
+                                           err_msg=f"{net} {layer} {leaf}")
+        assert np.abs(np.asarray(own[net]["hidden"]["w"])).max() > 1e-3
+
+
+def test_er_step_before_the_epoch_and_metrics_of_the_acting_policy():
+    """One update of one epoch of one minibatch (the whole rollout) with a large ER step: the PPO loss recorded
+    for its Adam step is that of the parameters after the ER step (the authors take it before each epoch's Adam
+    steps), and the dead units and effective ranks are the acting parameters' on the rollout (before the update,
+    as the authors record them), not the updated ones'."""
+    args = ant_ppo.Args(**{**TINY, "agent": "er", "update_epochs": 1, "num_minibatches": 1})
+    agent, _ = ant_ppo.resolve(args)
+    init, train, _ = ant_ppo.make_train(args, agent)
+    state = init(0)
+    hp = {"lr": jnp.float32(1e-4), "weight_decay": jnp.float32(0.0), "er_lr": jnp.float32(0.5)}
+    new_state, metrics = train(state, hp, 0, 1)
+    _, k_roll, _ = jax.random.split(jax.random.wrap_key_data(state["key"]), 3)
+    _, traj, last_obs = ant_ppo.rollout(args, state["params"], state["env"], state["obs_stats"], state["steps"],
+                                        k_roll, ant_ppo.schedule(args, ant_ppo.member_keys(0)[3]))
+    batch = ant_ppo.make_batch(args, state["params"], traj, last_obs)
+    after_er = ant_ppo.er_step(state["params"], batch.obs, 0.5)
+    loss_after_er, loss_before = (float(ant_ppo.ppo_loss(p, batch, args)[0]) for p in (after_er, state["params"]))
+    np.testing.assert_allclose(metrics["loss"][0], loss_after_er, rtol=1e-4)
+    assert abs(loss_after_er - loss_before) > 10 * 1e-4 * abs(loss_before)  # 10x the tolerance above
+    acting = ant_ppo.hidden_features(state["params"], batch.obs)
+    np.testing.assert_allclose(metrics["effective_rank"][0], common.effective_ranks(acting), rtol=1e-5)
+    np.testing.assert_array_equal(metrics["dead_units"][0], [common.dead_units(f) for f in acting])
+    updated = common.effective_ranks(ant_ppo.hidden_features(new_state["params"], batch.obs))
+    assert np.abs(np.asarray(updated) - metrics["effective_rank"][0]).max() > 1e-2
+
+
 @pytest.fixture(scope="module")
 def redo_case():
-    """Actor and critic (width 16) with planted dormant units, one Adam step of gradient 1 (every moment nonzero),
-    and ReDo at tau 0.025 on 64 observations, due and not due."""
+    """Actor and critic (width 16) with planted dormant units, and ReDo at tau 0.025 on the activations of 64
+    observations, due and not due."""
     args = ant_ppo.Args(**TINY)
     agent, _ = ant_ppo.resolve(replace(args, agent="redo"))
-    assert (agent["redo_tau"], agent["redo_every"]) == (0.025, 1)
+    assert (agent["redo_tau"], agent["redo_every"], agent["weight_decay"]) == (0.1, 100, 1e-4)  # Dohare et al.'s
+    agent = {**agent, "redo_tau": 0.025}
     params = ant_ppo.init_params(jax.random.key(0), 16)
     actor, critic = params["actor"]["hidden"], params["critic"]["hidden"]
     # actor units 0, 1 dead (bias -100); unit 2 barely active (incoming weights x 1e-3); critic unit 5 dead
@@ -684,22 +764,22 @@ def redo_case():
     params["critic"]["hidden"] = {**critic, "b": critic["b"].at[5].set(-100.0)}
     params["critic"]["out"]["b"] = params["critic"]["out"]["b"] + 0.3
     params["actor"]["log_std"] = params["actor"]["log_std"] - 0.2
-    opt = common.adam(1e-3, agent["beta1"], agent["beta2"], args.adam_eps, 0.0)
-    _, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
     obs = jax.random.normal(jax.random.key(1), (64, ant_ppo.OBS_DIM))
-    step = jax.jit(lambda p, s, due: ant_ppo.redo_step(agent, opt, p, s, obs, jax.random.key(2), due),
+    step = jax.jit(lambda p, due: ant_ppo.redo_step(agent, p, ant_ppo.hidden_features(p, obs), jax.random.key(2), due),
                    compiler_options=FAST_COMPILE)
-    return params, opt_state, obs, step(params, opt_state, True), step(params, opt_state, False)
+    return params, obs, step(params, True), step(params, False)
 
 
 def test_redo_recycles_only_dormant_units_keeping_the_outputs(redo_case):
-    before, opt_before, obs, (params, opt_state), (idle_params, idle_state) = redo_case
-    mu, nu = opt_state[1][0].mu, opt_state[1][0].nu
+    """The Adam moments are not the step's to touch (Dohare et al.'s GnTredo keeps them): it takes none."""
+    before, obs, params, idle_params = redo_case
+    recycled = {}
     for net, planted in (("actor", [0, 1, 2]), ("critic", [5])):
         h = np.asarray(ant_ppo.hidden_features(before, obs)[0 if net == "actor" else 1], np.float64)
         score = np.abs(h).mean(0) / np.abs(h).mean(0).mean()  # Sokar et al.'s score, by hand
         dormant = score <= 0.025
         np.testing.assert_array_equal(np.flatnonzero(dormant), planted)
+        recycled[net] = dormant
         old, new = before[net], params[net]
         # dormant units: fresh incoming weights, bias 0, outgoing weights 0; every other entry untouched
         assert np.all(np.asarray(new["hidden"]["w"] != old["hidden"]["w"])[:, dormant])
@@ -707,25 +787,22 @@ def test_redo_recycles_only_dormant_units_keeping_the_outputs(redo_case):
         np.testing.assert_array_equal(new["hidden"]["b"], np.where(dormant, 0.0, old["hidden"]["b"]))
         np.testing.assert_array_equal(new["out"]["w"], np.where(dormant[:, None], 0.0, old["out"]["w"]))
         np.testing.assert_array_equal(new["out"]["b"], old["out"]["b"])  # output layer never recycled
-        bound = common.kaiming_bound(ant_ppo.OBS_DIM)  # the layer's init: Kaiming-uniform, fan-in 27
-        assert np.abs(np.asarray(new["hidden"]["w"])[:, dormant]).max() <= bound
-        # their Adam moments zeroed, every other one kept
-        for moments, moments_before in ((mu, opt_before[1][0].mu), (nu, opt_before[1][0].nu)):
-            m, m0 = moments[net], moments_before[net]
-            np.testing.assert_array_equal(m["hidden"]["w"], np.where(dormant, 0.0, m0["hidden"]["w"]))
-            np.testing.assert_array_equal(m["hidden"]["b"], np.where(dormant, 0.0, m0["hidden"]["b"]))
-            np.testing.assert_array_equal(m["out"]["w"], np.where(dormant[:, None], 0.0, m0["out"]["w"]))
-            np.testing.assert_array_equal(m["out"]["b"], m0["out"]["b"])
-            assert np.all(np.asarray(m0["hidden"]["w"]) != 0)
+        fresh = np.abs(np.asarray(new["hidden"]["w"])[:, dormant])  # Dohare's bound sqrt(6 / fan-in), fan-in 27
+        assert fresh.max() <= common.kaiming_bound(ant_ppo.OBS_DIM) and fresh.max() > np.sqrt(3 / ant_ppo.OBS_DIM)
     np.testing.assert_array_equal(params["actor"]["log_std"], before["actor"]["log_std"])
-    # the policy and the value are unchanged, on these observations and on others
+    # the policy and the value lose only what the dormant units added (outgoing weights 0: the fresh units add
+    # nothing), on these observations and on others
     for x in (obs, 3.0 * jax.random.normal(jax.random.key(7), (32, ant_ppo.OBS_DIM))):
-        for apply, net in ((ant_ppo.actor_apply, "actor"), (ant_ppo.critic_apply, "critic")):
-            np.testing.assert_allclose(apply(params[net], x)[0], apply(before[net], x)[0], atol=1e-4)
+        for i, (apply, net) in enumerate(((ant_ppo.actor_apply, "actor"), (ant_ppo.critic_apply, "critic"))):
+            h = np.asarray(ant_ppo.hidden_features(before, x)[i], np.float64)[:, recycled[net]]
+            lost = (h @ np.asarray(before[net]["out"]["w"], np.float64)[recycled[net]]).reshape(
+                np.shape(apply(before[net], x)[0]))
+            np.testing.assert_allclose(apply(params[net], x)[0], np.asarray(apply(before[net], x)[0]) - lost,
+                                       rtol=1e-5, atol=1e-5)
     # recycled units are alive again on the observations
     assert np.all(np.asarray(ant_ppo.hidden_features(params, obs)[0])[:, :2].max(0) > 0)
     # not due: nothing changes
-    for a, b in zip(jax.tree.leaves((idle_params, idle_state)), jax.tree.leaves((before, opt_before))):
+    for a, b in zip(jax.tree.leaves(idle_params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -785,7 +862,7 @@ def test_cbp_replaces_units(utility, cbp_steps):
     (dict(change_every=30), "--change-every"),
     (dict(agent="bp", er_lr=(1e-3,)), "--er-lr does not apply to agent bp \\(only er, l2-er\\)"),
     (dict(agent="bp", weight_decay=(1e-3,)),
-     "--weight-decay does not apply to agent bp \\(only l2, l2-er, cbp, layernorm-l2\\)"),
+     "--weight-decay does not apply to agent bp \\(only l2, l2-er, cbp, layernorm-l2, redo\\)"),
     (dict(agent="l2", replacement_rate=1e-4), "--replacement-rate does not apply to agent l2"),
     (dict(agent="er", decay_rate=0.9), "--decay-rate does not apply to agent er"),
     (dict(agent="bp", spectral_lambda=1e-3), "--spectral-lambda does not apply to agent bp \\(only spectral-reg\\)"),
@@ -799,6 +876,8 @@ def test_cbp_replaces_units(utility, cbp_steps):
     (dict(frictions=(0.3, -0.1)), "--frictions must be > 0"),
     (dict(random_frictions=True, fixed_friction=1.0), "exclude each other"),
     (dict(solver_iterations=0), "--solver-iterations"),
+    (dict(physics="brax", contacts="all"), "--contacts applies only to --physics mjx"),
+    (dict(physics="brax", bootstrap_timeouts=True), "--bootstrap-timeouts applies only to --physics mjx"),
     (dict(agent="cbp", cbp_utility="nope"), "--cbp-utility must be one of contribution, adaptable_contribution"),
     (dict(agent="cbp", replacement_rate=2.0), "--replacement-rate must be in"),
     (dict(beta1=1.0), "--beta1 and --beta2"),

@@ -116,6 +116,9 @@ def ant_ppo_runs():
     for agent in ("bp", "l2", "er", "l2-er", "cbp"):
         yield agent, (lambda out, agent=agent: ant_ppo.main(ant_ppo.Args(
             agent=agent, out_dir=str(out), **small, **extra.get(agent, {}))))
+    for agent in ("bp", "l2-er"):  # the same PPO on Brax's positional Ant (--physics brax)
+        yield f"brax-{agent}", (lambda out, agent=agent: ant_ppo.main(ant_ppo.Args(
+            agent=agent, physics="brax", out_dir=str(out), **small, **extra.get(agent, {}))))
 
 
 SCRIPTS = {"pmnist": pmnist_runs, "toy": toy_runs, "imagenet": imagenet_runs, "cifar": cifar_runs,
