@@ -52,7 +52,8 @@ Outputs (besides config.json and checkpoint.pkl): metrics.npz, arrays [config, s
 `friction` (at the rollout's last step), `loss` (mean PPO loss over the update's minibatches), `dead_units`
 and `effective_rank` [C, S, U, 2] of the actor's and the critic's hidden layer (`layer_names`) on the
 rollout's activations (before the update, as the authors), `param_norm` (after it); and `env_steps` [U],
-`friction_schedule` [C, S, phases], `diverged` [C, S]. With --hessian-every-phase, hessian.npz as pMNIST's with `tasks` = the measured phases.
+`friction_schedule` [C, S, phases], `diverged` [C, S]. With --hessian-every-phase, hessian.npz as pMNIST's with
+`tasks` = the measured phases.
 
     python ant_ppo.py --agent l2-er --seeds 5   # 10M env steps per seed, 5 friction phases, 1 env each
 """
@@ -81,6 +82,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # mjx prints a notice when its 
 
 import common
 import hessian
+import runner
 
 # The agents (App. J; Table 7 best values, fixed learning rate 1e-4 for all: --lr). An agent is its entry: the
 # hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
@@ -259,7 +261,7 @@ class Args:
     """run directory (default: runs/ant_ppo__<agent>__<UTC stamp>/); with --resume, the run to continue"""
     resume: bool = False
     """continue the run in --out-dir from its checkpoint.pkl (--total-steps may be raised)"""
-    member_batching: Literal[common.MEMBER_BATCHING] = "auto"
+    member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto =
     map on one CPU device (faster there), else vmap"""
 
@@ -969,7 +971,7 @@ def er_step(params, obs, er_lr):
 def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science."""
-    agent = common.agent_settings(args, AGENTS)
+    agent = runner.agent_settings(args, AGENTS)
     num_params = (2 * (OBS_DIM * args.hidden_size + args.hidden_size) + args.hidden_size * (ACT_DIM + 1) + 2 * ACT_DIM
                   + 1 + 4 * args.hidden_size * bool(agent.get("layer_norm")))
     checks = [
@@ -1013,7 +1015,7 @@ def resolve(args):
          f"--beta1 and --beta2 must be in [0, 1), got {agent['beta1']}, {agent['beta2']}"),
         (args.checkpoint_minutes >= 0, "--checkpoint-minutes must be >= 0"),
     ]
-    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
+    return agent, runner.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 # Args that do not shape the compiled programs (seeds and swept values are their inputs).
@@ -1037,7 +1039,7 @@ def _programs(args, agent, batching):
 
 
 def over_members(fn, batching, in_axes, fast_compile):
-    """common.over_members with --fast-compile's compiler options, and "map" one member at a time: each
+    """runner.over_members with --fast-compile's compiler options, and "map" one member at a time: each
     member's call finishes before the next starts (member programs running at once on a CPU can stall XLA's
     thread pool, as concurrent LAPACK solves can: see common.effective_ranks)."""
     jit = partial(jax.jit, compiler_options=FAST_COMPILE if fast_compile else None)
@@ -1093,11 +1095,11 @@ def measure_spectra(run, spectrum, state, seeds, measured, update, num_updates):
 
 
 def check_resume(args, num_updates):
-    """A resumed run may run longer, not shorter (common.Run grows its metric arrays, it cannot cut them)."""
-    checkpoint = common.load_checkpoint(args.out_dir) if args.resume and args.out_dir else None
+    """A resumed run may run longer, not shorter (runner.Run grows its metric arrays, it cannot cut them)."""
+    checkpoint = runner.load_checkpoint(args.out_dir) if args.resume and args.out_dir else None
     done = checkpoint.get("cursor", {}).get("unit", 0) if isinstance(checkpoint, dict) else 0
     if done > num_updates:
-        common.fail(f"--resume: the run already has {done} updates, more than {num_updates}")
+        runner.fail(f"--resume: the run already has {done} updates, more than {num_updates}")
 
 
 def restore(run, state, measured, num_updates):
@@ -1126,18 +1128,19 @@ def save(run, args, measured, schedule):
     """metrics.npz: the Run's arrays [configs, seeds, updates done, ...] and `diverged`, with `env_steps`,
     `friction_schedule` [configs, seeds, phases] and `layer_names`; hessian.npz: the phases measured so far."""
     done, grid = run.cursor["unit"], run.members.grid_shaped
-    common.save_npz(run.dir / "metrics.npz", diverged=run.diverged, layer_names=np.asarray(LAYER_NAMES),
+    runner.save_npz(run.dir / "metrics.npz", diverged=run.diverged, layer_names=np.asarray(LAYER_NAMES),
                     env_steps=args.num_steps * np.arange(1, done + 1), friction_schedule=grid(schedule),
                     **{k: grid(v[:, :done]) for k, v in run.metrics.items()})
     phases = [phase for first, phase in measured if first < done]
     if phases:
-        common.save_npz(run.dir / "hessian.npz", tasks=np.asarray(phases),
+        runner.save_npz(run.dir / "hessian.npz", tasks=np.asarray(phases),
                         **{k: grid(v[:, :len(phases)]) for k, v in run.spectra.items()})
 
 
 def describe(args, agent, members, num_updates, schedule, run_dir):
     shown = lambda row: ", ".join(f"{f:.4g}" for f in row)
-    lines = [f"{common.script_name(args)} {args.agent} on {args.physics}: {members}; {num_updates} updates of {args.num_steps} samples "
+    lines = [f"{runner.script_name(args)} {args.agent} on {args.physics}: {members}; {num_updates} updates of "
+             f"{args.num_steps} samples "
              f"({args.num_envs} envs x {args.num_steps // args.num_envs} steps); Adam betas {agent['beta1']} / "
              f"{agent['beta2']}; steps/s below counts the env steps of all members; out {run_dir}"]
     if (schedule == schedule[0]).all():
@@ -1190,21 +1193,21 @@ def spectra_shapes(args):
 # Driver: init or resume, then for each chunk of updates: spectra at phase changes, train, record, checkpoint
 # ----------------------------------------------------------------------------------------------------------
 def main(args):
-    common.check_agent(args, AGENTS, SWEPT)
+    runner.check_agent(args, AGENTS, SWEPT)
     agent, configs = resolve(args)
-    members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
+    members = runner.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
     init, train, spectrum = programs(args, agent, members.batching)
     num_updates = args.total_steps // args.num_steps
     measured = measured_phases(args, num_updates)
     check_resume(args, num_updates)
-    run = common.Run("ant_ppo", args, RESUME_FREE, members, num_updates, METRICS, spectra_shapes(args), len(measured))
+    run = runner.Run("ant_ppo", args, RESUME_FREE, members, num_updates, METRICS, spectra_shapes(args), len(measured))
     state = init(members.seeds)
     state = state if run.state is None else restore(run, state, measured, num_updates)
-    hp, seeds, state = common.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
+    hp, seeds, state = runner.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
     schedule = friction_table(args, members.seeds, (num_updates * args.num_steps - 1) // args.change_every + 1)
     start = run.cursor["unit"]
     print(describe(args, agent, members, num_updates, schedule, run.dir), flush=True)
-    stop, progress, timer = common.StopRequests(), common.Progress(num_updates, "update", start), common.StepTimer()
+    stop, progress, timer = runner.StopRequests(), runner.Progress(num_updates, "update", start), runner.StepTimer()
     last_checkpoint = time.time()
     for first, last in chunks(args, num_updates, start):
         measure_spectra(run, spectrum, state, seeds, measured, first, num_updates)
@@ -1216,7 +1219,7 @@ def main(args):
             run.record(first + i, {k: v[:, i] for k, v in metrics.items()}, f"update {first + i + 1}")
         progress.update(last, members.count * (last - first) * args.num_steps,
                         phase=(last * args.num_steps - 1) // args.change_every,
-                        episodic_return=common.finite_mean(run.metrics["episodic_return"][:, first:last]),
+                        episodic_return=runner.finite_mean(run.metrics["episodic_return"][:, first:last]),
                         friction=float(run.metrics["friction"][0, last - 1]))
         if last == num_updates:
             measure_spectra(run, spectrum, state, seeds, measured, last, num_updates)
@@ -1225,7 +1228,7 @@ def main(args):
             run.checkpoint(jax.tree.leaves(state))  # leaves only: see restore
             last_checkpoint = time.time()
             if stop.requested and last < num_updates:
-                stop.exit(f"update {last}/{num_updates}", common.resume_command(args, run.dir))
+                stop.exit(f"update {last}/{num_updates}", runner.resume_command(args, run.dir))
     stop.close()
     print(speed_line(args, timer, members.count), flush=True)
     print(final_returns(run, num_updates), flush=True)
@@ -1233,5 +1236,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    with common.quiet_on_closed_pipe():
-        main(common.cli(Args, AGENTS))
+    with runner.quiet_on_closed_pipe():
+        main(runner.cli(Args, AGENTS))

@@ -41,6 +41,7 @@ import common
 import data
 import hessian
 import pmnist
+import runner
 
 SECTIONS = ("pmnist", "er", "hessian", "imagenet", "cifar", "ant", "agents")
 TITLES = {"pmnist": "pMNIST", "er": "ER routes", "hessian": "Hessian", "imagenet": "ImageNet", "cifar": "CIFAR",
@@ -235,12 +236,12 @@ def pmnist_setup(sizes, agent_name, seeds, ds, **flags):
                        lanczos_iters=sizes.lanczos_iters, synthetic_data=True,
                        er_batch=sizes.er_batch if "er_batch" in pmnist.AGENTS[agent_name] else None, **flags)
     agent, configs = pmnist.resolve(args, ds)
-    members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
+    members = runner.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
     init, shuffle, train, evaluate, spectrum, calls = pmnist.make_train(args, agent, ds)
     assert len(calls) == 1 and calls[0][0] == 0, calls  # call_steps is a multiple of the chunk
     count = calls[0][1]
     state = members.run(init, (0,), batching="map")(members.seeds)
-    hp, member_seeds, state = common.shard_members((members.hyperparameters(pmnist.SWEPT), members.seeds, state))
+    hp, member_seeds, state = runner.shard_members((members.hyperparameters(pmnist.SWEPT), members.seeds, state))
     shuffled = members.run(shuffle, (0, None))(member_seeds, 0)  # once per task in a run: not timed
     call = members.run(lambda s, h, sd, t, o, d, f: train(s, h, sd, t, o, d, f, count), (0, 0, 0, None, 0, None, None))
     return dict(members=members, state=state, hp=hp, seeds=member_seeds, shuffled=shuffled, train=call,
@@ -259,7 +260,7 @@ def pmnist_cached(setups, sizes, agent_name, seeds, ds, **flags):
             first = lambda tree: jax.tree.map(lambda x: x[:seeds], tree)  # noqa: E731
             setups[key] = dict(larger[0], state=first(larger[0]["state"]), hp=first(larger[0]["hp"]),
                                seeds=first(larger[0]["seeds"]), shuffled=first(larger[0]["shuffled"]),
-                               members=common.Members(larger[0]["members"].configs,
+                               members=runner.Members(larger[0]["members"].configs,
                                                       larger[0]["members"].seed_list[:seeds], "map"))
             setups[key].pop("evaluate_seconds", None)
         else:
@@ -273,14 +274,14 @@ NEW_AGENTS = ("layernorm-l2", "spectral-reg", "redo")
 
 def bench_pmnist(bench, ds, setups):
     sizes = bench.sizes
-    steps, batching = sizes.call_steps, common.resolve_batching("auto")
+    steps, batching = sizes.call_steps, runner.resolve_batching("auto")
     init, train = bare_mlp_train(sizes.width)
     for seeds in (sizes.seeds, 1):
         rng = np.random.default_rng(seeds)
         xs = jnp.asarray(rng.random((seeds, steps, 784)), jnp.float32)
         ys = jnp.asarray(rng.integers(0, 10, (seeds, steps)), jnp.int32)
-        params = common.over_members(init, batching, (0,))(jnp.arange(seeds))
-        seconds, compile_s = bench.time(common.over_members(train, batching, (0, 0, 0)), params, xs, ys, per=steps)
+        params = runner.over_members(init, batching, (0,))(jnp.arange(seeds))
+        seconds, compile_s = bench.time(runner.over_members(train, batching, (0, 0, 0)), params, xs, ys, per=steps)
         bench.add("pmnist", f"bare{seeds}", f"baseline: bare lax.scan SGD step, {seeds} seed(s) ({batching})",
                   seconds, compile_s=compile_s, note=f"{format_seconds(seconds / seeds)} per seed-step")
     # spectral-reg as the authors ran it (10 power iterations from fixed vectors every step), and with one
@@ -463,7 +464,7 @@ def bench_imagenet(bench, ds, setups, agents=("bp", "l2-er"), section="imagenet"
         args = imagenet.Args(agent=agent, seeds=seeds, epochs=sizes.imagenet_epochs, batch_size=batch,
                              train_per_class=per_class, test_per_class=10, synthetic_data=True)
         resolved, configs = imagenet.resolve(args)
-        members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
+        members = runner.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
         init, task_data, train, _, _, calls = imagenet.make_train(args, resolved, imagenet.load_data(args))
         state = members.run(init, (0,), batching="map")(members.seeds)
         count = calls[0][1]  # the script's first call of a task: whole epochs (all of them at these sizes)
@@ -494,7 +495,7 @@ def cifar_setup(cifar, sizes, agent, seeds, ds):
     args = cifar.Args(agent=agent, seeds=seeds, width=sizes.cifar_width, dense_width=sizes.cifar_dense,
                       batch_size=sizes.cifar_batch, synthetic_data=True)
     resolved, configs = cifar.resolve(args)
-    members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
+    members = runner.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
     init, train, _, _, _, _ = cifar.make_train(args, resolved, ds)
     state = members.run(init, (0, None), batching="map")(members.seeds, 0)
     train = members.run(train, (0, 0, 0, 0, None, None, None, None))
@@ -615,7 +616,7 @@ def bench_ant(bench, ds, setups, agents=None, section="ant"):
         if (seeds == 1 or extra_row or physics == "brax") and not bench.variant("ant", work):
             continue
         entry, configs = ant_ppo.resolve(args)
-        members = common.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
+        members = runner.Members(configs, [args.seed + i for i in range(seeds)], args.member_batching)
         init, train, _ = ant_ppo.programs(args, entry, members.batching)  # train sets MJX's full precision
         state, hp = init(members.seeds), members.hyperparameters(ant_ppo.SWEPT)
         env_steps = args.updates_per_chunk * args.num_steps * seeds
@@ -714,7 +715,7 @@ def main(argv=None):
                              "that a GPU lent for 15 minutes has time for a second run; 0 = no limit)")
     args = parser.parse_args(argv)
     started = datetime.now(timezone.utc)
-    out = Path(args.out or common.REPO_DIR / "runs" / f"bench__{started:%Y%m%d-%H%M%S}.md")
+    out = Path(args.out or runner.REPO_DIR / "runs" / f"bench__{started:%Y%m%d-%H%M%S}.md")
     sections = args.only or SECTIONS
     minutes = args.max_minutes if args.max_minutes is not None else (0 if args.quick else 8)
     start = time.perf_counter()
@@ -745,5 +746,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with common.quiet_on_closed_pipe():
+    with runner.quiet_on_closed_pipe():
         main()

@@ -100,6 +100,7 @@ import optax
 import common
 import data
 import hessian
+import runner
 
 # The agents (App. D and I; Table 6 "Fixed LR Best" with lr 0.01, Table 5's settings). An agent is its entry: the
 # hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
@@ -211,7 +212,7 @@ class Args:
     """minutes of work between checkpoints (one is also written at the end and on Ctrl-C)"""
     call_steps: int = 200
     """minibatch steps per member in one jitted call: Ctrl-C and checkpoints wait at most one call (results do not depend on it; fixed for a run, as --resume counts calls)"""
-    member_batching: Literal[common.MEMBER_BATCHING] = "auto"
+    member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto = map on one CPU device, else vmap"""
 
 
@@ -653,12 +654,12 @@ def redo_step(agent, opt, params, stats, opt_state, x, key):
 def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science, before any data is read."""
-    agent = common.agent_settings(args, AGENTS)
+    agent = runner.agent_settings(args, AGENTS)
     for name in ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width",
                  "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
                  "hessian_batch", "call_steps"):
         if getattr(args, name) < 1:
-            common.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            runner.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     checks = [(args.tasks * args.classes_per_task <= NUM_CLASSES,
                f"--tasks x --classes-per-task must be <= 100, got {args.tasks} x {args.classes_per_task}"),
               (agent.get("er_batch", 1) >= 1, f"--er-batch must be >= 1, got {agent.get('er_batch')}"),
@@ -674,7 +675,7 @@ def resolve(args):
                "--power-iters must be >= 1 and --spectral-lambda >= 0"),
               (agent.get("redo_every", 1) >= 1 and agent.get("redo_tau", 0) >= 0,
                "--redo-every must be >= 1 and --redo-tau >= 0")]
-    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
+    return agent, runner.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 def load_data(args, agent, dataset=None):
@@ -684,9 +685,9 @@ def load_data(args, agent, dataset=None):
         dataset = data.synthetic_cifar100() if args.synthetic_data else data.cifar100(args.data_dir, args.manual_dir)
     first = len(dataset["y_train"]) // NUM_CLASSES * args.classes_per_task
     if first < args.batch_size:
-        common.fail(f"--batch-size {args.batch_size} exceeds the {first} training images of the first task")
+        runner.fail(f"--batch-size {args.batch_size} exceeds the {first} training images of the first task")
     if agent.get("er_batch", 0) > first // args.batch_size:
-        common.fail(f"--er-batch {agent['er_batch']} exceeds the {first // args.batch_size} minibatches of an "
+        runner.fail(f"--er-batch {agent['er_batch']} exceeds the {first // args.batch_size} minibatches of an "
                     f"epoch of task 1")
     return dataset
 
@@ -697,10 +698,10 @@ def class_ranks(seeds):
 
 
 def progress_from(args, calls, cursor):
-    """common.Progress over the run's minibatch steps per member, from the cursor's place."""
+    """runner.Progress over the run's minibatch steps per member, from the cursor's place."""
     done = sum(c for t in range(cursor["unit"]) for _, c in calls(t)) + sum(
         c for _, c in calls(cursor["unit"])[:cursor["call"]])
-    return common.Progress(sum(c for t in range(args.tasks) for _, c in calls(t)), "step", done)
+    return runner.Progress(sum(c for t in range(args.tasks) for _, c in calls(t)), "step", done)
 
 
 def save(run, measured):
@@ -709,7 +710,7 @@ def save(run, measured):
     with np.load(run.dir / "metrics.npz") as f:
         arrays = {k: f[k] for k in f.files}
     order = np.stack([class_order(s) for s in run.members.seed_list])
-    common.save_npz(run.dir / "metrics.npz", **arrays,
+    runner.save_npz(run.dir / "metrics.npz", **arrays,
                     class_order=np.broadcast_to(order, run.members.grid + (NUM_CLASSES,)))
 
 
@@ -719,26 +720,26 @@ def save(run, measured):
 def main(args, dataset=None):
     """Run the experiment. `dataset` (tests) replaces CIFAR-100: a dict of x_train [N, 32, 32, 3] uint8,
     y_train [N] int, x_test [M, 32, 32, 3] uint8, y_test [M] int, every class equally often."""
-    common.check_agent(args, AGENTS, SWEPT)
+    runner.check_agent(args, AGENTS, SWEPT)
     agent, configs = resolve(args)
     ds = load_data(args, agent, dataset)
     jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else "highest")
-    members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
+    members = runner.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
     init, train, evaluate, spectrum, calls, hessian_images = make_train(args, agent, ds)
     measured = list(range(0, args.tasks, args.hessian_every)) if args.hessian_every else []
-    run = common.Run("cifar", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
+    run = runner.Run("cifar", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
     init = members.run(init, (0, None), batching="map")
     state = init(members.seeds, 0) if run.state is None else run.state
-    hp, seeds, classes, state = common.shard_members(
+    hp, seeds, classes, state = runner.shard_members(
         (members.hyperparameters(SWEPT), members.seeds, class_ranks(members.seeds), state))
     dev = {k: jnp.asarray(v) for k, v in ds.items()}
     train = members.run(train, (0, 0, 0, 0, None, None, None, None))
     evaluate = members.run(evaluate, (0, 0, 0, None, None))
     spectrum = members.run(spectrum, (0, 0, 0, None, None, None, 0), batching="map")  # a Lanczos basis per member
-    stop, start, start_call = common.StopRequests(), run.cursor["unit"], run.cursor["call"]
-    progress, timer, last_checkpoint = progress_from(args, calls, run.cursor), common.StepTimer(), time.time()
+    stop, start, start_call = runner.StopRequests(), run.cursor["unit"], run.cursor["call"]
+    progress, timer, last_checkpoint = progress_from(args, calls, run.cursor), runner.StepTimer(), time.time()
     done = progress.done  # minibatch steps per member
-    print(f"{common.script_name(args)} {args.agent}: {members}, out {run.dir}", flush=True)
+    print(f"{runner.script_name(args)} {args.agent}: {members}, out {run.dir}", flush=True)
     for task in range(start, args.tasks):
         k, task_calls, fresh = measured.index(task) if task in measured else None, calls(task), run.cursor["call"] == 0
         if fresh and task > 0 and "reset" in agent:  # RESET: a fresh network, statistics and optimizer
@@ -762,21 +763,21 @@ def main(args, dataset=None):
                 if stop.requested:
                     task_steps = task_calls[-1][0] + task_calls[-1][1]
                     stop.exit(f"task {task + 1}/{args.tasks} (step {first + count:,} of {task_steps:,})",
-                              common.resume_command(args, run.dir))
+                              runner.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state, seeds, classes, dev, task))
         if k is not None:
             run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
                 state, seeds, classes, dev, task, 1, hessian_images(seeds, task))
         run.record(task, metrics, f"task {task + 1}")
         progress.update(done, (done - progress.done) * members.count, task=f"{task + 1}/{args.tasks}",
-                        test_acc=common.finite_mean(metrics["test_acc"]),
-                        train_acc=common.finite_mean(metrics["train_acc"]))
+                        test_acc=runner.finite_mean(metrics["test_acc"]),
+                        train_acc=runner.finite_mean(metrics["train_acc"]))
         save(run, measured[:sum(t <= task for t in measured)])
         if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or task + 1 == args.tasks:
             run.checkpoint(state)
             last_checkpoint = time.time()
             if stop.requested and task + 1 < args.tasks:
-                stop.exit(f"task {task + 1}/{args.tasks}", common.resume_command(args, run.dir))
+                stop.exit(f"task {task + 1}/{args.tasks}", runner.resume_command(args, run.dir))
     stop.close()
     print(speed_line(args, timer, members.count), flush=True)
     print(f"done: {run.dir}", flush=True)
@@ -810,6 +811,6 @@ def spectra_shapes(args):
 if __name__ == "__main__":
     for old, new in RENAMED.items():  # flags of earlier versions: one line naming the replacement
         if any(a == old or a.startswith(old + "=") for a in sys.argv[1:]):
-            common.fail(f"{old} was replaced by {new}")
-    with common.quiet_on_closed_pipe():
-        main(common.cli(Args, AGENTS))
+            runner.fail(f"{old} was replaced by {new}")
+    with runner.quiet_on_closed_pipe():
+        main(runner.cli(Args, AGENTS))

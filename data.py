@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-import common
+import runner
 
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -42,17 +42,17 @@ def read_idx(path, kind, count):
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        common.fail(f"cannot read {path}: {e.__class__.__name__} ({e}); replace it with the canonical MNIST file")
+        runner.fail(f"cannot read {path}: {e.__class__.__name__} ({e}); replace it with the canonical MNIST file")
     header_len = 4 * (2 + len(dims))
     header = np.frombuffer(raw[:header_len], ">u4") if len(raw) >= header_len else np.zeros(0, ">u4")
     expected = [magic, count, *dims]
     if header.tolist() != expected:
-        common.fail(f"{path} is not an MNIST {kind} file of {count} items (header {header.tolist()}, "
+        runner.fail(f"{path} is not an MNIST {kind} file of {count} items (header {header.tolist()}, "
                     f"expected {expected})")
     body = np.frombuffer(raw, np.uint8, offset=header_len)
     size = count * int(np.prod(dims, dtype=int))
     if body.size != size:
-        common.fail(f"{path} holds {body.size} bytes of data, expected {size} (truncated or padded file)")
+        runner.fail(f"{path} holds {body.size} bytes of data, expected {size} (truncated or padded file)")
     return body.reshape(count, -1) if dims else body
 
 
@@ -61,7 +61,7 @@ def read_mnist_folder(folder, hint=""):
     folder = Path(folder).expanduser()
     missing = [f for f in MNIST_FILES if not (folder / f).is_file()]
     if missing:
-        common.fail(f"{folder} lacks {', '.join(missing)}. {hint}".strip())
+        runner.fail(f"{folder} lacks {', '.join(missing)}. {hint}".strip())
     arrays = {}
     for split, prefix, count in (("train", "train", 60000), ("test", "t10k", 10000)):
         arrays[f"{split}_x"] = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", "images", count)
@@ -84,7 +84,7 @@ def read_cache(cache, name):
         with np.load(cache) as f:
             return {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        common.fail(f"cannot use the {name} cache {cache} ({type(e).__name__}); delete it to rebuild it")
+        runner.fail(f"cannot use the {name} cache {cache} ({type(e).__name__}); delete it to rebuild it")
 
 
 def mnist(data_dir=None, manual_dir=None):
@@ -96,21 +96,21 @@ def mnist(data_dir=None, manual_dir=None):
     if cache.exists():
         arrays = read_cache(cache, "MNIST")
         if sorted(arrays) != ["test_x", "test_y", "train_x", "train_y"]:
-            common.fail(f"the MNIST cache {cache} has unexpected contents; delete it to rebuild it")
+            runner.fail(f"the MNIST cache {cache} has unexpected contents; delete it to rebuild it")
         return arrays
     if manual_dir is not None:
         arrays = read_mnist_folder(manual_dir, hint)
     else:
         arrays = tfds_mnist(cache.parent, hint)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    common.save_npz(cache, **arrays)
+    runner.save_npz(cache, **arrays)
     return arrays
 
 
 def tfds_mnist(data_dir, hint):
     """MNIST downloaded and prepared by tensorflow-datasets (needs the network once)."""
     if not online(TFDS_HOSTS["mnist"]):
-        common.fail(f"cannot reach {TFDS_HOSTS['mnist']} to download MNIST (offline?). {hint}")
+        runner.fail(f"cannot reach {TFDS_HOSTS['mnist']} to download MNIST (offline?). {hint}")
     arrays = tfds_arrays("mnist", str(data_dir), None, ("train", "test"), hint)
     out = {}
     for split in ("train", "test"):
@@ -127,7 +127,7 @@ def tfds_batches(name, data_dir, manual_dir, split, missing_hint, batch_size=10_
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        common.fail(f"tensorflow-datasets is needed to prepare {name} (pip install -r requirements.txt); "
+        runner.fail(f"tensorflow-datasets is needed to prepare {name} (pip install -r requirements.txt); "
                     f"{missing_hint}")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -137,7 +137,7 @@ def tfds_batches(name, data_dir, manual_dir, split, missing_hint, batch_size=10_
             yield batch["image"], batch["label"].astype(np.int64)
     except Exception as e:  # tfds raises many kinds (network, missing manual files, corrupt archives)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        common.fail(f"could not prepare {name}: {reason[:200]}. {missing_hint}")
+        runner.fail(f"could not prepare {name}: {reason[:200]}. {missing_hint}")
 
 
 def tfds_arrays(name, data_dir, manual_dir, splits, missing_hint):
@@ -202,16 +202,16 @@ def imagenet32(data_dir, manual_dir, images_per_class):
                     f"--manual-dir), or the prepared cache at {path}, or run once with network access so "
                     f"tensorflow-datasets downloads {IMAGENET32_TFDS}")
             if not online(IMAGENET32_HOST):
-                common.fail(f"cannot reach {IMAGENET32_HOST} (offline?); {hint}")
+                runner.fail(f"cannot reach {IMAGENET32_HOST} (offline?); {hint}")
             chunks = tfds_batches(IMAGENET32_TFDS, str(data_dir), None, "train", hint)
             _imagenet32_build(chunks, path, images_per_class, f"tensorflow-datasets {IMAGENET32_TFDS} in {data_dir}",
                               IMAGENET32_CLASSES)
     try:
         images = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
-        common.fail(f"cannot read the ImageNet32 cache {path} ({type(e).__name__}); delete it to rebuild it")
+        runner.fail(f"cannot read the ImageNet32 cache {path} ({type(e).__name__}); delete it to rebuild it")
     if images.dtype != np.uint8 or images.shape[1:] != (images_per_class,) + IMAGENET32_SHAPE or images.shape[0] < 2:
-        common.fail(f"{path} holds {images.dtype} {images.shape}, expected uint8 [classes>=2, {images_per_class}, "
+        runner.fail(f"{path} holds {images.dtype} {images.shape}, expected uint8 [classes>=2, {images_per_class}, "
                     f"32, 32, 3]; delete it to rebuild")
     return images
 
@@ -230,14 +230,14 @@ def imagenet32_files(manual_dir):
             with np.load(raw) as npz:
                 return np.asarray(npz["data"]), np.asarray(npz["labels"])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            common.fail(f"{name} is not an ImageNet32 batch file ({type(e).__name__}: {e})")
+            runner.fail(f"{name} is not an ImageNet32 batch file ({type(e).__name__}: {e})")
 
     if archive.exists():
         try:
             with zipfile.ZipFile(archive) as zf:
                 names = sorted((n for n in zf.namelist() if _IMAGENET32_BATCH.search(n)), key=number)
         except zipfile.BadZipFile:
-            common.fail(f"{archive} is not a valid zip file")
+            runner.fail(f"{archive} is not a valid zip file")
 
         def read(name):
             with zipfile.ZipFile(archive) as zf:
@@ -255,10 +255,10 @@ def _imagenet32_chunks(names, read):
         data, labels = read(name)
         labels = labels.astype(np.int64).reshape(-1) - 1
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-            common.fail(f"{name}: expected uint8 data [N, 3072] and N labels, got {data.dtype} {data.shape} "
+            runner.fail(f"{name}: expected uint8 data [N, 3072] and N labels, got {data.dtype} {data.shape} "
                         f"and {labels.shape}")
         if len(labels) and labels.min() < 0:
-            common.fail(f"{name}: labels must be 1-based (found {labels.min() + 1})")
+            runner.fail(f"{name}: labels must be 1-based (found {labels.min() + 1})")
         yield data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
@@ -273,7 +273,7 @@ def _imagenet32_build(chunks, path, images_per_class, source, num_classes=None):
     counts = {}
     for images, labels in chunks:
         if images.dtype != np.uint8 or images.shape[1:] != IMAGENET32_SHAPE or labels.shape != images.shape[:1]:
-            common.fail(f"{source}: expected uint8 images [N, 32, 32, 3] and N labels, got {images.dtype} "
+            runner.fail(f"{source}: expected uint8 images [N, 32, 32, 3] and N labels, got {images.dtype} "
                         f"{images.shape} and {labels.shape}")
         order = np.argsort(labels, kind="stable")  # stable: source order within each class
         classes, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
@@ -285,11 +285,11 @@ def _imagenet32_build(chunks, path, images_per_class, source, num_classes=None):
         if num_classes and len(counts) == num_classes and min(counts.values()) == images_per_class:
             break
     if not counts:
-        common.fail(f"{source} holds no training images")
+        runner.fail(f"{source} holds no training images")
     num_classes = num_classes or int(max(counts)) + 1
     short = [c for c in range(num_classes) if counts.get(c, 0) < images_per_class]
     if short:
-        common.fail(f"ImageNet32 class {short[0] + 1} has {counts.get(short[0], 0)} training images in "
+        runner.fail(f"ImageNet32 class {short[0] + 1} has {counts.get(short[0], 0)} training images in "
                     f"{source}, {images_per_class} are needed")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npy")
@@ -316,7 +316,7 @@ def imagenet32_channel_mean(images, data_dir):
     for c in range(images.shape[0]):
         total += np.asarray(images[c]).reshape(-1, 3).sum(axis=0, dtype=np.uint64)
     mean = total / (255.0 * (images.size // 3))
-    common.save_json(path, {"channel_mean": mean.tolist(), "shape": list(images.shape)})
+    runner.save_json(path, {"channel_mean": mean.tolist(), "shape": list(images.shape)})
     return tuple(float(v) for v in mean)
 
 
@@ -362,14 +362,14 @@ def cifar100(data_dir=None, manual_dir=None):
     if manual_dir is not None:
         arrays = check_cifar100(read_cifar100_archive(manual_dir, hint), Path(manual_dir).expanduser())
     elif not online(CIFAR100_HOST):
-        common.fail(f"cannot reach {CIFAR100_HOST} to download CIFAR-100 (offline?); {hint}")
+        runner.fail(f"cannot reach {CIFAR100_HOST} to download CIFAR-100 (offline?); {hint}")
     else:
         pairs = tfds_arrays("cifar100", str(cache.parent), None, ("train", "test"), hint)
         arrays = check_cifar100({f"{k}_{split}": np.asarray(v, np.uint8 if k == "x" else np.int32)
                                  for split, pair in pairs.items() for k, v in zip(("x", "y"), pair)},
                                 "tensorflow-datasets cifar100")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    common.save_npz(cache, **arrays)
+    runner.save_npz(cache, **arrays)
     return arrays
 
 
@@ -382,8 +382,8 @@ def read_cifar100_archive(manual_dir, hint):
                 with tarfile.open(path, "r:gz") as tar:
                     return {f"{k}_{split}": v for split in ("train", "test") for k, v in zip("xy", reader(tar, split))}
             except (OSError, KeyError, EOFError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
-                common.fail(f"could not read {path}: {type(e).__name__}: {str(e)[:150]}")
-    common.fail(f"CIFAR-100 not found in {manual_dir}: {hint}")
+                runner.fail(f"could not read {path}: {type(e).__name__}: {str(e)[:150]}")
+    runner.fail(f"CIFAR-100 not found in {manual_dir}: {hint}")
 
 
 def _cifar100_python(tar, split):
@@ -408,17 +408,17 @@ def check_cifar100(arrays, source, hint=""):
     """`arrays`, after stopping with one line unless they hold uint8 [N, 32, 32, 3] images and N labels in 0..99
     per split, every class equally often."""
     if sorted(arrays) != ["x_test", "x_train", "y_test", "y_train"]:
-        common.fail(f"{source}: expected arrays x_train, y_train, x_test, y_test, found {', '.join(sorted(arrays))}"
+        runner.fail(f"{source}: expected arrays x_train, y_train, x_test, y_test, found {', '.join(sorted(arrays))}"
                     f"{hint}")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.shape[1:] != CIFAR100_SHAPE or x.dtype != np.uint8 or y.shape != x.shape[:1]:
-            common.fail(f"{source}: {split} images must be uint8 [N, 32, 32, 3] with N labels{hint}")
+            runner.fail(f"{source}: {split} images must be uint8 [N, 32, 32, 3] with N labels{hint}")
         if y.size == 0 or y.min() < 0 or y.max() >= CIFAR100_CLASSES:
-            common.fail(f"{source}: {split} labels must lie in 0..99{hint}")
+            runner.fail(f"{source}: {split} labels must lie in 0..99{hint}")
         counts = np.bincount(y, minlength=CIFAR100_CLASSES)
         if counts.min() == 0 or counts.min() != counts.max():
-            common.fail(f"{source}: every one of the 100 classes needs the same number of {split} images "
+            runner.fail(f"{source}: every one of the 100 classes needs the same number of {split} images "
                         f"(found {counts.min()}..{counts.max()}){hint}")
     return arrays
 

@@ -101,6 +101,7 @@ import optax
 import common
 import data
 import hessian
+import runner
 
 # The agents (App. D; paper Table 4 "Continual ImageNet" best values, Table 3 defaults). An agent is its entry:
 # the hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
@@ -200,7 +201,7 @@ class Args:
     """continue the run in --out-dir from its checkpoint (--tasks may be raised)"""
     checkpoint_minutes: float = 5.0
     """minutes of work between checkpoints (one is also written at the end and on Ctrl-C)"""
-    member_batching: Literal[common.MEMBER_BATCHING] = "auto"
+    member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto = map on one CPU device, else vmap"""
     conv_impl: Literal["auto", "xla", "im2col"] = "auto"
     """convolutions: XLA's, or patches + matrix multiply (im2col; same math); auto = im2col on CPU (measured 9-20x faster there), else xla"""
@@ -497,12 +498,12 @@ def redo_step(agent, opt, state, x, key, impl):
 def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science."""
-    common.check_agent(args, AGENTS, SWEPT)
-    agent = common.agent_settings(args, AGENTS)
+    runner.check_agent(args, AGENTS, SWEPT)
+    agent = runner.agent_settings(args, AGENTS)
     for name in ("tasks", "epochs", "seeds", "batch_size", "train_per_class", "test_per_class", "lanczos_iters",
                  "hessian_probes"):
         if getattr(args, name) < 1:
-            common.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            runner.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     n_train = 2 * args.train_per_class
     steps = n_train // args.batch_size
     checks = [(agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
@@ -519,7 +520,7 @@ def resolve(args):
                "--replacement-rate must be in [0, 1], --perturb-scale >= 0, --decay-rate in (0, 1)"),
               (agent.get("power_iters", 1) >= 1 and agent.get("redo_every", 1) >= 1 and agent.get("redo_tau", 0) >= 0,
                "--power-iters and --redo-every must be >= 1 and --redo-tau >= 0")]
-    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
+    return agent, runner.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 def load_data(args):
@@ -539,23 +540,23 @@ def main(args):
     """Run the experiment; returns the run directory."""
     agent, configs = resolve(args)
     ds = load_data(args)
-    members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
+    members = runner.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
     init, task_data, train, evaluate, spectrum, calls = make_train(args, agent, ds)
     measured = list(range(0, args.tasks, args.hessian_every)) if args.hessian_every else []
-    run = common.Run("imagenet", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
+    run = runner.Run("imagenet", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
     state = members.run(init, (0,), batching="map")(members.seeds) if run.state is None else run.state
-    hp, seeds, state = common.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
+    hp, seeds, state = runner.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
     train_calls = {n: members.run(lambda s, h, sd, t, x, f, n=n: train(s, h, sd, t, x, f, n), (0, 0, 0, None, 0, None))
                    for n in {count for _, count in calls}}
     evaluate, spectrum = members.run(evaluate, (0, 0, 0)), members.run(spectrum, (0, 0, None, 0, None))
-    stop, start, steps = common.StopRequests(), run.cursor["unit"], 2 * args.train_per_class // args.batch_size
-    progress, timer, last_checkpoint = common.Progress(args.tasks, "task", start), common.StepTimer(), time.time()
-    print(f"{common.script_name(args)} {args.agent}: {members}, {ds['images'].shape[0]} classes, {args.tasks} tasks x "
+    stop, start, steps = runner.StopRequests(), run.cursor["unit"], 2 * args.train_per_class // args.batch_size
+    progress, timer, last_checkpoint = runner.Progress(args.tasks, "task", start), runner.StepTimer(), time.time()
+    print(f"{runner.script_name(args)} {args.agent}: {members}, {ds['images'].shape[0]} classes, {args.tasks} tasks x "
           f"{args.epochs} epochs x {steps} steps, out {run.dir}", flush=True)
     if ds["pixel_mean"] and args.input_norm == "center":
         print(f"input: [0, 1] pixels minus the channel mean {tuple(round(m, 4) for m in ds['pixel_mean'])}", flush=True)
     for task in range(start, args.tasks):
-        x_train, x_test = common.shard_members(task_data(members.seeds, task))
+        x_train, x_test = runner.shard_members(task_data(members.seeds, task))
         k = measured.index(task) if task in measured else None
         if k is not None and run.cursor["call"] == 0:  # "init": the last task's final params on this task's data
             run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
@@ -572,21 +573,21 @@ def main(args):
                 if stop.requested:
                     epochs_done = sum(c[1] for c in calls[:i + 1])
                     stop.exit(f"task {task + 1}/{args.tasks} (epoch {epochs_done} of {args.epochs})",
-                              common.resume_command(args, run.dir))
+                              runner.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state["params"], x_train, x_test))
         if k is not None:
             run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
                 state["params"], seeds, task, x_train, 1)
         run.record(task, {**metrics, "train_acc": train_acc}, f"task {task}")
         progress.update(task + 1, args.epochs * steps * members.count,
-                        test_acc=common.finite_mean(run.metrics["test_acc"][:, task]),
-                        train_acc=common.finite_mean(run.metrics["train_acc"][:, task]))
+                        test_acc=runner.finite_mean(run.metrics["test_acc"][:, task]),
+                        train_acc=runner.finite_mean(run.metrics["train_acc"][:, task]))
         run.save(measured[:sum(t <= task for t in measured)])
         if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or task + 1 == args.tasks:
             run.checkpoint(state)
             last_checkpoint = time.time()
             if stop.requested and task + 1 < args.tasks:
-                stop.exit(f"task {task + 1}/{args.tasks}", common.resume_command(args, run.dir))
+                stop.exit(f"task {task + 1}/{args.tasks}", runner.resume_command(args, run.dir))
     stop.close()
     print(speed_line(timer, members.count, steps), flush=True)
     print(f"done: {run.dir}", flush=True)
@@ -615,6 +616,6 @@ def spectra_shapes(args):
 
 if __name__ == "__main__":
     if any(a == "--seed-batching" or a.startswith("--seed-batching=") for a in sys.argv[1:]):
-        common.fail("--seed-batching is now --member-batching {auto,vmap,map} (auto: map on one CPU device, else vmap)")
-    with common.quiet_on_closed_pipe():
-        main(common.cli(Args, AGENTS))
+        runner.fail("--seed-batching is now --member-batching {auto,vmap,map} (auto: map on one CPU device, else vmap)")
+    with runner.quiet_on_closed_pipe():
+        main(runner.cli(Args, AGENTS))

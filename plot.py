@@ -34,8 +34,8 @@ import scipy.signal  # noqa: E402
 import scipy.stats  # noqa: E402
 import tyro  # noqa: E402
 
-import common  # noqa: E402
 import hessian  # noqa: E402
+import runner  # noqa: E402
 
 
 @dataclass
@@ -149,11 +149,11 @@ class Run:
 def load_run(path):
     path = Path(path)
     if not path.is_dir():
-        common.fail(f"{path}: not a directory")
+        runner.fail(f"{path}: not a directory")
     if not (path / "config.json").is_file():
-        common.fail(f"{path}: not a run directory (no config.json)")
+        runner.fail(f"{path}: not a run directory (no config.json)")
     if not (path / "metrics.npz").is_file():
-        common.fail(f"{path}: no metrics.npz (a run writes it after its first task)")
+        runner.fail(f"{path}: no metrics.npz (a run writes it after its first task)")
     try:
         cfg = json.loads((path / "config.json").read_text())
         # the benchmark the run belongs to (a fork of pmnist.py records "pmnist"), else its script's name
@@ -162,19 +162,19 @@ def load_run(path):
         run_args, source = dict(cfg.get("args", {})), str(cfg["script"])
         width = run_args.get("width")
     except (ValueError, KeyError, TypeError) as e:
-        common.fail(f"{path}/config.json: not a run config ({type(e).__name__}: {one_line(e)})")
+        runner.fail(f"{path}/config.json: not a run config ({type(e).__name__}: {one_line(e)})")
     if not configs or not seeds:
-        common.fail(f"{path}/config.json: empty 'configs' or 'seeds'")
+        runner.fail(f"{path}/config.json: empty 'configs' or 'seeds'")
     try:
         with np.load(path / "metrics.npz") as f:
             metrics = {k: f[k] for k in f.files}
     except Exception as e:  # a truncated or foreign file
-        common.fail(f"{path}/metrics.npz: unreadable ({type(e).__name__}: {one_line(e)})")
+        runner.fail(f"{path}/metrics.npz: unreadable ({type(e).__name__}: {one_line(e)})")
     shape = (len(configs), len(seeds))
     for key in PLOTTED & metrics.keys():
         arr = metrics[key]
         if arr.shape[:2] != shape:
-            common.fail(f"{path}/metrics.npz: '{key}' has shape {arr.shape}, expected leading {shape} (configs, seeds)")
+            runner.fail(f"{path}/metrics.npz: '{key}' has shape {arr.shape}, expected leading {shape} (configs, seeds)")
     hess = None
     if (path / "hessian.npz").is_file():
         try:
@@ -673,16 +673,16 @@ def phase_table(run, window_steps):
 def main(args):
     """Writes the figures; returns (list of written PNG paths, {script: R^2 of the curvature fit})."""
     if not args.run_dirs:
-        common.fail("give at least one run directory")
+        runner.fail("give at least one run directory")
     if not args.eps >= 0:
-        common.fail(f"--eps must be >= 0, got {args.eps}")
+        runner.fail(f"--eps must be >= 0, got {args.eps}")
     if args.phase_window <= 0:
-        common.fail(f"--phase-window must be > 0 env steps, got {args.phase_window}")
+        runner.fail(f"--phase-window must be > 0 env steps, got {args.phase_window}")
     if args.table and not all(w.count("-") == 1 and all(p.isdigit() and int(p) > 0 for p in w.split("-"))
                               and int(w.split("-")[0]) <= int(w.split("-")[1]) for w in args.table):
-        common.fail(f"--table windows must look like 1-10 (tasks counted from 1), got {' '.join(args.table)}")
+        runner.fail(f"--table windows must look like 1-10 (tasks counted from 1), got {' '.join(args.table)}")
     if args.smooth is not None and (args.smooth % 2 == 0 or args.smooth <= args.polyorder):
-        common.fail(f"--smooth must be an odd window larger than --polyorder ({args.polyorder}), got {args.smooth}")
+        runner.fail(f"--smooth must be an odd window larger than --polyorder ({args.polyorder}), got {args.smooth}")
     runs = pool_seed_runs([load_run(p) for p in args.run_dirs])
     set_labels(runs)
     if args.out is not None:
@@ -711,5 +711,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    with common.quiet_on_closed_pipe():
-        main(common.cli(Args))
+    with runner.quiet_on_closed_pipe():
+        main(runner.cli(Args))

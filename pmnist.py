@@ -51,6 +51,7 @@ import optax
 import common
 import data
 import hessian
+import runner
 
 # The agents (App. D; paper Table 2 "Fixed LR Best" with lr 1e-2, Table 1 defaults). An agent is its entry: the
 # hyperparameters it uses, with their defaults; a flag overrides one. A key switches its mechanism on:
@@ -145,7 +146,7 @@ class Args:
     """continue the run in --out-dir from its checkpoint"""
     checkpoint_minutes: float = 5.0
     """minutes of work between checkpoints (one is also written at the end and on Ctrl-C)"""
-    member_batching: Literal[common.MEMBER_BATCHING] = "auto"
+    member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto = map on one CPU device (faster there), else vmap"""
 
 
@@ -357,7 +358,7 @@ def redo_step(agent, opt, state, x, key, due):
 def resolve(args, ds):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science."""
-    agent = common.agent_settings(args, AGENTS)
+    agent = runner.agent_settings(args, AGENTS)
     n_train, n_test = ds["train_x"].shape[0], ds["test_x"].shape[0]
     checks = [(args.seeds >= 1 and args.tasks >= 1 and args.width >= 1, "--seeds, --tasks and --width must be >= 1"),
               (1 <= args.steps_per_task <= n_train,
@@ -374,7 +375,7 @@ def resolve(args, ds):
               (agent.get("power_iters", 1) >= 1, "--power-iters must be >= 1"),
               (0 <= agent.get("replacement_rate", 0) <= 1 and 0 <= agent.get("decay_rate", 0) < 1,
                "--replacement-rate must be in [0, 1] and --decay-rate in [0, 1)")]
-    return agent, common.agent_configs(agent, checks, SWEPT, args.lr)
+    return agent, runner.agent_configs(agent, checks, SWEPT, args.lr)
 
 
 def load_data(args):
@@ -387,24 +388,24 @@ def load_data(args):
 def main(args, dataset=None):
     """Run the experiment. `dataset` (tests) replaces MNIST: a dict of train_x [N, D] uint8, train_y [N] int,
     test_x [M, D] uint8, test_y [M] int."""
-    common.check_agent(args, AGENTS, SWEPT)
+    runner.check_agent(args, AGENTS, SWEPT)
     ds = load_data(args) if dataset is None else dataset
     agent, configs = resolve(args, ds)
     ds = {k: jnp.asarray(v, jnp.uint8 if k.endswith("_x") else jnp.int32) for k, v in ds.items()}
-    members = common.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
+    members = runner.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
     init, shuffle, train, evaluate, spectrum, calls = make_train(args, agent, ds)
     measured = list(range(0, args.tasks, args.hessian_every)) if args.hessian_every else []
-    run = common.Run("pmnist", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
+    run = runner.Run("pmnist", args, RESUME_FREE, members, args.tasks, METRICS, spectra_shapes(args), len(measured))
     state = members.run(init, (0,), batching="map")(members.seeds) if run.state is None else run.state
-    hp, seeds, state = common.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
+    hp, seeds, state = runner.shard_members((members.hyperparameters(SWEPT), members.seeds, state))
     shuffle = members.run(shuffle, (0, None))
     train_calls = {n: members.run(lambda s, h, sd, t, o, d, f, n=n: train(s, h, sd, t, o, d, f, n),
                                   (0, 0, 0, None, 0, None, None)) for n in {count for _, count in calls}}
     evaluate = members.run(evaluate, (0, 0, None, None))
     spectrum = members.run(spectrum, (0, 0, None, None, None), batching="map")  # a Lanczos basis per member
-    stop, start = common.StopRequests(), run.cursor["unit"]
-    progress, timer, last_checkpoint = common.Progress(args.tasks, "task", start), common.StepTimer(), time.time()
-    print(f"{common.script_name(args)} {args.agent}: {members}, out {run.dir}", flush=True)
+    stop, start = runner.StopRequests(), run.cursor["unit"]
+    progress, timer, last_checkpoint = runner.Progress(args.tasks, "task", start), runner.StepTimer(), time.time()
+    print(f"{runner.script_name(args)} {args.agent}: {members}, out {run.dir}", flush=True)
     for task in range(start, args.tasks):
         k = measured.index(task) if task in measured else None
         if k is not None and run.cursor["call"] == 0:  # "init": the last task's final params on this task's data
@@ -421,7 +422,7 @@ def main(args, dataset=None):
                 run.checkpoint(state)
                 steps_done = sum(call_steps(args, agent, c) for c in calls[:i + 1])
                 stop.exit(f"task {task + 1}/{args.tasks} (step {steps_done:,} of {args.steps_per_task:,})",
-                          common.resume_command(args, run.dir))
+                          runner.resume_command(args, run.dir))
         metrics = jax.device_get(evaluate(state["params"], seeds, task, ds))
         if k is not None:
             run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
@@ -431,14 +432,14 @@ def main(args, dataset=None):
                        online_loss=total["loss"] / np.float32(args.steps_per_task),
                        finite=metrics["finite"] & np.isfinite(total["loss"]))
         run.record(task, metrics, f"task {task}")
-        progress.update(task + 1, args.steps_per_task, online_acc=common.finite_mean(metrics["online_acc"]),
-                        test_acc=common.finite_mean(metrics["test_acc"]))
+        progress.update(task + 1, args.steps_per_task, online_acc=runner.finite_mean(metrics["online_acc"]),
+                        test_acc=runner.finite_mean(metrics["test_acc"]))
         run.save(measured[:sum(t <= task for t in measured)])
         if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or task + 1 == args.tasks:
             run.checkpoint(state)
             last_checkpoint = time.time()
             if stop.requested and task + 1 < args.tasks:
-                stop.exit(f"task {task + 1}/{args.tasks}", common.resume_command(args, run.dir))
+                stop.exit(f"task {task + 1}/{args.tasks}", runner.resume_command(args, run.dir))
     stop.close()
     print(speed_line(args, timer, members.count), flush=True)
     print(f"done: {run.dir}", flush=True)
@@ -471,5 +472,5 @@ def spectra_shapes(args):
 
 
 if __name__ == "__main__":
-    with common.quiet_on_closed_pipe():
-        main(common.cli(Args, AGENTS))
+    with runner.quiet_on_closed_pipe():
+        main(runner.cli(Args, AGENTS))

@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import common
+import runner
 
 METHODS = ("gd", "curv")
 
@@ -232,20 +232,20 @@ def validate(args):
     for name in ("eta", "tol", "eps"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
-            common.fail(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+            runner.fail(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
     for name in ("task1_steps", "task2_steps", "grid_size"):
         if getattr(args, name) < 1:
-            common.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            runner.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("alpha1", "alpha2", "beta"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
-            common.fail(f"--{name} must be a finite number >= 0, got {value}")
+            runner.fail(f"--{name} must be a finite number >= 0, got {value}")
     for name in ("x_range", "y_range"):
         lo, hi = getattr(args, name)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            common.fail(f"--{name.replace('_', '-')} must be two finite numbers LO HI with LO < HI, got {lo} {hi}")
+            runner.fail(f"--{name.replace('_', '-')} must be two finite numbers LO HI with LO < HI, got {lo} {hi}")
     if not all(math.isfinite(x) for x in args.plot_start):
-        common.fail(f"--plot-start must be two finite numbers, got {args.plot_start}")
+        runner.fail(f"--plot-start must be two finite numbers, got {args.plot_start}")
 
 
 def tie_margin(grid_size):
@@ -396,8 +396,8 @@ def summarize(args, grid_metrics, best2):
 
 def main(args):
     validate(args)
-    run_dir = common.make_run_dir("toy", "gd-vs-curv", args.out_dir)
-    common.save_config(run_dir, args, [{"method": m} for m in METHODS], [])
+    run_dir = runner.make_run_dir("toy", "gd-vs-curv", args.out_dir)
+    runner.save_config(run_dir, args, [{"method": m} for m in METHODS], [])
     grid = start_grid(args)
     n = len(grid)
     # The figure's start rides along as member n of the batch (one compilation per task).
@@ -437,14 +437,14 @@ def main(args):
     print_table(summary)
     print_claims(summary)
 
-    common.save_npz(run_dir / "metrics.npz", methods=np.asarray(METHODS), starts=grid, **grid_metrics,
+    runner.save_npz(run_dir / "metrics.npz", methods=np.asarray(METHODS), starts=grid, **grid_metrics,
                     plot_task1=traj1[:, n], plot_task2=traj2[:, n])
-    common.save_json(run_dir / "summary.json", summary)
+    runner.save_json(run_dir / "summary.json", summary)
     plot(run_dir / "fig1_left.png", traj1[:, n], traj2[:, n], grid, args)
     print(f"wrote {run_dir}/ (summary.json, metrics.npz, fig1_left.png, config.json)")
     return summary
 
 
 if __name__ == "__main__":
-    with common.quiet_on_closed_pipe():
-        main(common.cli(Args))
+    with runner.quiet_on_closed_pipe():
+        main(runner.cli(Args))

@@ -1,4 +1,4 @@
-"""Tests import the top-level scripts (common, hessian, pmnist, ...) from the repository root."""
+"""Tests import the top-level scripts (common, runner, hessian, pmnist, ...) from the repository root."""
 import os
 import sys
 from pathlib import Path

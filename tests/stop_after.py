@@ -1,8 +1,8 @@
-"""A stand-in for common.StopRequests, shared by the scripts' interrupt-and-resume tests."""
+"""A stand-in for runner.StopRequests, shared by the scripts' interrupt-and-resume tests."""
 
 
 class StopAfter:
-    """Stand-in for common.StopRequests: asks to stop at the `n`-th safe-point check (as a Ctrl-C would)."""
+    """Stand-in for runner.StopRequests: asks to stop at the `n`-th safe-point check (as a Ctrl-C would)."""
 
     def __init__(self, n):
         self.checks, self.n, self.signal = 0, n, 2

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import common
+import runner
 from ant_ppo import mjx
 
 # As tests/test_equal_metrics.py's Ant runs, so that the two files share compiled programs.
@@ -503,8 +504,8 @@ def test_resume_longer_run_off_the_chunk_edges(tmp_path, short_full):
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
 
 
-class SignalAfterFirstChunk(common.Progress):
-    """common.Progress that sends this process a SIGTERM after the first chunk's line (as `kill` would)."""
+class SignalAfterFirstChunk(runner.Progress):
+    """runner.Progress that sends this process a SIGTERM after the first chunk's line (as `kill` would)."""
 
     def update(self, *args, **kwargs):
         super().update(*args, **kwargs)
@@ -520,7 +521,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, short_full, monkey
 
     _, full = short_full
     args = ant_ppo.Args(**{**TINY, **SHORT, "seed": 1, "total_steps": 320, "out_dir": str(tmp_path / "cut")})
-    monkeypatch.setattr(common, "Progress", SignalAfterFirstChunk)
+    monkeypatch.setattr(runner, "Progress", SignalAfterFirstChunk)
     with pytest.raises(SystemExit) as e:
         ant_ppo.main(args)
     assert e.value.code == 143
@@ -573,7 +574,7 @@ def checkpoint_params(out, args):
     """The members' parameters [members, ...] from a run's checkpoint.pkl (which holds the state's leaves)."""
     agent, _ = ant_ppo.resolve(args)
     structure = jax.tree.structure(jax.eval_shape(ant_ppo.make_train(args, agent)[0], 0))
-    return jax.tree.unflatten(structure, common.load_checkpoint(out)["state"])["params"]
+    return jax.tree.unflatten(structure, runner.load_checkpoint(out)["state"])["params"]
 
 
 @pytest.mark.parametrize("agent", NEW_AGENTS)

@@ -20,6 +20,7 @@ import pytest
 import cifar
 import common
 import data as datasets
+import runner
 from init_stats import assert_truncated_normal, assert_truncated_shape, truncated_normal_moments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -591,14 +592,14 @@ def test_seeds_together_equal_seeds_alone(tmp_path, data_dir, bp_alone, batching
 
 def signal_after(monkeypatch, calls, signum):
     """Send `signum` to this process right after its `calls`-th training call, as a Ctrl-C or a kill would."""
-    done, accumulate = [], common.Run.accumulate
+    done, accumulate = [], runner.Run.accumulate
 
     def accumulate_then_signal(self, calls_done, **sums):
         accumulate(self, calls_done, **sums)
         done.append(calls_done)
         if len(done) == calls:
             os.kill(os.getpid(), signum)
-    monkeypatch.setattr(common.Run, "accumulate", accumulate_then_signal)
+    monkeypatch.setattr(runner.Run, "accumulate", accumulate_then_signal)
 
 
 def test_ctrl_c_sigterm_and_more_tasks_then_resume_equal_uninterrupted(tmp_path, data_dir, agent_runs, monkeypatch,
@@ -615,7 +616,7 @@ def test_ctrl_c_sigterm_and_more_tasks_then_resume_equal_uninterrupted(tmp_path,
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("interrupted after")]
     assert line and line[0].startswith("interrupted after task 1/1 (step 3 of 5); resume with: python cifar.py ")
     assert line[0].endswith(f"--resume --out-dir {tmp_path / 'cut'}") and "--call-steps 3 " in line[0]
-    assert common.load_checkpoint(tmp_path / "cut")["cursor"]["call"] == 1
+    assert runner.load_checkpoint(tmp_path / "cut")["cursor"]["call"] == 1
     signal_after(monkeypatch, 1, signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "cut", resume=True, **cut)

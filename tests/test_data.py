@@ -83,7 +83,7 @@ def test_offline_run_fails_within_seconds(tmp_path):
 def test_cache_is_used_and_a_corrupt_cache_is_one_line(tmp_path, monkeypatch):
     arrays = {"train_x": np.ones((4, 784), np.uint8), "train_y": np.arange(4, dtype=np.int32),
               "test_x": np.zeros((2, 784), np.uint8), "test_y": np.arange(2, dtype=np.int32)}
-    data.common.save_npz(tmp_path / data.MNIST_CACHE, **arrays)
+    data.runner.save_npz(tmp_path / data.MNIST_CACHE, **arrays)
     monkeypatch.setattr(data, "read_mnist_folder", lambda *a, **k: pytest.fail("cache not used"))
     loaded = data.mnist(str(tmp_path), "/nonexistent")
     assert all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
@@ -135,11 +135,11 @@ def test_cifar100_offline_run_fails_within_seconds(tmp_path):
 def test_cifar100_cache_is_used_and_a_bad_cache_is_one_line(tmp_path, monkeypatch):
     arrays = {"x_train": np.zeros((200, 32, 32, 3), np.uint8), "y_train": np.tile(np.arange(100, dtype=np.int32), 2),
               "x_test": np.ones((100, 32, 32, 3), np.uint8), "y_test": np.arange(100, dtype=np.int32)}
-    data.common.save_npz(tmp_path / data.CIFAR100_CACHE, **arrays)
+    data.runner.save_npz(tmp_path / data.CIFAR100_CACHE, **arrays)
     monkeypatch.setattr(data, "read_cifar100_archive", lambda *a, **k: pytest.fail("cache not used"))
     loaded = data.cifar100(str(tmp_path), "/nonexistent")
     assert sorted(loaded) == sorted(arrays) and all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
-    data.common.save_npz(tmp_path / data.CIFAR100_CACHE, **{**arrays, "y_test": np.zeros(100, np.int32)})
+    data.runner.save_npz(tmp_path / data.CIFAR100_CACHE, **{**arrays, "y_test": np.zeros(100, np.int32)})
     with pytest.raises(SystemExit, match="same number of test images.*delete it to rebuild"):
         data.cifar100(str(tmp_path), None)
     (tmp_path / data.CIFAR100_CACHE).write_bytes(b"not a zip")

@@ -634,7 +634,7 @@ def test_interrupt_mid_task_then_resume_equals_uninterrupted(run, data_dir, tmp_
     whole, whole_dir = run(**settings)
     monkeypatch.setattr(imagenet, "CALL_STEPS", 3)  # 3 minibatches = one epoch per call
     args = imagenet.Args(**{**TINY, **settings, "tasks": 1}, data_dir=str(data_dir), out_dir=str(tmp_path))
-    monkeypatch.setattr(imagenet.common, "StopRequests", lambda: StopAfter(1))
+    monkeypatch.setattr(imagenet.runner, "StopRequests", lambda: StopAfter(1))
     with pytest.raises(SystemExit) as e:
         imagenet.main(args)
     assert e.value.code == 130
@@ -642,7 +642,7 @@ def test_interrupt_mid_task_then_resume_equals_uninterrupted(run, data_dir, tmp_
     assert "interrupted after task 1/1 (epoch 1 of 2); resume with: python imagenet.py --agent cbp --tasks 1" in out
     assert "--replacement-rate 0.1 --maturity-threshold 1" in out and f"--resume --out-dir {tmp_path}" in out
     assert not (tmp_path / "metrics.npz").exists()  # no task finished
-    monkeypatch.setattr(imagenet.common, "StopRequests", lambda: StopAfter(10**9))
+    monkeypatch.setattr(imagenet.runner, "StopRequests", lambda: StopAfter(10**9))
     imagenet.main(replace(args, resume=True))
     with np.load(tmp_path / "metrics.npz") as f:
         assert f["test_acc"].shape == (1, 1, 1)

@@ -273,14 +273,14 @@ def test_interrupt_mid_task_then_resume_equals_uninterrupted(data, tmp_path, mon
     monkeypatch.setattr(pmnist, "CALL_STEPS", 100)
     full = pmnist.main(replace(TINY, out_dir=str(tmp_path / "full"), **hess), data)
     args = replace(TINY, out_dir=str(tmp_path / "cut"), **hess)
-    monkeypatch.setattr(pmnist.common, "StopRequests", lambda: StopAfter(1))
+    monkeypatch.setattr(pmnist.runner, "StopRequests", lambda: StopAfter(1))
     with pytest.raises(SystemExit) as e:
         pmnist.main(args, data)
     assert e.value.code == 130
     out = capsys.readouterr().out
     assert "interrupted after task 1/2 (step 100 of 250); resume with: python pmnist.py" in out
     assert f"--resume --out-dir {tmp_path / 'cut'}" in out and "--er-lr 0.01" in out
-    monkeypatch.setattr(pmnist.common, "StopRequests", lambda: StopAfter(10**9))
+    monkeypatch.setattr(pmnist.runner, "StopRequests", lambda: StopAfter(10**9))
     pmnist.main(replace(args, resume=True), data)
     for name in ("metrics.npz", "hessian.npz"):
         a, b, c = np.load(full / name), np.load(tmp_path / "cut" / name), np.load(whole / name)
@@ -327,7 +327,7 @@ def test_a_fork_names_its_runs_after_itself_and_plots_beside_pmnist(tmp_path):
     benchmark pmnist in config.json, so plot.py draws it in pmnist's figures."""
     import json
     import shutil
-    for name in ("common.py", "data.py", "hessian.py", "pmnist.py", "plot.py"):
+    for name in ("common.py", "runner.py", "data.py", "hessian.py", "pmnist.py", "plot.py"):
         shutil.copy(ROOT / name, tmp_path / ("my_idea.py" if name == "pmnist.py" else name))
     base = ["--synthetic-data", "--agent", "bp", "--width", "8", "--tasks", "1", "--steps-per-task", "200",
             "--eval-size", "50"]

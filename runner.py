@@ -1,0 +1,499 @@
+"""The run plumbing the experiment scripts share (no need to modify to fork); the science is in common.py.
+
+Members and sweeps (configs x seeds trained together, vmapped or mapped) and their sharding over devices; the
+CLI helpers (tyro's parse, the agents and their defaults in --help, AGENTS checked against Args and SWEPT);
+one-line errors; run folders and config.json; atomic writes; checkpoints and resume; stop requests on
+SIGINT / SIGTERM; progress lines.
+"""
+import contextlib
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import typing
+from dataclasses import asdict, field, fields, make_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+def fail(message):
+    """Stop with a one-line error, exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_agent(args, agents, swept):
+    """The agent is an entry of AGENTS (main() may be called without tyro, which checks the choice), and Args
+    agrees with SWEPT: a per-agent hyperparameter takes several values (a tuple field) exactly when it is swept.
+    A swept value is traced per member (read as hp[name]); a tuple read as agent[name] would fail in the trace,
+    and a swept name with a one-value field could never sweep."""
+    if args.agent not in agents:
+        fail(f"unknown agent {args.agent!r}; choose one of {', '.join(agents)}")
+    per_agent = set().union(*agents.values())
+    for name, annotation in typing.get_type_hints(type(args)).items():
+        if name in per_agent and _takes_several(annotation) and name not in swept:
+            fail(f"Args.{name} takes several values (a tuple) but is not in SWEPT: add \"{name}\" to SWEPT and read it "
+                 f"as hp[\"{name}\"], or make the field float | None")
+        if name in swept and not _takes_several(annotation):
+            fail(f"SWEPT has \"{name}\" but Args.{name} takes one value: make the field tuple[float, ...] | None, or "
+                 f"take it out of SWEPT")
+
+
+def _takes_several(annotation):
+    """tuple[X, ...] or list[X], alone or in a union (`tuple[float, ...] | None`)."""
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    return any(typing.get_origin(t) is list or (typing.get_origin(t) is tuple and typing.get_args(t)[-1:] == (...,))
+               for t in (typing.get_args(annotation) if union else (annotation,)))
+
+
+def agent_settings(args, agents):
+    """The agent's AGENTS entry with the flags given (not None) overriding it; a flag that belongs to other
+    agents only stops with one line."""
+    agent = dict(agents[args.agent])
+    for name in sorted(set().union(*agents.values())):
+        value = getattr(args, name, None)  # a key may be the agent itself, not a flag (cifar's "reset")
+        if value is not None and name not in agent:
+            users = ", ".join(a for a, entry in agents.items() if name in entry)
+            fail(f"--{name.replace('_', '-')} does not apply to agent {args.agent} (only {users})")
+        if value is not None:
+            agent[name] = value
+    return agent
+
+
+def agent_configs(agent, checks, swept, lr):
+    """Stops with the message of the first failed (ok, message) check; else the configs to sweep: every
+    combination of the `swept` hyperparameters the agent has (lr always; `lr` where the agent has none)."""
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    return sweep(**{name: tuple(np.atleast_1d(agent.get(name, lr)).tolist())
+                    for name in swept if name in agent or name == "lr"})
+
+
+def cli(args_class, agents=None):
+    """tyro's parse. With the script's AGENTS, --help lists the agents near its top and shows each per-agent
+    flag's defaults from the table (its Args default is None). An unknown option (a typo) is one line naming
+    the closest flag, exit 1 (tyro names a bad value itself, exit 2)."""
+    import tyro  # only the command line needs it
+
+    parsed_class, description = args_class, None
+    if agents is not None:
+        parsed_class, description = _with_agent_defaults(tyro, args_class, agents)
+    args, unknown = tyro.cli(parsed_class, return_unknown_args=True, description=description)
+    if unknown:
+        options = [u for u in unknown if u.startswith("-")] or unknown
+        close = [match[0] + f" for {o}" * (len(options) > 1) for o in options
+                 if (match := difflib.get_close_matches(o.split("=")[0], _flags(tyro, args_class), 1, cutoff=0.8))]
+        fail(f"unrecognized option{'s' * (len(options) > 1)} {' '.join(options)}"
+             f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (see --help)")
+    return args_class(**{f.name: getattr(args, f.name) for f in fields(args_class)})
+
+
+def _flags(tyro, args_class):
+    """Every option of Args: --name, and --no-name for a bool; not the positional arguments (plot.py's runs)."""
+    positional = typing.get_args(tyro.conf.Positional[int])[1:]
+    flags = ["--help"]
+    for name, annotation in typing.get_type_hints(args_class, include_extras=True).items():
+        if not any(marker in positional for marker in typing.get_args(annotation)[1:]):
+            flags += [f"--{name.replace('_', '-')}"] + [f"--no-{name.replace('_', '-')}"] * (annotation is bool)
+    return flags
+
+
+def _shown(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _with_agent_defaults(tyro, args_class, agents):
+    """A subclass of Args whose per-agent fields say their defaults per agent, and the --help description: the
+    script's first docstring line, then each agent with its AGENTS entry (a fork's new entry shows by itself)."""
+    overrides, hints = [], typing.get_type_hints(args_class, include_extras=True)
+    for f in fields(args_class):
+        users = [f"{name} {_shown(entry[f.name])}" for name, entry in agents.items() if f.name in entry]
+        if users:
+            hint = f"(default per agent: {', '.join(users)}{'; no other agent' if len(users) < len(agents) else ''})"
+            overrides.append((f.name, typing.Annotated[hints[f.name], tyro.conf.arg(help_behavior_hint=hint)],
+                              field(default=f.default)))
+    width = max(len(name) for name in agents)
+    lines = [f"  {name:<{width}}  {', '.join(f'{k} {_shown(v)}' for k, v in entry.items()) or '(nothing added)'}"
+             for name, entry in agents.items()]
+    doc = (sys.modules[args_class.__module__].__doc__ or "").strip().split("\n")[0]
+    header = "Agents (--agent) and their defaults, from AGENTS (a flag overrides one):"
+    description = "\n".join([doc, "", header] + lines)
+    frozen = args_class.__dataclass_params__.frozen
+    return make_dataclass(args_class.__name__, overrides, bases=(args_class,), frozen=frozen), description
+
+
+@contextlib.contextmanager
+def quiet_on_closed_pipe():
+    """A reader that closes the pipe early (`python pmnist.py --help | head`) ends the script quietly with exit
+    status 141, as a process killed by SIGPIPE, instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            yield
+        finally:
+            sys.stdout.flush()  # raises here, not at the interpreter's exit, where it would print an error
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's last flush finds no reader
+        raise SystemExit(141) from None
+
+
+def sweep(**values):
+    """One dict per combination, row-major. Swept values must be finite and >= 0, `lr` > 0."""
+    for name, vals in values.items():
+        if not vals or any(not np.isfinite(v) or v < 0 or (name == "lr" and v == 0) for v in vals):
+            fail(f"--{name.replace('_', '-')} needs finite values >= 0 (lr > 0), got {tuple(vals)}")
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+
+
+MEMBER_BATCHING = ("auto", "vmap", "map")
+
+
+def resolve_batching(choice):
+    """"auto": "map" on one CPU device (measured ~2x faster per member there), else "vmap"."""
+    if choice == "auto":
+        return "map" if jax.default_backend() == "cpu" and jax.local_device_count() == 1 else "vmap"
+    return choice
+
+
+def over_members(fn, batching, in_axes):
+    """`fn` of one member run for every member (`in_axes`: 0 = member axis leading, None = shared). "vmap": one
+    batched program; "map": one single-member program called per member (members split and stacked on the host)."""
+    if batching == "vmap":
+        return jax.jit(jax.vmap(fn, in_axes=in_axes))
+    single = jax.jit(fn)
+
+    def run(*args):
+        batched = [jax.device_get(a) if axis == 0 else a for a, axis in zip(args, in_axes)]
+        size = next(jax.tree.leaves(a)[0].shape[0] for a, axis in zip(batched, in_axes) if axis == 0)
+        outs = [single(*[jax.tree.map(lambda x: x[m], a) if axis == 0 else a for a, axis in zip(batched, in_axes)])
+                for m in range(size)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(outs))
+
+    return run
+
+
+def shard_members(tree):
+    """Spread the leading (member) axis over the local devices when there are several and it divides evenly."""
+    devices = jax.local_devices()
+    leading = {x.shape[0] for x in jax.tree.leaves(tree)}
+    if len(devices) < 2 or len(leading) != 1 or leading.pop() % len(devices):
+        return tree
+    mesh = jax.sharding.Mesh(np.array(devices), ("members",))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("members")))
+
+
+class Members:
+    """The configs x seeds a run trains together, config-major: member m = (config m // S, seed m % S)."""
+
+    def __init__(self, configs, seeds, batching="auto"):
+        self.configs, self.seed_list = list(configs), [int(s) for s in seeds]
+        self.grid = (len(self.configs), len(self.seed_list))
+        self.count, self.batching = self.grid[0] * self.grid[1], resolve_batching(batching)
+        self.config_index = np.repeat(np.arange(self.grid[0]), self.grid[1])
+        self.seeds = jnp.asarray(np.tile(np.asarray(self.seed_list), self.grid[0]), jnp.int32)
+
+    def hyperparameters(self, names):
+        """{name: float32 [members]} of the swept hyperparameters (0 where a config lacks one)."""
+        return {n: jnp.asarray([self.configs[c].get(n, 0.0) for c in self.config_index], jnp.float32) for n in names}
+
+    def run(self, fn, in_axes, batching=None):
+        return over_members(fn, batching or self.batching, in_axes)
+
+    def grid_shaped(self, a):
+        """[members, ...] -> [configs, seeds, ...]."""
+        return np.asarray(a).reshape(self.grid + np.shape(a)[1:])
+
+    def __str__(self):
+        return (f"{self.count} members ({self.grid[0]} configs x {self.grid[1]} seeds), {jax.device_count()} x "
+                f"{jax.devices()[0].device_kind}, member batching {self.batching}")
+
+
+def finite_mean(values):
+    """Mean over the finite entries (diverged members are NaN); NaN if there are none."""
+    values = np.asarray(values, np.float64)
+    return float(np.mean(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
+
+
+def _script(args):
+    """The file of the script whose Args these are (`my_idea.py` for a fork)."""
+    return Path(sys.modules[type(args).__module__].__file__)
+
+
+def script_name(args):
+    """The name of the script whose Args these are, for its start line: `my_idea` for a fork of pmnist.py."""
+    return _script(args).stem
+
+
+def make_run_dir(script, agent, out_dir=None):
+    """`out_dir`, else a new runs/<script>__<agent>__<UTC stamp>[-n] (created)."""
+    if out_dir is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out_dir = Path("runs") / f"{script}__{agent}__{stamp}"
+        for suffix in itertools.count(2):
+            if not out_dir.exists():
+                break
+            out_dir = Path("runs") / f"{script}__{agent}__{stamp}-{suffix}"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return Path(out_dir)
+
+
+def _atomic_write(path, write):
+    """Write to a temporary name beside `path`, then rename: a killed run never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz(path, **arrays):
+    _atomic_write(path, lambda f: np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def save_json(path, obj):
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def save_config(run_dir, args, configs, seeds, benchmark=None):
+    """config.json: the script, its benchmark (plot.py overlays a fork's runs on its parent's), every Args field,
+    the config axis, the seeds and provenance: the commit, whether the work tree differed from it (`git_dirty`:
+    changed or new files; None outside git) and the sha256 of the script file that ran (a fork's own code)."""
+    def git(*command):
+        try:
+            proc = subprocess.run(["git", *command], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    save_json(Path(run_dir) / "config.json", {
+        "script": _script(args).stem, "benchmark": benchmark or _script(args).stem,
+        "agent": getattr(args, "agent", None), "args": asdict(args), "configs": list(configs),
+        "seeds": [int(s) for s in seeds], "git_commit": commit or "unknown",
+        "git_dirty": None if status is None else bool(status),
+        "script_sha256": hashlib.sha256(_script(args).read_bytes()).hexdigest(), "jax_version": jax.__version__,
+        "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+class _PRNGKeys(NamedTuple):  # a typed PRNG key array, pickle-able
+    impl: str
+    data: np.ndarray
+
+
+def save_checkpoint(run_dir, state):
+    """Pickle `state` (arrays, typed PRNG keys, Python values) to checkpoint.pkl atomically."""
+    def to_host(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return _PRNGKeys(str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)))
+        return np.asarray(x) if isinstance(x, jax.Array) else x
+
+    host_state = jax.tree.map(to_host, state)
+    _atomic_write(Path(run_dir) / "checkpoint.pkl", lambda f: pickle.dump(host_state, f))
+
+
+def load_checkpoint(run_dir):
+    """The state `save_checkpoint` saved, arrays back on the device; None if there is none."""
+    path = Path(run_dir) / "checkpoint.pkl"
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        host_state = pickle.load(f)
+
+    def to_device(x):
+        if isinstance(x, _PRNGKeys):
+            return jax.random.wrap_key_data(jnp.asarray(x.data), impl=x.impl)
+        return jnp.asarray(x) if isinstance(x, np.ndarray) else x
+
+    return jax.tree.map(to_device, host_state, is_leaf=lambda x: isinstance(x, _PRNGKeys))
+
+
+def _with_units(metrics, units):
+    """[members, units, ...] host copies: unfilled units appended (NaN for floats, 0 for integers) or cut."""
+    def resize(a):
+        pad = np.full((a.shape[0], max(units - a.shape[1], 0)) + a.shape[2:],
+                      np.nan if np.issubdtype(a.dtype, np.floating) else 0, a.dtype)
+        return np.concatenate([np.asarray(a)[:, :units], pad], axis=1)
+
+    return {k: resize(a) for k, a in metrics.items()}
+
+
+class Run:
+    """A run folder and all resume needs in one checkpoint: args, training state, metrics and spectra ([members,
+    units, ...], NaN / 0 until filled), diverged members and the cursor (unit in progress, its calls done, their
+    partial sums). A resume must repeat every flag but `resume_free` and keep the units done; both are checked
+    before config.json is rewritten. Units may grow, or shrink down to those done (only unfilled ones go)."""
+
+    def __init__(self, benchmark, args, resume_free, members, units, shapes, spectra_shapes=None, spectra_units=0):
+        self.args, self.members, ckpt = args, members, None
+        if args.resume:
+            if args.out_dir is None:
+                fail("--resume needs --out-dir pointing at the run to continue")
+            self.dir, ckpt = Path(args.out_dir), load_checkpoint(args.out_dir)
+            if ckpt is None:
+                fail(f"--resume: no checkpoint.pkl in {self.dir}")
+            changed = sorted(k for k, v in asdict(args).items() if k not in resume_free and ckpt["args"].get(k) != v)
+            if changed:
+                fail(f"--resume with different settings than the run in {self.dir}: {', '.join(changed)}")
+            if ckpt["cursor"]["unit"] > units:
+                fail(f"--resume: the run in {self.dir} has {ckpt['cursor']['unit']} tasks (or updates) done, more "
+                     f"than the {units} asked for")
+        elif args.out_dir is not None and (Path(args.out_dir) / "checkpoint.pkl").exists():
+            fail(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out-dir")
+        else:
+            self.dir = make_run_dir(_script(args).stem, args.agent, args.out_dir)
+        save_config(self.dir, args, members.configs, members.seed_list, benchmark)
+        if ckpt is None:
+            self.state, self.cursor = None, {"unit": 0, "call": 0, "partial": {}}
+            empty = lambda shapes: {k: np.zeros((members.count, 0) + tuple(s), d) for k, (s, d) in shapes.items()}
+            self.metrics = _with_units(empty(shapes), units)
+            self.spectra = _with_units(empty(spectra_shapes or {}), spectra_units)
+            self.diverged = np.zeros(members.grid, bool)
+        else:
+            self.state, self.cursor, self.diverged = ckpt["state"], ckpt["cursor"], np.asarray(ckpt["diverged"])
+            self.metrics = _with_units(ckpt["metrics"], units)
+            self.spectra = _with_units(ckpt["spectra"], spectra_units)
+            print(f"resuming {self.dir}: {self.cursor['unit']} done, {self.cursor['call']} calls into the next",
+                  flush=True)
+
+    def record(self, unit, values, where):
+        """Store unit `unit`'s metrics ({name: [members, ...]}, with `finite` [members]: members whose parameters
+        are finite; the others' accuracies become NaN), warn once per newly diverged member, advance the cursor."""
+        values = dict(values)
+        finite = np.asarray(values.pop("finite"), bool)
+        for name, v in values.items():
+            v = np.asarray(v)
+            if name.endswith("_acc"):  # a non-finite network's argmax means nothing
+                v = np.where(finite.reshape((-1,) + (1,) * (v.ndim - 1)), v, np.nan)
+            self.metrics[name][:, unit] = v
+        new = ~self.members.grid_shaped(finite) & ~self.diverged
+        for c, s in zip(*np.nonzero(new)):
+            print(f"warning: config {self.members.configs[c]} seed {self.members.seed_list[s]} diverged (non-finite "
+                  f"values) at {where}; its metrics are NaN from here, the other members continue",
+                  file=sys.stderr, flush=True)
+        self.diverged = self.diverged | new
+        self.cursor = {"unit": unit + 1, "call": 0, "partial": {}}
+
+    def accumulate(self, calls_done, **sums):
+        """Add a call's sums (online accuracy counts, losses) to the unit in progress; `calls_done` of it done."""
+        partial = self.cursor["partial"]
+        self.cursor = {**self.cursor, "call": calls_done,
+                       "partial": {k: partial[k] + v if k in partial else v for k, v in sums.items()}}
+
+    def checkpoint(self, state):
+        save_checkpoint(self.dir, {"args": asdict(self.args), "state": state, "cursor": self.cursor,
+                                   "metrics": self.metrics, "spectra": self.spectra, "diverged": self.diverged})
+
+    def save(self, spectra_units=None):
+        """metrics.npz ([configs, seeds, units done, ...] and `diverged`); hessian.npz for the `spectra_units`
+        measured so far (`tasks` and [configs, seeds, K, ...])."""
+        done = self.cursor["unit"]
+        save_npz(self.dir / "metrics.npz", diverged=self.diverged,
+                 **{k: self.members.grid_shaped(v[:, :done]) for k, v in self.metrics.items()})
+        if spectra_units:
+            save_npz(self.dir / "hessian.npz", tasks=np.asarray(spectra_units),
+                     **{k: self.members.grid_shaped(v[:, :len(spectra_units)]) for k, v in self.spectra.items()})
+
+
+def resume_command(args, run_dir):
+    """The command that continues `args`'s run: the script, every flag off its default, --resume --out-dir."""
+    defaults, flags = type(args)(), []
+    for name, value in asdict(args).items():
+        if name in ("resume", "out_dir") or value == getattr(defaults, name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):
+            flags.append(f"{flag} {' '.join(str(v) for v in value)}")
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(["python", _script(args).name, *flags, "--resume", "--out-dir", str(run_dir)])
+
+
+class StepTimer:
+    """Wall time of the calls timed with `timing(include)` (leave out those that compile); callers add `steps`."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    @contextlib.contextmanager
+    def timing(self, include=True):
+        start = time.perf_counter()
+        yield
+        if include:
+            self.seconds += time.perf_counter() - start
+
+
+class StopRequests:
+    """SIGINT / SIGTERM ask for a stop at the next safe point (`requested`), where the run checkpoints; a second
+    Ctrl-C kills at once (the default action is restored), the last checkpoint intact (files are atomic)."""
+
+    def __init__(self):
+        self.signal, self.requested = None, False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.signal, self.requested = signum, True
+        signal.signal(signum, signal.SIG_DFL)
+        print("\nstopping at the next safe point (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def exit(self, where, command):
+        """One line after the checkpoint, exit status 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
+        self.close()
+        print(f"interrupted after {where}; resume with: {command}", flush=True)
+        raise SystemExit(128 + int(self.signal))
+
+
+class Progress:
+    """One line per update: `task 12/800 | online_acc 0.912 | 45,210 steps/s | ETA 1h02m`. The first update's
+    calls compiled: it shows their seconds instead; rate (last update) and ETA (mean since the first) follow."""
+
+    def __init__(self, total_units, unit_name="task", start_units=0):
+        self.total, self.unit_name, self.done = total_units, unit_name, start_units
+        self.last_time, self.first_end = time.perf_counter(), None  # first_end: (time, units) after compiling
+
+    def update(self, done_units, new_steps, **shown):
+        now = time.perf_counter()
+        line = f"{self.unit_name} {done_units}/{self.total}" + "".join(
+            f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}" for k, v in shown.items())
+        if self.first_end is None:
+            line, self.first_end = line + f" | {now - self.last_time:.1f} s with compiling", (now, done_units)
+        else:
+            rate = new_steps / max(now - self.last_time, 1e-9)
+            line += f" | {rate:,.0f} steps/s" if rate >= 10 else f" | {rate:.2g} steps/s" if rate > 0 else ""
+            if done_units > self.first_end[1]:
+                eta = (now - self.first_end[0]) / (done_units - self.first_end[1]) * (self.total - done_units)
+                line += f" | ETA {_format_seconds(eta)}"
+        self.last_time, self.done = now, done_units
+        print(line, flush=True)
+
+
+def _format_seconds(seconds):
+    hours, rest = divmod(int(max(seconds, 0)), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
