@@ -51,7 +51,9 @@ Outputs (besides config.json and checkpoint.pkl): metrics.npz, arrays [config, s
 `episodic_return` (mean return of the episodes that ended in the update's rollout; NaN if none), `episodes`,
 `friction` (at the rollout's last step), `loss` (mean PPO loss over the update's minibatches), `dead_units`
 and `effective_rank` [C, S, U, 2] of the actor's and the critic's hidden layer (`layer_names`) on the
-rollout's activations (before the update, as the authors), `param_norm` (after it); and `env_steps` [U],
+rollout's activations (before the update, as the authors), `param_norm` (after it), `step_reward` and
+`ctrl_cost` (the env's reward and the control cost it charged, per env step over the rollout: the cost's share of
+the return) and `action_rms` (root mean square of the policy's action mean over the rollout); and `env_steps` [U],
 `friction_schedule` [C, S, phases], `diverged` [C, S]. With --hessian-every-phase, hessian.npz as pMNIST's with
 `tasks` = the measured phases.
 
@@ -728,6 +730,9 @@ class Transition(NamedTuple):
     done: jax.Array
     episode_return: jax.Array
     friction: jax.Array
+    env_reward: jax.Array  # the env's reward (no bootstrap term)
+    ctrl_cost: jax.Array   # the control cost the env charged (its share of the reward)
+    mean_sq: jax.Array     # mean square of the policy's action mean over the action's dims
 
 
 def env_config(args):
@@ -785,7 +790,8 @@ def rollout(args, params, env, obs_stats, steps, key, friction_of_step):
         reward = training_reward(args, params["critic"], obs_stats, info)
         transition = Transition(obs, action, gaussian_log_prob(action, mean, log_std), value, reward,
                                 info.terminated | info.truncated, info.episode_return,
-                                jnp.full(args.num_envs, friction))
+                                jnp.full(args.num_envs, friction), info.reward,
+                                ctrl_cost(env_config(args), action), jnp.mean(jnp.square(mean), axis=-1))
         return (env, obs_stats, steps + args.num_envs), transition
 
     length = args.num_steps // args.num_envs
@@ -886,6 +892,8 @@ def make_train(args, agent):
             "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.int32),
             "effective_rank": common.effective_ranks(feats),
             "param_norm": common.param_norm(params),
+            "step_reward": traj.env_reward.mean(), "ctrl_cost": traj.ctrl_cost.mean(),
+            "action_rms": jnp.sqrt(traj.mean_sq.mean()),
             "finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])),
         }
         state = {**state, "params": params, "opt": opt_state, "obs_stats": obs_stats, "env": env, "steps": steps,
@@ -1181,7 +1189,8 @@ def speed_line(args, timer, members):
 
 METRICS = {"episodic_return": ((), np.float32), "episodes": ((), np.int32), "friction": ((), np.float32),
            "loss": ((), np.float32), "dead_units": ((2,), np.int32), "effective_rank": ((2,), np.float32),
-           "param_norm": ((), np.float32)}
+           "param_norm": ((), np.float32), "step_reward": ((), np.float32), "ctrl_cost": ((), np.float32),
+           "action_rms": ((), np.float32)}
 
 
 def spectra_shapes(args):

@@ -37,7 +37,8 @@ CBP = dict(agent="cbp", weight_decay=(0.1,), replacement_rate=0.05, maturity_thr
 # 1-step episodes (every step starts from a reset, then times out: the physics stays short, see
 # test_seed_alone_matches_seed_together), chunks of 2 updates, one friction phase; one member at a time.
 SHORT = dict(agent="bp", episode_length=1, updates_per_chunk=2, change_every=640, member_batching="map")
-METRICS = ("episodic_return", "episodes", "friction", "loss", "dead_units", "effective_rank", "param_norm")
+METRICS = ("episodic_return", "episodes", "friction", "loss", "dead_units", "effective_rank", "param_norm",
+           "step_reward", "ctrl_cost", "action_rms")
 CFG = ant_ppo.EnvConfig()  # the env defaults (test_env_defaults_match_the_flags ties them to Args)
 # Programs compile without XLA's backend optimizations here (as --fast-compile): half the compile time.
 FAST_COMPILE = ant_ppo.FAST_COMPILE
@@ -323,6 +324,13 @@ def test_rollout_friction_change_raw_obs_and_terminal_timeouts():
     np.testing.assert_array_equal(traj.action, traj_shifted.action)
     assert np.asarray(traj.done).sum() >= 4
     np.testing.assert_array_equal(traj_shifted.reward, traj.reward)
+    # What the step_reward, ctrl_cost and action_rms metrics average: the env's reward (here the training reward),
+    # its control cost 0.5 |a|^2 on the emitted action, the square of the policy's mean
+    np.testing.assert_array_equal(traj.env_reward, traj.reward)
+    np.testing.assert_allclose(traj.ctrl_cost, 0.5 * np.sum(np.square(np.asarray(traj.action, np.float64)), -1),
+                               rtol=1e-5)
+    mean = ant_ppo.actor_apply(member["params"]["actor"], traj.obs)[0]
+    np.testing.assert_allclose(traj.mean_sq, np.mean(np.square(np.asarray(mean, np.float64)), -1), rtol=1e-4)
 
 
 def test_timeout_bootstrap_flag():
@@ -418,6 +426,8 @@ def check_outputs(metrics, num_c, num_s, num_updates=2, change_every=TINY["chang
     assert np.all((metrics["effective_rank"] >= 1) & (metrics["effective_rank"] <= TINY["hidden_size"]))
     assert np.all((metrics["dead_units"] >= 0) & (metrics["dead_units"] <= TINY["hidden_size"]))
     assert np.all((metrics["friction"] >= 0.02) & (metrics["friction"] <= 2.0))
+    assert np.all(metrics["ctrl_cost"] > 0) and np.all(metrics["action_rms"] > 0)
+    assert np.all(np.isfinite(metrics["step_reward"]))
     # Episodes of at most 8 steps end during every 16-step rollout.
     assert np.all(metrics["episodes"] >= TINY["num_envs"]) and np.all(np.isfinite(metrics["episodic_return"]))
     assert not metrics["diverged"].any()
