@@ -744,19 +744,25 @@ def test_er_step_before_the_epoch_and_metrics_of_the_acting_policy():
     init, train, _ = ant_ppo.make_train(args, agent)
     state = init(0)
     hp = {"lr": jnp.float32(1e-4), "weight_decay": jnp.float32(0.0), "er_lr": jnp.float32(0.5)}
-    new_state, metrics = train(state, hp, 0, 1)
-    _, k_roll, _ = jax.random.split(jax.random.wrap_key_data(state["key"]), 3)
-    _, traj, last_obs = ant_ppo.rollout(args, state["params"], state["env"], state["obs_stats"], state["steps"],
-                                        k_roll, ant_ppo.schedule(args, ant_ppo.member_keys(0)[3]))
-    batch = ant_ppo.make_batch(args, state["params"], traj, last_obs)
-    after_er = ant_ppo.er_step(state["params"], batch.obs, 0.5)
-    loss_after_er, loss_before = (float(ant_ppo.ppo_loss(p, batch, args)[0]) for p in (after_er, state["params"]))
+    new_state, metrics = jax.jit(train, compiler_options=FAST_COMPILE)(state, hp, 0, 1)
+
+    @partial(jax.jit, compiler_options=FAST_COMPILE)
+    def by_hand(state, new_params):  # the update's rollout again (same key), then what each order would record
+        _, k_roll, _ = jax.random.split(jax.random.wrap_key_data(state["key"]), 3)
+        _, traj, last_obs = ant_ppo.rollout(args, state["params"], state["env"], state["obs_stats"], state["steps"],
+                                            k_roll, ant_ppo.schedule(args, ant_ppo.member_keys(0)[3]))
+        batch = ant_ppo.make_batch(args, state["params"], traj, last_obs)
+        after_er = ant_ppo.er_step(state["params"], batch.obs, 0.5)
+        losses = [ant_ppo.ppo_loss(p, batch, args)[0] for p in (after_er, state["params"])]
+        acting = ant_ppo.hidden_features(state["params"], batch.obs)
+        return (losses, common.effective_ranks(acting), jnp.stack([common.dead_units(f) for f in acting]),
+                common.effective_ranks(ant_ppo.hidden_features(new_params, batch.obs)))
+
+    (loss_after_er, loss_before), acting_ranks, acting_dead, updated = by_hand(state, new_state["params"])
     np.testing.assert_allclose(metrics["loss"][0], loss_after_er, rtol=1e-4)
     assert abs(loss_after_er - loss_before) > 10 * 1e-4 * abs(loss_before)  # 10x the tolerance above
-    acting = ant_ppo.hidden_features(state["params"], batch.obs)
-    np.testing.assert_allclose(metrics["effective_rank"][0], common.effective_ranks(acting), rtol=1e-5)
-    np.testing.assert_array_equal(metrics["dead_units"][0], [common.dead_units(f) for f in acting])
-    updated = common.effective_ranks(ant_ppo.hidden_features(new_state["params"], batch.obs))
+    np.testing.assert_allclose(metrics["effective_rank"][0], acting_ranks, rtol=1e-5)
+    np.testing.assert_array_equal(metrics["dead_units"][0], acting_dead)
     assert np.abs(np.asarray(updated) - metrics["effective_rank"][0]).max() > 1e-2
 
 
