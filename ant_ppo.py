@@ -666,6 +666,8 @@ def train_loss(params, batch, args, agent, starts=None):
     loss, hiddens = ppo_loss(params, batch, args)
     if "spectral_lambda" not in agent:
         return loss, (loss, hiddens, None)
+    # Start keys 0..3 count the kernels in leaf order (actor hidden, out, critic hidden, out), the authors' order
+    # (their a_0, a_1, c_0, c_1).
     penalty, vectors = common.spectral_penalty(spectral_params(params), agent["spectral_k"], agent["spectral_target"],
                                                agent["power_iters"], starts)
     return loss + agent["spectral_lambda"] * penalty, (loss, hiddens, vectors)

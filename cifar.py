@@ -352,6 +352,15 @@ def forward(params, stats, x, train):
     return logits, new_stats, {"blocks": inner, "dense": dense}
 
 
+def spectral_key_ids(params):
+    """Each kernel's start-vector key (common.spectral_starts), listed in our leaf order, as the authors' counter
+    gives it: our leaves sort the blocks (each a, b, skip), dense1, dense2, head, then the stem; the authors'
+    Flax names sort BasicBlock_0..7 (each Conv_0, Conv_1, Identity), the stem's Conv_0, then Dense_0..2. So the
+    blocks' convs keep their places and the stem takes its key before the dense layers'."""
+    n = sum(name in block for block in params["blocks"] for name in ("a", "b", "skip"))
+    return list(range(n)) + [n + 1, n + 2, n + 3, n]
+
+
 def masked_loss_acc(logits, labels, seen):
     """Cross-entropy and correctness per sample with unseen classes' logits replaced by a large negative number."""
     logits = jnp.where(seen, logits, MASKED_LOGIT)
@@ -411,7 +420,7 @@ def make_train(args, agent, ds):
         state = {"params": params, "stats": stats, "opt": optimizer({"lr": 0.0, "weight_decay": 0.0}).init(params),
                  "train_acc": zero, "train_loss": zero, "acc_sum": zero, "loss_sum": zero}
         if agent.get("spectral_persistent"):
-            state["spectral_v"] = common.spectral_starts(params)
+            state["spectral_v"] = common.spectral_starts(params, spectral_key_ids(params))
         if "replacement_rate" in agent:
             state["cbp"] = [common.cbp_init(n) for n in cbp_layer_sizes(params)]
         return state
@@ -428,7 +437,7 @@ def make_train(args, agent, ds):
             # biases "b" and BatchNorm shifts "bias" (squared), BatchNorm scales "scale" (pulled to 1). BatchNorm's
             # running statistics live in `stats`, outside it, so they are not penalized.
             penalty, vectors = common.spectral_penalty(params, agent["spectral_k"], agent["spectral_target"],
-                                                       agent["power_iters"], starts)
+                                                       agent["power_iters"], starts, spectral_key_ids(params))
             objective = loss + agent["spectral_lambda"] * penalty
         return objective, (loss, new_stats, acts, jnp.mean(correct), vectors)
 

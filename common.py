@@ -118,19 +118,27 @@ def adam(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0):
 
 
 # Spectral regularization (Lewandowski et al. 2024, in the form of the authors' later runs) and LayerNorm
-def spectral_starts(params):
-    """Each kernel's fixed power-iteration start vector, keyed by its position among the leaves."""
-    return [jax.random.normal(jax.random.key(i), (x.shape[-1],), x.dtype)
-            for i, (path, x) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])
-            if getattr(path[-1], "key", None) == "w"]
+def spectral_starts(params, key_ids=None):
+    """Each kernel's ("w" leaf's) fixed power-iteration start vector: a standard normal of its last dimension
+    from jax.random.key(i) (the same numbers as PRNGKey(i)), i counting the kernels only, 0, 1, 2, ... in the
+    authors' order of the kernels (their code: a counter over the "kernel" leaves in Flax's sorted parameter
+    order), so the penalty equals theirs. `key_ids`: each kernel's i, listed in this tree's leaf order, for a
+    tree whose kernels come in another order than the authors'; None: i = the kernel's place in leaf order."""
+    kernels = [x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+               if getattr(path[-1], "key", None) == "w"]
+    key_ids = list(range(len(kernels))) if key_ids is None else list(key_ids)
+    if sorted(key_ids) != list(range(len(kernels))):
+        raise ValueError(f"key_ids must order the {len(kernels)} kernels (0 .. {len(kernels) - 1}), got {key_ids}")
+    return [jax.random.normal(jax.random.key(i), (x.shape[-1],), x.dtype) for i, x in zip(key_ids, kernels)]
 
 
-def spectral_penalty(params, k=2.0, target=2.0, iters=10, starts=None):
+def spectral_penalty(params, k=2.0, target=2.0, iters=10, starts=None, key_ids=None):
     """(sum over kernels "w" of (sigma_max^k - target)^2 + sum of (scale - 1)^2 + sum of squared other leaves,
     the kernels' last right vectors). Conv kernels count as (kh*kw*in, out). The authors: k = target = 2.
     sigma_max: `iters` power iterations, unrolled so the penalty differentiates through them (as the authors'
-    code), from `starts`: None = `spectral_starts` every step (the authors), the returned vectors = persistent."""
-    starts = spectral_starts(params) if starts is None else starts
+    code), from `starts`: None = `spectral_starts(params, key_ids)` every step (the authors), the returned
+    vectors = persistent."""
+    starts = spectral_starts(params, key_ids) if starts is None else starts
     total, ends = 0.0, []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = getattr(path[-1], "key", None)

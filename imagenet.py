@@ -362,6 +362,8 @@ def make_train(args, agent, ds):
             logits, acts = forward(params, xb, impl)
             loss, vectors = cross_entropy(logits, yb), None
             if "spectral_lambda" in agent:  # spectral regularization, in the loss
+                # Start keys 0..5 count the kernels in leaf order (conv1..3, fc1, fc2, out), the authors' order
+                # (their layer_0..5).
                 penalty, vectors = common.spectral_penalty(params, agent["spectral_k"], agent["spectral_target"],
                                                            agent["power_iters"], starts)
                 loss = loss + agent["spectral_lambda"] * penalty

@@ -644,6 +644,20 @@ def toy_batch(params, key, n=32):
                          jax.random.normal(k_adv, (n,)), value + jax.random.normal(k_target, (n,)))
 
 
+def test_spectral_start_vectors_are_the_authors():
+    """The penalty's start vectors come from PRNGKey(i), i the authors' counter over kernels (a_0, a_1, c_0,
+    c_1; log_std is no kernel): our leaf order lists the kernels in their order, so the default keys are theirs,
+    and the penalty equals their power iteration by hand."""
+    from authors_spectral import authors_penalty, kernel_paths
+    params = ant_ppo.spectral_params(jax.tree.map(lambda x: x + 0.05, ant_ppo.init_params(jax.random.key(0), 16)))
+    table = {"['actor']['hidden']['w']": 0, "['actor']['out']['w']": 1, "['critic']['hidden']['w']": 2,
+             "['critic']['out']['w']": 3}
+    assert kernel_paths(params) == list(table)
+    for iters in (1, 10):
+        np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, iters)[0]),
+                                   authors_penalty(params, table, iters=iters), rtol=1e-5)
+
+
 def test_spectral_penalty_in_the_loss_without_log_std():
     """spectral-reg's training loss = PPO loss + lambda x the penalty over the actor's and critic's kernels and
     biases; the policy's log-std is not in it (the authors' penalty skips it; common.spectral_penalty would take it

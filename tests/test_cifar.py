@@ -434,6 +434,28 @@ def test_layernorm_only_in_layernorm_l2_dense_head(tiny_net, data_dir):
         np.testing.assert_allclose(decayed[name]["scale"] - undecayed[name]["scale"], 1e-4, rtol=1e-3)
 
 
+def test_spectral_start_vectors_are_the_authors():
+    """The penalty's start vectors come from PRNGKey(i), i the authors' counter over kernels in their Flax sorted
+    order (BasicBlock_0..7 with Conv_0, Conv_1, Identity; the stem's Conv_0; Dense_0..2), which puts the stem
+    after the blocks and before the dense layers; the penalty equals their power iteration by hand."""
+    from authors_spectral import authors_penalty, kernel_paths
+    params, _ = cifar.init_net(jax.random.key(0), 4, 16)
+    params = jax.tree.map(lambda x: x + 0.1, params)  # nonzero biases, BatchNorm scales off 1
+    table = {}
+    for i, block in enumerate(params["blocks"]):  # the authors' BasicBlock_i: Conv_0, Conv_1[, Identity]
+        for name in ("a", "b", "skip")[:2 + ("skip" in block)]:
+            table[f"['blocks'][{i}]['{name}']['conv']['w']"] = len(table)
+    assert len(table) == 19  # 16 block convs + 3 shortcut convs: keys 0 .. 18
+    table |= {"['dense1']['w']": 20, "['dense2']['w']": 21, "['head']['w']": 22,  # Dense_0, Dense_1, Dense_2
+              "['stem']['conv']['w']": 19}  # the stem's Conv_0, after the blocks
+    assert kernel_paths(params) == list(table)  # our leaf order: blocks, dense1, dense2, head, stem
+    assert cifar.spectral_key_ids(params) == list(table.values())
+    key_ids = cifar.spectral_key_ids(params)
+    for iters in (1, 10):
+        np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, iters, key_ids=key_ids)[0]),
+                                   authors_penalty(params, table, iters=iters), rtol=1e-5)
+
+
 def test_spectral_reg_penalizes_parameters_not_batchnorm_statistics(data_dir, bp_member):
     """spectral-reg's first step against bp's from the same state: the momentum (= the step's gradient) differs by
     lambda x the penalty's gradient: 2 x bias for every bias and BatchNorm shift, 2 x (scale - 1) for every
@@ -462,7 +484,7 @@ def test_spectral_reg_penalizes_parameters_not_batchnorm_statistics(data_dir, bp
     assert lam == 1e-2
     diff = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
                         after["opt"][1][0].trace, bp_after["opt"][1][0].trace)
-    starts = common.spectral_starts(params)  # the fixed start vectors, one per kernel in leaf order
+    starts = common.spectral_starts(params, cifar.spectral_key_ids(params))  # the fixed vectors, in leaf order
     kernels = []
     for (path, d), p in zip(jax.tree_util.tree_flatten_with_path(diff)[0], jax.tree.leaves(params)):
         name, where = path[-1].key, jax.tree_util.keystr(path)

@@ -497,6 +497,30 @@ def test_persistent_power_iteration_converges_to_the_penalty():
     np.testing.assert_allclose(float(penalty), (2.0 ** 2 - 2) ** 2, atol=1e-4)
 
 
+def test_spectral_starts_count_kernels_only_as_the_authors():
+    """Start vector i is normal(PRNGKey(i)) of the kernel's last dimension, i counting kernels only (biases and
+    scales take no key), in leaf order or as `key_ids` lists; the penalty equals the authors' by-hand iteration."""
+    from authors_spectral import authors_penalty
+    rng = np.random.default_rng(3)
+    params = {"a": {"b": jnp.asarray(rng.standard_normal(4), jnp.float32),
+                    "w": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32)},
+              "b": {"scale": jnp.asarray(rng.standard_normal(3), jnp.float32),
+                    "w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)}}
+    for key_ids, table in ((None, {"['a']['w']": 0, "['b']['w']": 1}), ([1, 0], {"['a']['w']": 1, "['b']['w']": 0})):
+        starts = common.spectral_starts(params, key_ids)
+        for start, (path, index) in zip(starts, table.items()):
+            np.testing.assert_array_equal(start, jax.random.normal(jax.random.PRNGKey(index), start.shape))
+        assert [s.shape for s in starts] == [(4,), (3,)]
+        for iters in (1, 10):
+            np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, iters, key_ids=key_ids)[0]),
+                                       authors_penalty(params, table, iters=iters), rtol=1e-5)
+    # The start matters after one iteration: the swapped keys give another penalty.
+    assert abs(float(common.spectral_penalty(params, 2.0, 2.0, 1)[0])
+               - float(common.spectral_penalty(params, 2.0, 2.0, 1, key_ids=[1, 0])[0])) > 1e-2
+    with pytest.raises(ValueError, match="key_ids"):
+        common.spectral_starts(params, [0, 2])
+
+
 def numpy_layer_norm(x, scale, shift, eps):
     x = np.asarray(x, np.float64)
     mean = x.mean(axis=-1, keepdims=True)

@@ -426,6 +426,20 @@ def test_layer_norm_only_in_layernorm_l2_and_its_scales_decay():
                                    rtol=1e-4)
 
 
+def test_spectral_start_vectors_are_the_authors():
+    """The penalty's start vectors come from PRNGKey(i), i the authors' counter over kernels (their layer_0 ..
+    layer_5): our leaf order lists the kernels in their order, so the default keys are theirs, and the penalty
+    equals their power iteration by hand."""
+    from authors_spectral import authors_penalty, kernel_paths
+    params = imagenet.init_params(jax.random.key(0))
+    table = {"['conv1']['w']": 0, "['conv2']['w']": 1, "['conv3']['w']": 2, "['fc1']['w']": 3, "['fc2']['w']": 4,
+             "['out']['w']": 5}  # the authors' layer_0 .. layer_5
+    assert kernel_paths(params) == list(table)
+    for iters in (1, 10):
+        np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, iters)[0]),
+                                   authors_penalty(params, table, iters=iters), rtol=1e-5)
+
+
 def test_spectral_reg_adds_the_penalty_to_the_loss():
     """The kernels are exactly the six "w" leaves (conv HWIO as (kh*kw*in, out)), the biases the "b" leaves.
     First step (momentum 0) at lr 1: spectral-reg's parameters minus bp's are -lambda x the gradient of

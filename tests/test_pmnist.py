@@ -130,6 +130,22 @@ def test_redo_recycles_only_dormant_units_and_keeps_the_function():
         np.testing.assert_array_equal(a, b)
 
 
+def test_spectral_start_vectors_are_the_authors():
+    """The penalty's start vectors come from PRNGKey(i), i the authors' counter over kernels (their layer_0..3):
+    our leaf order lists the kernels in their order, so the default keys are theirs, and the penalty equals their
+    power iteration by hand."""
+    import jax
+
+    import common
+    from authors_spectral import authors_penalty, kernel_paths
+    params = pmnist.init_params(jax.random.key(0), 784, 16)
+    table = {"[0]['w']": 0, "[1]['w']": 1, "[2]['w']": 2, "[3]['w']": 3}  # the authors' layer_0 .. layer_3
+    assert kernel_paths(params) == list(table)
+    for iters in (1, 10):
+        np.testing.assert_allclose(float(common.spectral_penalty(params, 2.0, 2.0, iters)[0]),
+                                   authors_penalty(params, table, iters=iters), rtol=1e-5)
+
+
 def test_layer_norm_and_spectral_options(run):
     """layernorm-l2 normalizes each hidden layer before its ReLU; the persistent power iteration is another
     trajectory than the fixed-start one, and with 10 iterations close to it."""
