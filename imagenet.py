@@ -27,8 +27,9 @@ Choices where the paper is silent or the sources disagree:
   a normal truncated at 2 std, rescaled to variance exactly 1 / fan_in), zero biases.
 - L2-ER's lr is Table 4's 1e-3; the authors' run lists mostly used 1e-4. `--lr 1e-4 1e-3` trains both.
 - ER (App. D; the authors' runs): a plain gradient-ascent step on the mean effective rank of the two dense
-  hidden layers' features, outside the optimizer, once per epoch on that epoch's 1,200 images. --er-every K:
-  every K minibatches on their images; --er-every 1 (every minibatch, its 100 images) is Table 3's listing.
+  hidden layers' features, outside the optimizer, once per epoch on that epoch's 1,200 images, before the
+  epoch's SGD steps (the authors' order). --er-every K: before every K minibatches, on their images;
+  --er-every 1 (every minibatch, its 100 images) is Table 3's listing.
   It costs about one extra forward/backward pass per epoch: er and l2-er take about twice as long as bp.
 - CBP (Dohare et al.) on all five hidden layers, conv layers by channel, with Dohare et al.'s Continual
   ImageNet utility, adaptable_contribution (--cbp-utility contribution for the other). At the conv-to-dense
@@ -68,8 +69,8 @@ later runs memory-map it and never import tensorflow. No data: one `error:` line
 Outputs (run directory runs/imagenet__<agent>__<UTC time>/ or --out-dir):
 - metrics.npz, axes [config, seed, task]: test_acc (the task's 200 test images, after training); train_acc
   (final epoch: mean over its minibatches of the predictions made before each update); dead_units and
-  effective_rank [config, seed, task, 2] (the two dense hidden layers, on all 1,400 images of the task, after
-  training); param_norm; diverged [config, seed] (a diverged member's metrics are NaN from then on).
+  effective_rank [config, seed, task, 2] (the two dense hidden layers, after training, on the task's 200
+  held-out images as the authors' code; --feature-images all: on all its 1,400 images); param_norm; diverged [config, seed] (a diverged member's metrics are NaN from then on).
 - hessian.npz (--hessian-every K; the paper: 10): tasks and init_/end_ nodes and weights [config, seed, K',
   probes, lanczos_iters]: SLQ of the cross-entropy on the task's 1,200 training images, at the task's start
   (the previous task's parameters) and end.
@@ -148,7 +149,7 @@ class Args:
     er_lr: tuple[float, ...] | None = None
     """effective-rank ascent step size(s) (agents with er_lr)"""
     er_every: int | None = None
-    """minibatches between ER steps, each on those minibatches' images; 0 = once per epoch, on all its images (the authors' runs); 1 = Table 3's listing (agents with er_lr)"""
+    """minibatches between ER steps, each taken before those minibatches' SGD steps, on their images (the authors' order); 0 = once per epoch, on all its images (the authors' runs); 1 = Table 3's listing (agents with er_lr)"""
     replacement_rate: float | None = None
     """CBP units replaced per eligible unit per step"""
     decay_rate: float | None = None
@@ -183,6 +184,8 @@ class Args:
     """training images per class (paper: 600; the next test-per-class images of the class are its test set)"""
     test_per_class: int = 100
     """test images per class (paper: 100)"""
+    feature_images: Literal["test", "all"] = "test"
+    """images on which dead units and effective rank are measured after each task: test = the task's held-out images (2 x 100, the authors' code), all = all its images (train + test: 1,400)"""
     hessian_every: int = 0
     """Hessian spectra (SLQ on the task's training images) at the start and end of every K-th task (tasks 0, K, 2K, ...; the paper: 10); 0 = off"""
     lanczos_iters: int = 100
@@ -392,11 +395,11 @@ def make_train(args, agent, ds):
             return state, jnp.mean(jnp.argmax(logits, axis=-1) == yb)
 
         def group(state, batches):
-            state, accs = jax.lax.scan(step, state, batches)
-            if "er_lr" in agent:  # ER ascent on the images of these er_every minibatches
+            if "er_lr" in agent:  # ER ascent on the images of these er_every minibatches, before their SGD steps
+                # (the authors' train_imagenet.py: the ER step opens each group of minibatches)
                 params, _ = common.er_ascent(state["params"], dense_features, x[batches[0].reshape(-1)], hp["er_lr"])
                 state = {**state, "params": params}
-            return state, accs
+            return jax.lax.scan(step, state, batches)
 
         def epoch(state, e):
             order_key, steps_key = jax.random.split(jax.random.fold_in(key, e))
@@ -412,9 +415,12 @@ def make_train(args, agent, ds):
 
     def evaluate(params, x_train, x_test):
         """Test accuracy on the task's held-out images; dead units and effective rank of the dense hidden
-        layers on all of the task's images (train + test); parameter norm. NaN for a non-finite member."""
+        layers on its held-out images (--feature-images test, the authors') or on all its images (all: train
+        + test); parameter norm. NaN for a non-finite member."""
         logits, acts_test = forward(params, prepare(x_test), impl)
-        feats = [jnp.concatenate([a, b]) for a, b in zip(dense_features(params, prepare(x_train)), acts_test[3:])]
+        feats = acts_test[3:]
+        if args.feature_images == "all":
+            feats = [jnp.concatenate([a, b]) for a, b in zip(dense_features(params, prepare(x_train)), feats)]
         metrics = {"test_acc": jnp.mean(jnp.argmax(logits, axis=-1) == y_test),
                    "dead_units": jnp.stack([common.dead_units(f) for f in feats]).astype(jnp.float32),
                    "effective_rank": common.effective_ranks(feats), "param_norm": common.param_norm(params)}

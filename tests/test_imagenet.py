@@ -387,6 +387,64 @@ def one_step(agent, **kw):
     return jax.jit(init)(0), jax.jit(lambda state, hp: train(state, hp, 0, 0, x_train, 0, 1)[0])
 
 
+def numpy_effective_rank(features):
+    s = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+@pytest.mark.parametrize("feature_images", ["test", "all"])
+def test_metrics_on_the_tasks_held_out_images(feature_images):
+    """Dead units and effective rank of fc1 and fc2 equal a by-hand count and SVD on exactly the task's held-out
+    images (test: the authors' sample) or on all its images (all), and the two samples give different ranks."""
+    args = imagenet.Args(agent="bp", synthetic_data=True, **{**TINY, "test_per_class": 5},
+                         feature_images=feature_images)
+    agent, _ = imagenet.resolve(args)
+    ds = imagenet.load_data(args)
+    init, task_data, _, evaluate, *_ = imagenet.make_train(args, agent, ds)
+    params = init(0)["params"]
+    params = {**params, "fc2": {**params["fc2"], "b": params["fc2"]["b"].at[:3].set(-1e3)}}  # 3 dead units
+    x_train, x_test = (x[0] for x in task_data(np.array([0]), 1))
+    assert x_train.shape[0] == 12 and x_test.shape[0] == 10
+    got = jax.device_get(jax.jit(evaluate)(params, x_train, x_test))
+    ranks = {}
+    for sample, images in (("test", x_test), ("all", np.concatenate([x_train, x_test]))):
+        feats = forward(params, imagenet.preprocess(images, "center", ds["pixel_mean"]), "xla")[1][3:]
+        ranks[sample] = [numpy_effective_rank(f) for f in feats]
+        if sample == feature_images:
+            np.testing.assert_array_equal(got["dead_units"], [np.sum(np.all(np.asarray(f) == 0, axis=0))
+                                                              for f in feats])
+            np.testing.assert_allclose(got["effective_rank"], ranks[sample], rtol=1e-4)
+    assert got["dead_units"][1] >= 3
+    assert np.all(np.abs(np.array(ranks["test"]) - ranks["all"]) > 0.5)  # the samples differ: the check has teeth
+
+
+def test_er_step_comes_before_the_groups_sgd_steps():
+    """er (once per epoch; here an epoch is one minibatch of 4 images): the ER ascent on the epoch's images,
+    then the SGD step from the ascended parameters, as the authors' train_imagenet.py. A by-hand sequence
+    equals the run's, and the other order differs."""
+    lr, er_lr = 0.1, 0.1
+    state, step = one_step("er")
+    args = imagenet.Args(agent="er", synthetic_data=True, **{**TINY, **ONE_STEP})  # one_step's run
+    x_train = imagenet.make_train(args, imagenet.resolve(args)[0], imagenet.load_data(args))[1](np.array([0]), 0)[0][0]
+    x = imagenet.preprocess(x_train, "center", (0.5, 0.5, 0.5))
+    y = jnp.array([0, 0, 1, 1])
+    dense = lambda p, x: imagenet.forward(p, x, "xla")[1][3:]  # noqa: E731
+    loss = lambda p: imagenet.cross_entropy(imagenet.forward(p, x, "xla")[0], y)  # noqa: E731
+
+    def ascend(p):
+        return common.er_ascent(p, dense, x, er_lr)[0]
+
+    def sgd(p):  # the first step: momentum's trace is the gradient itself
+        return jax.tree.map(lambda a, g: a - lr * g, p, jax.grad(loss)(p))
+
+    got = step(state, {"lr": jnp.float32(lr), "er_lr": jnp.float32(er_lr)})["params"]
+    before, after = jax.jit(lambda p: sgd(ascend(p)))(state["params"]), jax.jit(lambda p: ascend(sgd(p)))(state["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, before)
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert gap > 1e-3  # the order matters at these step sizes: the check has teeth
+
+
 def test_layer_norm_only_in_layernorm_l2_and_its_scales_decay():
     """layernorm-l2: a LayerNorm (scale 1, shift 0) in each hidden layer, none on the output layer nor in any
     other agent; conv layers normalize each pixel over its channels, before the ReLU (and the pool). The
