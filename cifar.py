@@ -35,10 +35,12 @@ Choices where the paper is silent or the sources disagree:
   (stem, block convs, 1x1 skips) He-normal on fan-out, variance 2 / (kh x kw x c_out); the two dense layers and
   the head variance 1 / fan-out (the output width); each a normal truncated at 2 std, rescaled to exactly that
   variance. Biases 0, BatchNorm scale 1 and shift 0.
-- ER (App. D; the authors' code): after every --er-batch-th (5th) minibatch of an epoch, one plain ascent step
-  params += er_lr * grad(mean effective rank) outside the optimizer, on the post-ReLU features of the two dense
-  layers for the images of those 5 minibatches (500), recomputed with the current parameters, BatchNorm on
-  those images' batch statistics (running statistics untouched).
+- ER (App. D; the authors' code): before every group of --er-batch (5) minibatches of an epoch, one plain ascent
+  step params += er_lr * grad(mean effective rank) outside the optimizer, on the post-ReLU features of the two
+  dense layers for the group's images (500), then the group's SGD steps (the authors' order). BatchNorm runs in
+  training mode on those images' batch statistics, and its running statistics are updated from them as in an
+  SGD step (the authors' ER pass writes Flax's batch_stats back). Minibatches at an epoch's end that make no
+  whole group get no ER step.
 - CBP (Dohare et al.) by channel, with their Incremental CIFAR utility, contribution (--cbp-utility
   adaptable_contribution for the other): the units are the inner channels of every BasicBlock (conv -> BN ->
   ReLU, outgoing weights in the block's second conv) and the two dense layers. A replaced unit gets fresh
@@ -63,8 +65,8 @@ Outputs (run directory runs/cifar__<agent>__<UTC time>/ or --out-dir):
 - metrics.npz, axes [config, seed, task]: test_acc, test_loss (all test images of the seen classes, BatchNorm
   in eval mode); train_acc, train_loss (mean over the last epoch's minibatches, each measured before its
   update; the cross-entropy only, no penalty); param_norm; dead_units and effective_rank [config, seed, task,
-  2] (the two dense layers, on up to --feature-samples 2000 test images of the seen classes, eval mode);
-  diverged [config, seed]; class_order [config, seed, 100].
+  2] (the two dense layers, eval mode, on every test image of the seen classes as the authors' code;
+  --feature-samples N: on a random N of them); diverged [config, seed]; class_order [config, seed, 100].
 - hessian.npz (--hessian-every K; Fig. 13 used 1): tasks (0-based) and init_/end_ nodes and weights [config,
   seed, K', probes, lanczos_iters (16, the paper's for CIFAR)]: SLQ of the masked cross-entropy (no L2 or ER
   term) on --hessian-samples (2000) training images of the task's newly added classes, BatchNorm in eval mode
@@ -152,7 +154,7 @@ class Args:
     er_lr: tuple[float, ...] | None = None
     """effective-rank ascent step size(s) (agents with er_lr); several values sweep"""
     er_batch: int | None = None
-    """ER ascent step after every this many minibatches of an epoch, on those minibatches' images (agents with er_lr; Table 5: 5)"""
+    """ER ascent step before every group of this many minibatches of an epoch, on their images (the authors' order; agents with er_lr; Table 5: 5)"""
     replacement_rate: float | None = None
     """CBP (agent cbp): units replaced per eligible unit per step (Table 6: 1e-6)"""
     decay_rate: float | None = None
@@ -181,8 +183,8 @@ class Args:
     """channels of the stem and first stage (stages use 1x, 2x, 4x, 8x); 64 is the paper's ResNet-18"""
     dense_width: int = 512
     """units of each of the two dense layers before the head"""
-    feature_samples: int = 2000
-    """test images of the seen classes on which dead units and effective rank are measured"""
+    feature_samples: int = 0
+    """test images of the seen classes on which dead units and effective rank are measured: 0 = all of them (up to 10,000; the authors' code), N = a random N of them (fewer while fewer exist)"""
     eval_batch: int = 500
     """images per forward pass when evaluating (memory only; results do not depend on it)"""
     hessian_every: int = 0
@@ -404,7 +406,7 @@ def make_train(args, agent, ds):
     argument: an array the functions closed over would be compiled into the program as a constant); `ds` the
     same on the host; `agent` is the resolved AGENTS entry."""
     B, cpt, per_class = args.batch_size, args.classes_per_task, len(ds["y_train"]) // NUM_CLASSES
-    feature_samples, y_host = min(args.feature_samples, len(ds["y_test"])), np.asarray(ds["y_train"])
+    feature_samples, y_host = min(args.feature_samples, len(ds["y_test"])), np.asarray(ds["y_train"])  # 0: all
 
     def optimizer(hp):
         return common.sgd(hp["lr"], hp["weight_decay"], args.momentum)
@@ -442,16 +444,31 @@ def make_train(args, agent, ds):
         return objective, (loss, new_stats, acts, jnp.mean(correct), vectors)
 
     def er_step(params, stats, data, order, b, er_lr):
-        """ER ascent (App. D; the authors' code) on the images of the epoch's last er_batch minibatches,
-        re-featurized with the current parameters."""
-        window = jax.lax.dynamic_slice(order, ((b + 1 - agent["er_batch"]) * B,), (agent["er_batch"] * B,))
+        """ER ascent (App. D; the authors' code) on the images of the epoch's minibatches b .. b + er_batch - 1,
+        before their SGD steps: BatchNorm in training mode on those images' batch statistics, and the running
+        statistics updated from them, as the authors' ER pass (Flax's mutable batch_stats, written back).
+        Returns (params, stats)."""
+        window = jax.lax.dynamic_slice(order, (b * B,), (agent["er_batch"] * B,))
         x = data["x_train"][window].astype(jnp.float32) / 255.0
-        return common.er_ascent(params, lambda p, x: forward(p, stats, x, True)[2]["dense"], x, er_lr)[0]
 
-    def sgd_step(state, hp, data, seen, order, epoch_key, b, task_step):
-        """Minibatch b of an epoch (the task's minibatch step task_step): an SGD step (momentum, coupled L2) on the
-        masked cross-entropy (+ the spectral penalty), then Shrink & Perturb's noise, continual backprop, after
-        every er_batch-th minibatch of the epoch the ER step, and after every redo_every-th step of the task ReDo."""
+        def features(p, x):  # (the dense features, the running statistics after this pass)
+            _, new_stats, acts = forward(p, stats, x, True)
+            return acts["dense"], new_stats
+
+        params, _, stats = common.er_ascent(params, features, x, er_lr, has_aux=True)
+        return params, stats
+
+    def sgd_step(state, hp, data, seen, order, epoch_key, b, task_step, steps):
+        """Minibatch b of an epoch of `steps` (the task's minibatch step task_step): before every er_batch-th
+        minibatch (b = 0, er_batch, ...; a whole group left) the ER step on the group's images (the authors'
+        order), then an SGD step (momentum, coupled L2) on the masked cross-entropy (+ the spectral penalty),
+        Shrink & Perturb's noise, continual backprop, and after every redo_every-th step of the task ReDo."""
+        if "er_lr" in agent:
+            er_batch = agent["er_batch"]
+            params, stats = jax.lax.cond((b % er_batch == 0) & (b + er_batch <= steps),
+                                         lambda p, s: er_step(p, s, data, order, b, hp["er_lr"]),
+                                         lambda p, s: (p, s), state["params"], state["stats"])
+            state = {**state, "params": params, "stats": stats}
         idx = jax.lax.dynamic_slice(order, (b * B,), (B,))
         x = data["x_train"][idx].astype(jnp.float32) / 255.0
         (_, (loss, stats, acts, acc, vectors)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -468,9 +485,6 @@ def make_train(args, agent, ds):
         if "replacement_rate" in agent:
             params, stats, opt_state, state["cbp"] = cbp_step(agent, opt, params, stats, opt_state, state["cbp"],
                                                               acts, jax.random.fold_in(step_key, 1))
-        if "er_lr" in agent:
-            params = jax.lax.cond((b + 1) % agent["er_batch"] == 0,
-                                  lambda p: er_step(p, stats, data, order, b, hp["er_lr"]), lambda p: p, params)
         if "redo_tau" in agent:  # ReDo on this minibatch's images, scored with the updated parameters
             params, stats, opt_state = jax.lax.cond(
                 (task_step + 1) % agent["redo_every"] == 0,
@@ -486,7 +500,7 @@ def make_train(args, agent, ds):
         order = jnp.argsort(jnp.where(seen[y], jax.random.uniform(epoch_key, y.shape), 2.0))
         state = {**state, **{k: jnp.where(lo == 0, 0.0, state[k]) for k in ("loss_sum", "acc_sum")}}
         state = jax.lax.fori_loop(lo, hi, lambda b, s: sgd_step(s, hp, data, seen, order, epoch_key, b,
-                                                                first_step + b), state)
+                                                                first_step + b, steps), state)
         done = hi == steps
         return {**state, "train_loss": jnp.where(done, state["loss_sum"] / steps, state["train_loss"]),
                 "train_acc": jnp.where(done, state["acc_sum"] / steps, state["train_acc"])}
@@ -504,8 +518,8 @@ def make_train(args, agent, ds):
 
     def evaluate(state, seed, classes, data, task):
         """Test loss and accuracy over every test image of the seen classes (BatchNorm in eval mode); dead units
-        and effective rank of the dense layers on feature_samples of those images (fewer while fewer exist); the
-        last epoch's training loss and accuracy; parameter norm; finiteness."""
+        and effective rank of the dense layers on all those images (the authors') or on feature_samples of them
+        (fewer while fewer exist); the last epoch's training loss and accuracy; parameter norm; finiteness."""
         params, stats = state["params"], state["stats"]
         seen = classes < (task + 1) * cpt
         x_test, y_test = data["x_test"], data["y_test"]
@@ -517,13 +531,18 @@ def make_train(args, agent, ds):
             loss, correct = masked_loss_acc(logits, y[None], seen)
             return loss[0], correct[0], [a[0] for a in acts["dense"]]
 
+        # Every test image in chunks of eval_batch (static shapes whatever the number of seen classes); the
+        # features of all of them are kept ([10,000, dense_width] per layer: 20 MB at 512).
         loss, correct, feats = jax.lax.map(per_image, (x_test, y_test), batch_size=args.eval_batch)
         count = jnp.sum(test_seen)
-        # A random subset of the seen test images; rows beyond the seen count are masked to 0, which changes
-        # neither the dead-unit test (0 never makes a unit alive) nor the singular values.
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), EVAL_STREAM), task)
-        pick = jnp.argsort(jnp.where(test_seen, jax.random.uniform(key, y_test.shape), 2.0))[:feature_samples]
-        feats = [f[pick] * (jnp.arange(pick.shape[0]) < count)[:, None] for f in feats]
+        # Rows of images outside the sample are set to 0, which changes neither the dead-unit test (0 never makes
+        # a unit alive) nor the singular values.
+        if feature_samples:  # a random subset of the seen test images (--feature-samples N)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), EVAL_STREAM), task)
+            pick = jnp.argsort(jnp.where(test_seen, jax.random.uniform(key, y_test.shape), 2.0))[:feature_samples]
+            feats = [f[pick] * (jnp.arange(pick.shape[0]) < count)[:, None] for f in feats]
+        else:  # every test image of the seen classes (the authors' code)
+            feats = [f * test_seen[:, None] for f in feats]
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
         return {"test_acc": jnp.sum(jnp.where(test_seen, correct, 0.0)) / count,
                 "test_loss": jnp.sum(jnp.where(test_seen, loss, 0.0)) / count,
@@ -664,14 +683,14 @@ def resolve(args):
     """The agent's hyperparameters (its AGENTS entry overridden by the flags given) and the configs to sweep;
     stops with one line on a setting that would silently give wrong science, before any data is read."""
     agent = runner.agent_settings(args, AGENTS)
-    for name in ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width",
-                 "feature_samples", "eval_batch", "lanczos_iters", "hessian_probes", "hessian_samples",
-                 "hessian_batch", "call_steps"):
+    for name in ("seeds", "tasks", "classes_per_task", "epochs", "batch_size", "width", "dense_width", "eval_batch",
+                 "lanczos_iters", "hessian_probes", "hessian_samples", "hessian_batch", "call_steps"):
         if getattr(args, name) < 1:
             runner.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     checks = [(args.tasks * args.classes_per_task <= NUM_CLASSES,
                f"--tasks x --classes-per-task must be <= 100, got {args.tasks} x {args.classes_per_task}"),
               (agent.get("er_batch", 1) >= 1, f"--er-batch must be >= 1, got {agent.get('er_batch')}"),
+              (args.feature_samples >= 0, f"--feature-samples must be >= 0 (0: all), got {args.feature_samples}"),
               (args.hessian_every >= 0 and agent.get("maturity_threshold", 0) >= 0
                and 0 <= agent.get("decay_rate", 0) < 1,
                "--hessian-every and --maturity-threshold must be >= 0, --decay-rate in [0, 1)"),

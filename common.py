@@ -95,15 +95,20 @@ def effective_ranks(features_list, method="svd"):
     return jnp.stack(ranks)
 
 
-def er_ascent(params, features_fn, inputs, er_lr, reduce=jnp.mean):
+def er_ascent(params, features_fn, inputs, er_lr, reduce=jnp.mean, has_aux=False):
     """One ER step as the authors' code: plain gradient ascent outside the optimizer (no momentum, no decay) on the
     effective ranks of the [n, d] matrices `features_fn(params, inputs)`, combined by `reduce` (their mean over
-    layers; Slippery Ant sums its actor's and critic's). Returns (params, objective before)."""
+    layers; Slippery Ant sums its actor's and critic's). Returns (params, objective before). `has_aux`:
+    features_fn returns (matrices, aux), and the result is (params, objective before, aux at the parameters
+    before the step) (CIFAR: the BatchNorm running statistics of the ER pass)."""
     def objective(p):
-        return reduce(effective_ranks(features_fn(p, inputs), method="qr"))
+        out = features_fn(p, inputs)
+        features, aux = out if has_aux else (out, None)
+        return reduce(effective_ranks(features, method="qr")), aux
 
-    value, grads = jax.value_and_grad(objective)(params)
-    return jax.tree.map(lambda p, g: p + er_lr * g, params, grads), value
+    (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    params = jax.tree.map(lambda p, g: p + er_lr * g, params, grads)
+    return (params, value, aux) if has_aux else (params, value)
 
 
 # Optimizers with coupled L2 (the authors' code adds weight_decay * params to the gradient; not AdamW)

@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 2
 # One tiny configuration for every end-to-end run, so all of them share compiled programs.
-TINY = dict(tasks=2, epochs=1, width=4, dense_width=16, batch_size=10, eval_batch=100, feature_samples=100,
-            checkpoint_minutes=1e9)
+TINY = dict(tasks=2, epochs=1, width=4, dense_width=16, batch_size=10, eval_batch=100, checkpoint_minutes=1e9)
 KEYS = ("test_acc", "test_loss", "train_acc", "train_loss", "param_norm", "effective_rank", "dead_units")
 
 
@@ -387,6 +386,90 @@ def bp_member(data_dir):
     return one_member(data_dir, agent="bp")
 
 
+def numpy_effective_rank(features):
+    s = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+@pytest.mark.parametrize("feature_samples", [0, 7])
+def test_metrics_on_every_test_image_of_the_seen_classes(data_dir, feature_samples):
+    """Dead units and effective rank of the dense layers equal a by-hand count and SVD (eval mode) on exactly the
+    test images of the seen classes (default 0: all 20 after task 2; the authors' sample), or on the random 7 of
+    them that --feature-samples 7 draws; the two samples give different ranks."""
+    (init, _, evaluate, _), m = one_member(data_dir, agent="bp", feature_samples=feature_samples)
+    state = init(m["seed"], 0)
+    params = state["params"]
+    state = {**state, "params": {**params, "dense1": {**params["dense1"], "b": params["dense1"]["b"].at[:3].set(-1e3)}}}
+    got = jax.device_get(evaluate(state, m["seed"], m["classes"], m["data"], 1))
+    y_test = np.asarray(m["data"]["y_test"])
+    seen = np.asarray(m["classes"])[y_test] < 10  # task 2: the first 10 classes of the member's order
+    assert seen.sum() == 10 * TEST_PER_CLASS == 20
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), cifar.EVAL_STREAM), 1)
+    subset = np.asarray(jnp.argsort(jnp.where(seen, jax.random.uniform(key, seen.shape), 2.0))[:7])
+    ranks = {}
+    for sample, pick in ((0, np.flatnonzero(seen)), (7, subset)):
+        assert seen[pick].all()
+        x = jnp.asarray(m["data"]["x_test"])[pick].astype(jnp.float32) / 255.0
+        feats = forward(state["params"], state["stats"], x, False)[2]["dense"]
+        ranks[sample] = [numpy_effective_rank(f) for f in feats]
+        if sample == feature_samples:
+            np.testing.assert_array_equal(got["dead_units"], [np.sum(np.all(np.asarray(f) == 0, axis=0))
+                                                              for f in feats])
+            np.testing.assert_allclose(got["effective_rank"], ranks[sample], rtol=1e-4)
+    assert got["dead_units"][0] >= 3
+    assert np.all(np.abs(np.array(ranks[0]) - ranks[7]) > 0.2)  # the samples differ: the check has teeth
+
+
+def test_er_step_comes_before_the_sgd_steps_and_updates_batchnorm_statistics(data_dir):
+    """er with --er-batch 1: the ER ascent on the minibatch's images, then the SGD step from the ascended
+    parameters (the authors' order). The ER pass runs BatchNorm in training mode and updates its running
+    statistics (momentum 0.1: 0.9 old + 0.1 the batch's, unbiased variance), as the authors' ER pass writes
+    Flax's batch_stats back; the SGD step's pass updates them again. A by-hand sequence equals the run's."""
+    lr, er_lr = 0.01, 0.05
+    (init, train, _, _), m = one_member(data_dir, agent="er", er_lr=(er_lr,), er_batch=1)
+    state = init(m["seed"], 0)
+    state = {**state, "stats": jax.tree.map(lambda s: s + 0.5, state["stats"])}  # running statistics off their init
+    after = train(state, m["hp"], m["seed"], m["classes"], m["data"], 0, 0, 1)
+    # The run's first minibatch: the epoch's order of the seen images (cifar.train_epoch's draw).
+    seen = m["classes"] < 5
+    epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), cifar.TRAIN_STREAM), 0), 0)
+    y = m["data"]["y_train"]
+    idx = jnp.argsort(jnp.where(seen[y], jax.random.uniform(epoch_key, y.shape), 2.0))[:10]
+    x, yb = m["data"]["x_train"][idx].astype(jnp.float32) / 255.0, y[idx]
+    params0, stats0 = state["params"], state["stats"]
+
+    def dense(p, x):
+        _, new_stats, acts = cifar.forward(p, stats0, x, True)
+        return acts["dense"], new_stats
+
+    params1, _, stats1 = jax.jit(lambda p: common.er_ascent(p, dense, x, er_lr, has_aux=True))(params0)
+    # The ER pass's running statistics of the stem by hand: its conv on the images at the parameters before the step.
+    w, b = params0["stem"]["conv"]["w"], params0["stem"]["conv"]["b"]
+    h = np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC")) + b, np.float64)
+    n = h.shape[0] * h.shape[1] * h.shape[2]
+    np.testing.assert_allclose(stats1["stem"]["mean"], 0.9 * np.asarray(stats0["stem"]["mean"]) + 0.1 * h.mean((0, 1, 2)),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats1["stem"]["var"],
+                               0.9 * np.asarray(stats0["stem"]["var"]) + 0.1 * h.var((0, 1, 2)) * n / (n - 1),
+                               rtol=1e-4, atol=1e-6)
+
+    def loss(p):
+        logits, new_stats, _ = cifar.forward(p, stats1, x, True)
+        return jnp.mean(cifar.masked_loss_acc(logits, yb, seen)[0]), new_stats
+
+    (loss1, stats2), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params1)
+    params2 = jax.tree.map(lambda p, g: p - lr * g, params1, grads)  # the first step: momentum's trace = gradient
+    for got, want in ((after["params"], params2), (after["stats"], stats2)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+    np.testing.assert_allclose(after["loss_sum"], loss1, rtol=1e-5)  # the recorded loss: after the ER step
+    # Teeth: the ER step moved the loss and the statistics (one pass instead of two would differ).
+    assert abs(float(loss(params0)[0]) - float(loss1)) > 1e-4
+    stats_sgd_only = cifar.forward(params0, stats0, x, True)[1]
+    assert np.abs(np.asarray(stats_sgd_only["stem"]["mean"]) - np.asarray(stats2["stem"]["mean"])).max() > 1e-3
+
+
 def leaf_names(tree):
     return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -663,6 +746,7 @@ def test_renamed_flags_and_bad_sizes_fail_in_one_line(tmp_path, data_dir):
                        (dict(agent="er", er_batch=6), "--er-batch 6 exceeds the 5 minibatches"),
                        (dict(batch_size=51), "--batch-size 51 exceeds the 50 training images"),
                        (dict(call_steps=0), "--call-steps must be >= 1"),
+                       (dict(feature_samples=-1), "--feature-samples must be >= 0"),
                        (dict(agent="bp", spectral_k=1.0), "--spectral-k does not apply to agent bp"),
                        (dict(agent="spectral-reg", power_iters=0), "--power-iters must be >= 1"),
                        (dict(agent="redo", redo_every=0), "--redo-every must be >= 1")):
