@@ -236,7 +236,6 @@ def make_train(args, agent, ds):
             logits, features = forward(params, x)
             loss, vectors = cross_entropy(logits, y), None
             if "spectral_lambda" in agent:  # spectral regularization, in the loss
-                # Start keys 0..3 count the kernels in leaf order, the authors' order (their layer_0..3).
                 penalty, vectors = common.spectral_penalty(params, agent["spectral_k"], agent["spectral_target"],
                                                            agent["power_iters"], state.get("spectral_v"))
                 loss = loss + agent["spectral_lambda"] * penalty
