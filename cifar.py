@@ -90,7 +90,7 @@ import math  # noqa: E402 (after the environment is set)
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +113,8 @@ AGENTS = {
     "l2": dict(weight_decay=1e-4),
     "er": dict(er_lr=1e-4, er_batch=5),
     "l2-er": dict(weight_decay=1e-3, er_lr=1e-3, er_batch=5),  # the paper's method (Algorithm 1)
-    "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="contribution"),
+    "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="contribution",
+                cbp_variant="dohare"),
     "snp": dict(perturb_scale=1e-5),
     "snp-l2": dict(perturb_scale=1e-5, weight_decay=1e-4),  # the paper gives no weight decay for it: L2's
     "reset": dict(reset=True),
@@ -160,7 +161,9 @@ class Args:
     maturity_threshold: int | None = None
     """CBP: steps before a unit may be replaced (Table 5: 100)"""
     cbp_utility: Literal[common.CBP_UTILITIES] | None = None
-    """CBP utility (Dohare et al.): contribution (their config for this benchmark) or adaptable_contribution"""
+    """CBP utility: contribution (Dohare et al.'s ResNet CBP has no other; not with --cbp-variant paper)"""
+    cbp_variant: Literal[common.CBP_VARIANTS] | None = None
+    """CBP algorithm: dohare (Dohare et al.'s ResNet CBP: stem, both convs of every block and the dense layers, lowest utility, outgoing weights 0, BatchNorm reset) or paper (the authors' code behind the paper's CBP number: block inner channels and dense layers, highest utility, outgoing weights re-randomized)"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb: snp, snp-l2; Table 5: 1e-5)"""
     spectral_lambda: float | None = None
@@ -321,13 +324,14 @@ def conv_bn_apply(p, s, x, stride, train):
 
 def forward(params, stats, x, train):
     """x: float [N, 32, 32, 3] in [0, 1]. Returns (logits [N, 100], new stats, activations) where activations
-    holds each block's inner post-ReLU channels ("blocks", CBP's and ReDo's conv units) and the dense features
-    ("dense")."""
+    holds the stem's post-ReLU output ("stem"), each block's inner post-ReLU channels ("blocks"), its second
+    BatchNorm's output before the residual sum ("pre_residual") and its output ("outputs", after the residual
+    sum and ReLU), and the dense features ("dense")."""
     relu = jax.nn.relu
     new_stats = {"blocks": []}
     h, new_stats["stem"] = conv_bn_apply(params["stem"], stats["stem"], x, 1, train)
     h = relu(h)
-    inner = []
+    stem, inner, pre_residual, outputs = h, [], [], []
     for p, s in zip(params["blocks"], stats["blocks"]):
         stride = 2 if "skip" in p else 1
         ns = {}
@@ -335,10 +339,12 @@ def forward(params, stats, x, train):
         a = relu(a)
         inner.append(a)
         b, ns["b"] = conv_bn_apply(p["b"], s["b"], a, 1, train)
+        pre_residual.append(b)
         skip = h
         if "skip" in p:
             skip, ns["skip"] = conv_bn_apply(p["skip"], s["skip"], h, stride, train)
         h = relu(b + skip)
+        outputs.append(h)
         new_stats["blocks"].append(ns)
     dense = []
     h = jnp.mean(h, axis=(1, 2))
@@ -349,7 +355,8 @@ def forward(params, stats, x, train):
         h = relu(h)
         dense.append(h)
     logits = h @ params["head"]["w"] + params["head"]["b"]
-    return logits, new_stats, {"blocks": inner, "dense": dense}
+    return logits, new_stats, {"stem": stem, "blocks": inner, "pre_residual": pre_residual, "outputs": outputs,
+                               "dense": dense}
 
 
 def masked_loss_acc(logits, labels, seen):
@@ -379,9 +386,55 @@ def steps_per_epoch(args, per_class, task):
 
 
 def cbp_layer_sizes(params):
-    """Units of CBP's and ReDo's layers: each block's inner channels, then the two dense layers."""
+    """Units of ReDo's layers (and of the authors' CBP, --cbp-variant paper): each block's inner channels, then
+    the two dense layers."""
     return ([b["a"]["conv"]["w"].shape[-1] for b in params["blocks"]]
             + [params[name]["w"].shape[1] for name in ("dense1", "dense2")])
+
+
+class UnitLayer(NamedTuple):
+    """One layer of CBP's units: paths into params of its incoming layer ({"w", "b"}) and of the kernel that
+    reads its units (`out_axis`: their axis there), the path of its BatchNorm in params and stats (None:
+    none), and where its features are in `forward`'s activations (key, index or None)."""
+    incoming: tuple
+    outgoing: tuple
+    out_axis: int
+    bn: tuple | None
+    features: tuple
+
+
+def cbp_layers(params, variant):
+    """CBP's unit layers. dohare (Dohare et al.'s ResNet CBP, their res_gnt.py): every weight layer but the head
+    and the 1x1 skips, in the network's order: the stem (features: its post-ReLU output; outgoing: block 0's
+    conv a), then per block conv a (its inner channels; outgoing conv b) and conv b (features: the block's
+    output after the residual sum and ReLU; outgoing: the next block's conv a, or dense1 after the last block;
+    the identity and skip paths that also read the channel are left as they are, as theirs), then dense1 and
+    dense2 (outgoing dense2, head). paper (the authors' incremental_cifar/cbp.py): each block's inner channels
+    and the two dense layers (`cbp_layer_sizes`); their code feeds a block without a 1x1 skip the block's
+    second BatchNorm output (pre-residual) as the inner channels' activation, so those utilities are |its
+    batch mean| = |that BatchNorm's shift|; followed here."""
+    blocks = params["blocks"]
+    if variant == "paper":
+        layers = [UnitLayer(("blocks", i, "a", "conv"), ("blocks", i, "b", "conv", "w"), 2, None,
+                            ("blocks" if "skip" in b else "pre_residual", i)) for i, b in enumerate(blocks)]
+    else:
+        conv_a = [("blocks", i, "a") for i in range(len(blocks))]
+        reads = conv_a + [("dense1",)]  # what reads the stem, then each block's output
+        layers = [UnitLayer(("stem", "conv"), reads[0] + ("conv", "w"), 2, ("stem",), ("stem", None))]
+        for i in range(len(blocks)):
+            layers.append(UnitLayer(conv_a[i] + ("conv",), ("blocks", i, "b", "conv", "w"), 2, conv_a[i],
+                                    ("blocks", i)))
+            nxt = reads[i + 1]
+            layers.append(UnitLayer(("blocks", i, "b", "conv"), nxt + (("conv", "w") if i + 1 < len(blocks) else ("w",)),
+                                    2 if i + 1 < len(blocks) else 0, ("blocks", i, "b"), ("outputs", i)))
+    return layers + [UnitLayer(("dense1",), ("dense2", "w"), 0, None, ("dense", 0)),
+                     UnitLayer(("dense2",), ("head", "w"), 0, None, ("dense", 1))]
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def make_train(args, agent, ds):
@@ -413,7 +466,8 @@ def make_train(args, agent, ds):
         if agent.get("spectral_persistent"):
             state["spectral_v"] = common.spectral_starts(params)
         if "replacement_rate" in agent:
-            state["cbp"] = [common.cbp_init(n) for n in cbp_layer_sizes(params)]
+            state["cbp"] = [common.cbp_init(_at(params, layer.incoming)["b"].shape[0])
+                            for layer in cbp_layers(params, agent["cbp_variant"])]
         return state
 
     def loss_fn(params, stats, x, y, seen, starts):
@@ -595,32 +649,53 @@ def replace_units(params, stats, masks, i, idx, valid, key, init):
 
 
 def cbp_step(agent, opt, params, stats, opt_state, cbp, acts, key):
-    """Continual backprop by channel (Dohare et al.): each block's inner conv channels (conv a -> BN -> ReLU,
-    outgoing weights in conv b) and both dense layers, replaced by `replace_units` (a replaced channel also gets
-    its BatchNorm scale 1, shift 0, running mean 0 and variance 1); the optimizer state of every replaced entry
-    is zeroed. Fresh incoming weights have the layer's init distribution (`unit_inits`)."""
-    num_blocks = len(params["blocks"])
-    inits = unit_inits(params, key)
+    """Continual backprop after an SGD step on the units of `cbp_layers`. dohare (default): Dohare et al.'s
+    ResNet CBP (common.cbp_select_resnet): the lowest-utility mature units get incoming weights from
+    Kaiming-normal N(0, 2 / fan_in) (theirs, fan_in = kh x kw x c_in or the dense input width), bias 0,
+    outgoing weights 0, and for a conv channel its BatchNorm scale 1, shift 0, running mean 0 and variance 1;
+    the momentum is kept, as theirs. paper: the authors' CBP (common.cbp_select_paper, cbp_replace_paper): the
+    highest-utility units get incoming and outgoing weights U(+-sqrt(6 / kernel.shape[0])) (sqrt(2) for a 3x3
+    conv: their code reads an HWIO kernel's height as its fan-in), each conv draw shared by the kernel's 3 x 3
+    taps as their masks broadcast, bias 0; BatchNorm, its statistics and the momentum are kept, as theirs."""
+    paper = agent["cbp_variant"] == "paper"
+    layers = cbp_layers(params, agent["cbp_variant"])
+    if not paper:  # one random-number kernel for every layer's candidates: many compile slower (CPU)
+        shapes = [_at(params, layer.incoming)["w"].shape for layer in layers]
+        sizes = [math.prod(shape) for shape in shapes]
+        standard = jax.random.normal(key, (sum(sizes),))
+        offsets = np.cumsum([0] + sizes)
     params = jax.tree.map(lambda x: x, params)  # fresh containers, safe to update in place
     stats = jax.tree.map(lambda x: x, stats)
-    masks = jax.tree.map(jnp.ones_like, params)
     hp = dict(replacement_rate=agent["replacement_rate"], decay_rate=agent["decay_rate"],
-              maturity_threshold=agent["maturity_threshold"], utility=agent["cbp_utility"])
+              maturity_threshold=agent["maturity_threshold"])
     new_cbp = []
-    for i, size in enumerate(cbp_layer_sizes(params)):
-        max_replace = common.cbp_max_replace(agent["replacement_rate"], size)
-        if i < num_blocks:
-            p = params["blocks"][i]
-            state, idx, valid = common.cbp_select(cbp[i], acts["blocks"][i], p["b"]["conv"]["w"],
-                                                  w_in=p["a"]["conv"]["w"], max_replace=max_replace,
-                                                  out_unit_axis=2, **hp)
+    for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, len(layers)))):
+        name, index = layer.features
+        h = acts[name] if index is None else acts[name][index]
+        incoming = _at(params, layer.incoming)
+        parent, last = _at(params, layer.outgoing[:-1]), layer.outgoing[-1]
+        size = incoming["b"].shape[0]
+        select = common.cbp_select_paper if paper else common.cbp_select_resnet
+        state, idx, valid = select(cbp[i], h, parent[last], out_unit_axis=layer.out_axis,
+                                   max_replace=common.cbp_max_replace(agent["replacement_rate"], size), **hp)
+        if paper:
+            incoming["w"], incoming["b"], parent[last], *_ = common.cbp_replace_paper(
+                k, incoming["w"], incoming["b"], parent[last], idx, valid, out_unit_axis=layer.out_axis,
+                tie_in_taps=True, tie_out_taps=True)
         else:
-            name, nxt = ("dense1", "dense2") if i == num_blocks else ("dense2", "head")
-            state, idx, valid = common.cbp_select(cbp[i], acts["dense"][i - num_blocks], params[nxt]["w"],
-                                                  w_in=params[name]["w"], max_replace=max_replace, **hp)
-        replace_units(params, stats, masks, i, idx, valid, key, inits[i])
+            shape = shapes[i]
+            std = math.sqrt(2.0 / math.prod(shape[:-1]))
+            init = lambda _k, s, dtype, o=offsets[i], n=sizes[i], std=std: (  # noqa: E731
+                standard[o:o + n].reshape(s).astype(dtype) * std)
+            incoming["w"], incoming["b"], parent[last], *_ = common.cbp_replace(
+                k, incoming["w"], incoming["b"], parent[last], idx, valid, out_unit_axis=layer.out_axis, init=init)
+            if layer.bn is not None:  # the channel's BatchNorm starts afresh, as theirs
+                keep = jnp.ones(size).at[idx].set(jnp.where(valid, 0.0, 1.0))
+                bn, s = _at(params, layer.bn)["bn"], _at(stats, layer.bn)
+                bn["scale"], bn["bias"] = bn["scale"] * keep + (1 - keep), bn["bias"] * keep
+                s["mean"], s["var"] = s["mean"] * keep, s["var"] * keep + (1 - keep)
         new_cbp.append(state)
-    return params, stats, common.mask_opt_state(opt, opt_state, masks), new_cbp
+    return params, stats, opt_state, new_cbp
 
 
 def redo_step(agent, opt, params, stats, opt_state, x, key):
@@ -669,6 +744,10 @@ def resolve(args):
               (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
               (agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
                f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {agent.get('cbp_utility')!r}"),
+              (args.cbp_utility in (None, "contribution") and (args.cbp_utility is None or
+                                                                agent.get("cbp_variant") != "paper"),
+               "--cbp-utility: this benchmark's CBP has one utility (Dohare et al.'s ResNet CBP: contribution; "
+               "--cbp-variant paper: the authors' |mean h| x mean|w_out|)"),
               (0 <= agent.get("replacement_rate", 0) < 1 and agent.get("perturb_scale", 0) >= 0,
                "--replacement-rate must be in [0, 1) and --perturb-scale >= 0"),
               (agent.get("power_iters", 1) >= 1 and agent.get("spectral_lambda", 0) >= 0,
