@@ -23,10 +23,10 @@ and cbp_replace_paper: the highest-utility hidden units, |mean h| x mean|w_out| 
 rollout's activations (the acting parameters, as theirs), get incoming weights U(+-sqrt(6 / obs dim)) and outgoing
 weights re-randomized U(+-sqrt(6 / hidden size)), bias 0, and their Adam moments zeroed; their Adam also zeroes a
 per-parameter step count, ours keeps optax's one count for all parameters, so a redrawn entry's next Adam steps get
-the old entries' bias correction, smaller than theirs); and beyond the paper's table: layernorm-l2 (LayerNorm before each hidden ReLU with coupled L2
-on every parameter; Lyle et al. 2024, as the authors' later runs), spectral-reg (Lewandowski et al. 2024's
-spectral regularizer in the form of the authors' later runs) and redo (ReDo, Sokar et al. 2023, as Dohare et
-al.'s Ant config: tau 0.1 every 100 Adam steps, weight decay 1e-4). The authors swept layernorm-l2 (lr
+the old entries' bias correction, smaller than theirs); and beyond the paper's table: layernorm-l2 (LayerNorm
+before each hidden ReLU with coupled L2 on every parameter; Lyle et al. 2024, as the authors' later runs),
+spectral-reg (Lewandowski et al. 2024's spectral regularizer in the form of the authors' later runs) and redo
+(ReDo, Sokar et al. 2023, as Dohare et al.'s Ant config: tau 0.1 every 100 Adam steps, weight decay 1e-4). The authors swept layernorm-l2 (lr
 1e-2/1e-3/1e-4 x weight decay 1e-3/1e-4/1e-5) and spectral-reg (lr x lambda 1e-2/1e-3/1e-4) on Slippery Ant but
 recorded no chosen values. Ours come from a small sweep with the PPO of commit 595b52d (Kaiming init, head x 0.01,
 0.5 x MSE value loss, eps 1e-5; 1 seed, 1M env steps, the authors' five frictions every 200k steps, 64 envs; lr

@@ -11,22 +11,22 @@ training and running statistics (momentum 0.1, unbiased variance, as PyTorch) in
 live beside the parameters, not in them.
 
 The agents are the table `AGENTS` below (Table 6's fixed-lr best values, Table 5's settings; a flag overrides
-one): bp; l2 weight decay 1e-4 (coupled: added to the gradient); er ER lr 1e-4, --er-batch 5; l2-er weight
-decay 1e-3, ER lr 1e-3; cbp replacement rate 1e-6, maturity 100, decay 0.99; snp noise 1e-5 (Table 5); snp-l2
-noise 1e-5 + L2's weight decay 1e-4 (the paper gives none); reset: a freshly initialized network, BatchNorm
-statistics and optimizer at every task. Beyond the paper's table: layernorm-l2 and spectral-reg as the authors'
-later runs (their code; lr 1e-2 for both): LayerNorm (scale 1, shift 0, eps 1e-6) before the ReLU of the two
-dense layers only (the trunk keeps BatchNorm, the head has none) + coupled L2 1e-4 on every parameter, LayerNorm
-and BatchNorm scales included / lambda 1e-2 x (sum over every kernel, convs as (kh*kw*in, out) and the head
-included, of (sigma_max^2 - 2)^2 by 10 power iterations from fixed vectors + squared biases and BatchNorm shifts
-+ (BatchNorm scale - 1)^2; running statistics not), no weight decay (--spectral-persistent True --power-iters 1:
-our cheaper variant); redo: ReDo (Sokar et al. 2023) every 1000 minibatch steps of a task with tau 0.025 (no source
-gives values for CIFAR; ours, from our pMNIST sweep) at BP's learning rate. Seeds (--seeds) and swept values
-(--lr, --weight-decay, --er-lr) are "members" trained together: --member-batching map (auto's choice on one CPU
-device) calls one compiled single-member program per member, vmap (auto's choice elsewhere) batches them in
-one program (measured 2.2x slower per seed than one member after another for this ResNet on an H100: pass map
-there). Each jitted call runs --call-steps minibatch steps per member, so Ctrl-C stops within one call and
---resume continues.
+one): bp; l2 weight decay 1e-4 (coupled: added to the gradient); er ER lr 1e-4, --er-batch 5; l2-er weight decay
+1e-3, ER lr 1e-3; cbp replacement rate 1e-6, maturity 100, decay 0.99 (Table 5's; both variants); snp noise 1e-5
+(Table 5); snp-l2 noise 1e-5 + L2's weight decay 1e-4 (the paper gives none); reset: a freshly initialized
+network, BatchNorm statistics and optimizer at every task. Beyond the paper's table: layernorm-l2 and spectral-reg
+as the authors' later runs (their code; lr 1e-2 for both): LayerNorm (scale 1, shift 0, eps 1e-6) before the ReLU
+of the two dense layers only (the trunk keeps BatchNorm, the head has none) + coupled L2 1e-4 on every parameter,
+LayerNorm and BatchNorm scales included / lambda 1e-2 x (sum over every kernel, convs as (kh*kw*in, out) and the
+head included, of (sigma_max^2 - 2)^2 by 10 power iterations from fixed vectors + squared biases and BatchNorm
+shifts + (BatchNorm scale - 1)^2; running statistics not), no weight decay (--spectral-persistent True
+--power-iters 1: our cheaper variant); redo: ReDo (Sokar et al. 2023) every 1000 minibatch steps of a task with
+tau 0.025 (no source gives values for CIFAR; ours, from our pMNIST sweep) at BP's learning rate. Seeds (--seeds)
+and swept values (--lr, --weight-decay, --er-lr) are "members" trained together: --member-batching map (auto's
+choice on one CPU device) calls one compiled single-member program per member, vmap (auto's choice elsewhere)
+batches them in one program (measured 2.2x slower per seed than one member after another for this ResNet on an
+H100: pass map there). Each jitted call runs --call-steps minibatch steps per member, so Ctrl-C stops within one
+call and --resume continues.
 
 Choices where the paper is silent or the sources disagree:
 - Input (the authors' code, on which Table 6's learning rates were tuned): pixels scaled to [0, 1], nothing
@@ -39,17 +39,30 @@ Choices where the paper is silent or the sources disagree:
   params += er_lr * grad(mean effective rank) outside the optimizer, on the post-ReLU features of the two dense
   layers for the images of those 5 minibatches (500), recomputed with the current parameters, BatchNorm on
   those images' batch statistics (running statistics untouched).
-- CBP (Dohare et al.) by channel, with their Incremental CIFAR utility, contribution (--cbp-utility
-  adaptable_contribution for the other): the units are the inner channels of every BasicBlock (conv -> BN ->
-  ReLU, outgoing weights in the block's second conv) and the two dense layers. A replaced unit gets fresh
-  incoming weights from its layer's init, bias 0, zero outgoing weights, BatchNorm scale 1, shift 0, running
-  mean 0 and variance 1, and zero optimizer state for all of these. Residual-stream channels (stem, second
-  convs, skips) are not replaced.
+- CBP (--cbp-variant dohare, the default) follows Dohare et al.'s ResNet CBP for this benchmark (their
+  res_gnt.py), not their MLP algorithm: units are the channels of every convolution but the 1x1 skips (the
+  stem, and both convs of every block: conv a's inner channels and conv b's, i.e. the residual stream, whose
+  features are the block's output after the residual sum and ReLU) and, our extension of their rule "every
+  weight layer but the output one" to the authors' dense head, the units of dense1 and dense2 (their ResNet
+  has only the output layer after the pool; the authors' CBP covers both dense layers too). Utility: mean|w_out|
+  x a running sum of 0.01 x mean|h| that is never decayed nor reset (theirs); once any unit is mature, rate x
+  #units accumulates and the lowest-utility mature units go. A replaced unit gets a Kaiming-normal filter
+  N(0, 2 / fan_in), bias 0, zero outgoing weights in the next weight layer (the next block's conv a, or dense1
+  after the last block; the identity and skip paths that also read a residual channel keep it, as theirs),
+  and its BatchNorm scale 1, shift 0, running mean 0, variance 1; momentum is not reset (theirs). The paper's
+  CBP number (0.37) came from the authors' code, which differs: --cbp-variant paper runs it (`cbp_layers`,
+  `cbp_step`): the highest-utility units among the blocks' inner channels and the dense layers (their reach),
+  utility |mean h| x mean|w_out| without bias correction (a block without a 1x1 skip feeds its second
+  BatchNorm's pre-residual output as h, as their code), incoming and outgoing weights redrawn
+  U(+-sqrt(6 / kernel.shape[0])) (sqrt(2) for a 3x3 conv: their code reads an HWIO kernel's height as its
+  fan-in; one value shared by the 3 x 3 taps, as their masks broadcast), bias 0, BatchNorm, its statistics and
+  the momentum untouched.
 - ReDo (Sokar et al. score mean|h_i| / layer mean, on post-ReLU outputs, a conv channel over all positions): on
-  the step's minibatch with the updated parameters (BatchNorm on its batch statistics), recycling CBP's units
-  the same way (fresh incoming weights, zero outgoing weights, BatchNorm and running statistics reset, momentum
-  zeroed). A residual-stream channel feeds later layers through identity paths as well as kernels, so it has no
-  one outgoing kernel to zero; it is not recycled. The head is never recycled.
+  the step's minibatch with the updated parameters (BatchNorm on its batch statistics), recycling each block's
+  inner channels and the dense units (the authors' CBP's units): fresh incoming weights from the layer's init,
+  zero outgoing weights, BatchNorm and running statistics reset, momentum zeroed. A residual-stream channel feeds
+  later layers through identity paths as well as kernels, so it has no one outgoing kernel to zero; it is not
+  recycled. The head is never recycled.
 - --precision default lets GPUs use TF32 tensor cores for float32 convolutions and matmuls (as PyTorch does for
   convolutions); highest forces full float32 products.
 
@@ -412,7 +425,8 @@ def cbp_layers(params, variant):
     dense2 (outgoing dense2, head). paper (the authors' incremental_cifar/cbp.py): each block's inner channels
     and the two dense layers (`cbp_layer_sizes`); their code feeds a block without a 1x1 skip the block's
     second BatchNorm output (pre-residual) as the inner channels' activation, so those utilities are |its
-    batch mean| = |that BatchNorm's shift|; followed here."""
+    batch mean| = |that BatchNorm's shift|; followed here. (Their code also scores the 1x1 skips' input channels,
+    but replacing those only resets their own statistics, never a weight: left out.)"""
     blocks = params["blocks"]
     if variant == "paper":
         layers = [UnitLayer(("blocks", i, "a", "conv"), ("blocks", i, "b", "conv", "w"), 2, None,
@@ -425,8 +439,9 @@ def cbp_layers(params, variant):
             layers.append(UnitLayer(conv_a[i] + ("conv",), ("blocks", i, "b", "conv", "w"), 2, conv_a[i],
                                     ("blocks", i)))
             nxt = reads[i + 1]
-            layers.append(UnitLayer(("blocks", i, "b", "conv"), nxt + (("conv", "w") if i + 1 < len(blocks) else ("w",)),
-                                    2 if i + 1 < len(blocks) else 0, ("blocks", i, "b"), ("outputs", i)))
+            last = i + 1 == len(blocks)  # the last block's output is pooled into dense1
+            layers.append(UnitLayer(("blocks", i, "b", "conv"), nxt + (("w",) if last else ("conv", "w")),
+                                    0 if last else 2, ("blocks", i, "b"), ("outputs", i)))
     return layers + [UnitLayer(("dense1",), ("dense2", "w"), 0, None, ("dense", 0)),
                      UnitLayer(("dense2",), ("head", "w"), 0, None, ("dense", 1))]
 
@@ -710,7 +725,7 @@ def redo_step(agent, opt, params, stats, opt_state, x, key):
     paths too, so it has no one outgoing kernel to zero. We recycle only units whose outgoing weights are one
     kernel: each block's inner channels (conv a -> BN -> ReLU, read only by the block's conv b: their outgoing
     weights are conv b's input channels) and the units of the two dense layers (rows of dense2's and the head's
-    kernels), the same units as this script's CBP."""
+    kernels), the units of the authors' CBP (--cbp-variant paper)."""
     acts = forward(params, stats, x, True)[2]
     features = acts["blocks"] + acts["dense"]
     inits = unit_inits(params, key)
