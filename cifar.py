@@ -11,22 +11,22 @@ training and running statistics (momentum 0.1, unbiased variance, as PyTorch) in
 live beside the parameters, not in them.
 
 The agents are the table `AGENTS` below (Table 6's fixed-lr best values, Table 5's settings; a flag overrides
-one): bp; l2 weight decay 1e-4 (coupled: added to the gradient); er ER lr 1e-4, --er-batch 5; l2-er weight decay
-1e-3, ER lr 1e-3; cbp replacement rate 1e-6, maturity 100, decay 0.99 (Table 5's; both variants); snp noise 1e-5
-(Table 5); snp-l2 noise 1e-5 + L2's weight decay 1e-4 (the paper gives none); reset: a freshly initialized
-network, BatchNorm statistics and optimizer at every task. Beyond the paper's table: layernorm-l2 and spectral-reg
-as the authors' later runs (their code; lr 1e-2 for both): LayerNorm (scale 1, shift 0, eps 1e-6) before the ReLU
-of the two dense layers only (the trunk keeps BatchNorm, the head has none) + coupled L2 1e-4 on every parameter,
-LayerNorm and BatchNorm scales included / lambda 1e-2 x (sum over every kernel, convs as (kh*kw*in, out) and the
-head included, of (sigma_max^2 - 2)^2 by 10 power iterations from fixed vectors + squared biases and BatchNorm
-shifts + (BatchNorm scale - 1)^2; running statistics not), no weight decay (--spectral-persistent True
---power-iters 1: our cheaper variant); redo: ReDo (Sokar et al. 2023) every 1000 minibatch steps of a task with
-tau 0.025 (no source gives values for CIFAR; ours, from our pMNIST sweep) at BP's learning rate. Seeds (--seeds)
-and swept values (--lr, --weight-decay, --er-lr) are "members" trained together: --member-batching map (auto's
-choice on one CPU device) calls one compiled single-member program per member, vmap (auto's choice elsewhere)
-batches them in one program (measured 2.2x slower per seed than one member after another for this ResNet on an
-H100: pass map there). Each jitted call runs --call-steps minibatch steps per member, so Ctrl-C stops within one
-call and --resume continues.
+one): bp; l2 weight decay 1e-4 (coupled: added to the gradient); er ER lr 1e-4, --er-batch 5; l2-er weight
+decay 1e-3, ER lr 1e-3; cbp replacement rate 1e-6, maturity 100, decay 0.99; snp noise 1e-5 (Table 5); snp-l2
+noise 1e-5 + L2's weight decay 1e-4 (the paper gives none); reset: a freshly initialized network, BatchNorm
+statistics and optimizer at every task. Beyond the paper's table: layernorm-l2 and spectral-reg as the authors'
+later runs (their code; lr 1e-2 for both): LayerNorm (scale 1, shift 0, eps 1e-6) before the ReLU of the two
+dense layers only (the trunk keeps BatchNorm, the head has none) + coupled L2 1e-4 on every parameter, LayerNorm
+and BatchNorm scales included / lambda 1e-2 x (sum over every kernel, convs as (kh*kw*in, out) and the head
+included, of (sigma_max^2 - 2)^2 by 10 power iterations from fixed vectors + squared biases and BatchNorm shifts
++ (BatchNorm scale - 1)^2; running statistics not), no weight decay (--spectral-persistent True --power-iters 1:
+our cheaper variant); redo: ReDo (Sokar et al. 2023) every 1000 minibatch steps of a task with tau 0.025 (no source
+gives values for CIFAR; ours, from our pMNIST sweep) at BP's learning rate. Seeds (--seeds) and swept values
+(--lr, --weight-decay, --er-lr) are "members" trained together: --member-batching map (auto's choice on one CPU
+device) calls one compiled single-member program per member, vmap (auto's choice elsewhere) batches them in
+one program (measured 2.2x slower per seed than one member after another for this ResNet on an H100: pass map
+there). Each jitted call runs --call-steps minibatch steps per member, so Ctrl-C stops within one call and
+--resume continues.
 
 Choices where the paper is silent or the sources disagree:
 - Input (the authors' code, on which Table 6's learning rates were tuned): pixels scaled to [0, 1], nothing

@@ -184,7 +184,8 @@ CBP_VARIANTS = ("dohare", "paper")
 
 class CBPState(NamedTuple):
     utility: jax.Array          # [units] running average (decay_rate) of the utility, not bias-corrected
-    mean_activation: jax.Array  # [units] running average of the activation (centres adaptable_contribution)
+    mean_activation: jax.Array  # [units] running average of the activation (centres adaptable_contribution);
+    # cbp_select_resnet: the running sum of (1 - decay) x mean|h| (Dohare et al.'s ResNet feature magnitude)
     age: jax.Array              # [units] int32 steps since the unit was (re)initialized
     pending: jax.Array          # accumulated fractional number of units to replace
 
@@ -202,6 +203,11 @@ def cbp_max_replace(replacement_rate, num_units):
 def _mean_abs_except(w, axis):
     axis = axis % w.ndim
     return jnp.mean(jnp.abs(w), axis=tuple(a for a in range(w.ndim) if a != axis))
+
+
+def _reset(x, idx, valid):
+    """x with the entries idx[valid] set to 0 (a replaced unit's statistics)."""
+    return x.at[idx].set(jnp.where(valid, jnp.zeros((), x.dtype), x[idx]))
 
 
 def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", replacement_rate, decay_rate,
@@ -235,12 +241,9 @@ def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", 
     pending = pending - count
     _, idx = jax.lax.top_k(-jnp.where(eligible, corrected, jnp.inf), max_replace)
     valid = jnp.arange(max_replace) < count
-
-    def reset(x):
-        return x.at[idx].set(jnp.where(valid, jnp.zeros((), x.dtype), x[idx]))
-
-    return (CBPState(reset(new_utility), reset(mean_activation), reset(age), pending), idx.astype(jnp.int32),
-            valid)
+    new_state = CBPState(_reset(new_utility, idx, valid), _reset(mean_activation, idx, valid), _reset(age, idx, valid),
+                         pending)
+    return new_state, idx.astype(jnp.int32), valid
 
 
 def _set_units(w, unit_axis, idx, valid, fresh):
@@ -294,11 +297,8 @@ def cbp_select_resnet(state, activations, w_out, *, replacement_rate, decay_rate
     utility = jnp.where(count > 0, utility, state.utility)
     _, idx = jax.lax.top_k(-jnp.where(eligible, utility, jnp.inf), max_replace)
     valid = jnp.arange(max_replace) < count
-
-    def reset(x):
-        return x.at[idx].set(jnp.where(valid, jnp.zeros((), x.dtype), x[idx]))
-
-    return CBPState(reset(utility), magnitude, reset(age), pending - whole), idx.astype(jnp.int32), valid
+    new_state = CBPState(_reset(utility, idx, valid), magnitude, _reset(age, idx, valid), pending - whole)
+    return new_state, idx.astype(jnp.int32), valid
 
 
 def cbp_select_paper(state, activations, w_out, *, replacement_rate, decay_rate, maturity_threshold, max_replace,
@@ -323,12 +323,8 @@ def cbp_select_paper(state, activations, w_out, *, replacement_rate, decay_rate,
     chosen = (masked > threshold) & eligible
     _, idx = jax.lax.top_k(jnp.where(chosen, utility, -jnp.inf), max_replace)
     valid = chosen[idx]
-
-    def reset(x):
-        return x.at[idx].set(jnp.where(valid, jnp.zeros((), x.dtype), x[idx]))
-
-    return (CBPState(reset(utility), state.mean_activation, reset(age), pending - k), idx.astype(jnp.int32),
-            valid)
+    new_state = CBPState(_reset(utility, idx, valid), state.mean_activation, _reset(age, idx, valid), pending - k)
+    return new_state, idx.astype(jnp.int32), valid
 
 
 def paper_bound(w):
