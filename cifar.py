@@ -674,17 +674,18 @@ def cbp_step(agent, opt, params, stats, opt_state, cbp, acts, key):
     taps as their masks broadcast, bias 0; BatchNorm, its statistics and the momentum are kept, as theirs."""
     paper = agent["cbp_variant"] == "paper"
     layers = cbp_layers(params, agent["cbp_variant"])
+    *keys, key_normal = jax.random.split(key, len(layers) + 1)
     if not paper:  # one random-number kernel for every layer's candidates: many compile slower (CPU)
         shapes = [_at(params, layer.incoming)["w"].shape for layer in layers]
         sizes = [math.prod(shape) for shape in shapes]
-        standard = jax.random.normal(key, (sum(sizes),))
+        standard = jax.random.normal(key_normal, (sum(sizes),))
         offsets = np.cumsum([0] + sizes)
     params = jax.tree.map(lambda x: x, params)  # fresh containers, safe to update in place
     stats = jax.tree.map(lambda x: x, stats)
     hp = dict(replacement_rate=agent["replacement_rate"], decay_rate=agent["decay_rate"],
               maturity_threshold=agent["maturity_threshold"])
     new_cbp = []
-    for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, len(layers)))):
+    for i, (layer, k) in enumerate(zip(layers, keys)):
         name, index = layer.features
         h = acts[name] if index is None else acts[name][index]
         incoming = _at(params, layer.incoming)
