@@ -168,7 +168,7 @@ class Args:
     er_batch: int | None = None
     """ER ascent step after every this many minibatches of an epoch, on those minibatches' images (agents with er_lr; Table 5: 5)"""
     replacement_rate: float | None = None
-    """CBP (agent cbp): units replaced per eligible unit per step (Table 6: 1e-6)"""
+    """CBP (agent cbp): units replaced per step, per unit of the layer once one is mature (dohare, Dohare et al.'s ResNet CBP) or per mature unit (paper) (Table 6: 1e-6)"""
     decay_rate: float | None = None
     """CBP: decay of the running utility (Table 5: 0.99)"""
     maturity_threshold: int | None = None
