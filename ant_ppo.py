@@ -17,10 +17,16 @@ LeCun-uniform (the policy head not scaled down), the value loss the larger of th
 errors (no factor 0.5), Adam eps 1e-8. The agents are the table `AGENTS` below (Table 7 best values; Adam betas
 as the authors ran each agent): bp, l2 (coupled weight decay), er (effective-rank ascent on the actor's rank plus
 the critic's, one step before each epoch, on the rollout's observations), l2-er, cbp (continual backprop with
-L2, as the paper); and beyond the paper's table: layernorm-l2 (LayerNorm before each hidden ReLU with coupled L2
-on every parameter; Lyle et al. 2024, as the authors' later runs), spectral-reg (Lewandowski et al. 2024's
-spectral regularizer in the form of the authors' later runs) and redo (ReDo, Sokar et al. 2023, as Dohare et
-al.'s Ant config: tau 0.1 every 100 Adam steps, weight decay 1e-4). The authors swept layernorm-l2 (lr
+L2, as the paper: Dohare et al.'s algorithm on the minibatch's activations, lowest utility first, outgoing weights
+0, Adam moments zeroed; --cbp-variant paper: the authors' code behind the paper's CBP curve, common.cbp_select_paper
+and cbp_replace_paper: the highest-utility hidden units, |mean h| x mean|w_out| without bias correction, on the
+rollout's activations (the acting parameters, as theirs), get incoming weights U(+-sqrt(6 / obs dim)) and outgoing
+weights re-randomized U(+-sqrt(6 / hidden size)), bias 0, and their Adam moments zeroed; their Adam also zeroes a
+per-parameter step count, ours keeps optax's one count for all parameters, so a redrawn entry's next Adam steps get
+the old entries' bias correction, smaller than theirs); and beyond the paper's table: layernorm-l2 (LayerNorm
+before each hidden ReLU with coupled L2 on every parameter; Lyle et al. 2024, as the authors' later runs),
+spectral-reg (Lewandowski et al. 2024's spectral regularizer in the form of the authors' later runs) and redo
+(ReDo, Sokar et al. 2023, as Dohare et al.'s Ant config: tau 0.1 every 100 Adam steps, weight decay 1e-4). The authors swept layernorm-l2 (lr
 1e-2/1e-3/1e-4 x weight decay 1e-3/1e-4/1e-5) and spectral-reg (lr x lambda 1e-2/1e-3/1e-4) on Slippery Ant but
 recorded no chosen values. Ours come from a small sweep with the PPO of commit 595b52d (Kaiming init, head x 0.01,
 0.5 x MSE value loss, eps 1e-5; 1 seed, 1M env steps, the authors' five frictions every 200k steps, 64 envs; lr
@@ -105,7 +111,7 @@ AGENTS = {
     "er": dict(er_lr=1e-7, beta1=0.99, beta2=0.99),
     "l2-er": dict(weight_decay=1e-3, er_lr=1e-6, beta1=0.99, beta2=0.99),  # the paper's method
     "cbp": dict(weight_decay=1e-3, replacement_rate=1e-7, decay_rate=0.99, maturity_threshold=10_000,
-                cbp_utility="contribution", beta1=0.99, beta2=0.99),
+                cbp_utility="contribution", cbp_variant="dohare", beta1=0.99, beta2=0.99),
     "layernorm-l2": dict(layer_norm=True, weight_decay=1e-3, beta1=0.99, beta2=0.99),  # our sweep's weight decay
     "spectral-reg": dict(spectral_lambda=1e-4, spectral_k=2.0, spectral_target=2.0, power_iters=10,
                          spectral_persistent=False, beta1=0.9, beta2=0.999),  # our sweep's lambda
@@ -142,7 +148,9 @@ class Args:
     maturity_threshold: int | None = None
     """CBP: optimizer steps a unit must survive before it can be replaced (Table 8: 10,000)"""
     cbp_utility: Literal[common.CBP_UTILITIES] | None = None
-    """CBP utility (Dohare et al.): contribution (their Slippery Ant config, the default) or adaptable_contribution"""
+    """CBP utility (Dohare et al.): contribution (their Slippery Ant config, the default) or adaptable_contribution; not with --cbp-variant paper"""
+    cbp_variant: Literal[common.CBP_VARIANTS] | None = None
+    """CBP algorithm: dohare (Dohare et al.'s, lowest utility, outgoing weights 0) or paper (the authors' code behind the paper's CBP curve: highest utility on the rollout's activations, outgoing weights re-randomized)"""
     layer_norm: bool | None = None
     """LayerNorm (learnable scale 1 and shift 0 at init, eps 1e-6) before the ReLU of the actor's and the critic's
     hidden layer; none on the output layers (agents with layer_norm: layernorm-l2)"""
@@ -850,6 +858,7 @@ def make_train(args, agent):
         # The plasticity metrics on the rollout's activations, i.e. of the policy and critic that acted, before the
         # update (as the authors' runs record them)
         feats = hidden_features(state["params"], batch.obs)
+        acting = state["params"]  # the parameters that acted in the rollout
         steps_per_update = args.update_epochs * args.num_minibatches
         first_step = state["steps"] // args.num_steps * steps_per_update  # Adam steps before this update
 
@@ -862,6 +871,8 @@ def make_train(args, agent):
             updates, opt_state = opt.update(grads, opt_state, params)
             params = jax.tree.map(jnp.add, params, updates)
             if "replacement_rate" in agent:
+                if agent["cbp_variant"] == "paper":  # the authors: the activations the acting parameters produced
+                    hiddens = hidden_features(acting, mb.obs)
                 params, opt_state, cbp = cbp_step(agent, opt, params, opt_state, cbp, hiddens, k_cbp)
             if "redo_tau" in agent:  # after every redo_every-th Adam step, scored on its minibatch's activations
                 due = (number + 1) % agent["redo_every"] == 0
@@ -929,20 +940,23 @@ def make_train(args, agent):
 
 def cbp_step(agent, opt, params, opt_state, cbp, hiddens, key):
     """Continual backprop on the actor and critic hidden layers after an optimizer step (Dohare et al.):
-    select low-utility mature units from this minibatch's activations, re-initialize them (outgoing weights
-    0) and zero their Adam moments."""
+    select low-utility mature units from `hiddens`, re-initialize them (outgoing weights 0) and zero their Adam
+    moments; cbp_variant paper: the authors' selection and re-initialization (module docstring), moments zeroed
+    too (the scalar step count is shared by all parameters, so it is kept)."""
     max_replace = common.cbp_max_replace(agent["replacement_rate"], params["actor"]["hidden"]["w"].shape[1])
     params = {net: dict(p) for net, p in params.items()}
     keep = jax.tree.map(jnp.ones_like, params)
-    new_cbp = []
+    new_cbp, paper = [], agent["cbp_variant"] == "paper"
+    hp = dict(replacement_rate=agent["replacement_rate"], decay_rate=agent["decay_rate"],
+              maturity_threshold=agent["maturity_threshold"], max_replace=max_replace)
     for net, h, state, k in zip(("actor", "critic"), hiddens, cbp, jax.random.split(key, 2)):
         p = params[net]
-        state, idx, valid = common.cbp_select(state, h, p["out"]["w"], w_in=p["hidden"]["w"],
-                                              utility=agent["cbp_utility"], replacement_rate=agent["replacement_rate"],
-                                              decay_rate=agent["decay_rate"],
-                                              maturity_threshold=agent["maturity_threshold"],
-                                              max_replace=max_replace)
-        w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+        if paper:  # the authors' CBP: highest utility, outgoing weights re-randomized
+            state, idx, valid = common.cbp_select_paper(state, h, p["out"]["w"], **hp)
+        else:
+            state, idx, valid = common.cbp_select(state, h, p["out"]["w"], w_in=p["hidden"]["w"],
+                                                  utility=agent["cbp_utility"], **hp)
+        w_in, b_in, w_out, keep_in, keep_b, keep_out = (common.cbp_replace_paper if paper else common.cbp_replace)(
             k, p["hidden"]["w"], p["hidden"]["b"], p["out"]["w"], idx, valid)
         p["hidden"] = {"w": w_in, "b": b_in}
         p["out"] = {"w": w_out, "b": p["out"]["b"]}
@@ -1017,6 +1031,8 @@ def resolve(args):
         (agent.get("maturity_threshold", 0) >= 0, "--maturity-threshold must be >= 0"),
         (agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
          f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {agent.get('cbp_utility')!r}"),
+        (agent.get("cbp_variant") != "paper" or args.cbp_utility is None,
+         "--cbp-utility does not apply to --cbp-variant paper (the authors' utility: |mean h| x mean|w_out|)"),
         (agent.get("spectral_lambda", 0) >= 0 and agent.get("power_iters", 1) >= 1,
          "--spectral-lambda must be >= 0 and --power-iters >= 1"),
         (agent.get("redo_tau", 0) >= 0 and agent.get("redo_every", 1) >= 1,

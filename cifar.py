@@ -41,17 +41,30 @@ Choices where the paper is silent or the sources disagree:
   training mode on those images' batch statistics, and its running statistics are updated from them as in an
   SGD step (the authors' ER pass writes Flax's batch_stats back). Minibatches at an epoch's end that make no
   whole group get no ER step.
-- CBP (Dohare et al.) by channel, with their Incremental CIFAR utility, contribution (--cbp-utility
-  adaptable_contribution for the other): the units are the inner channels of every BasicBlock (conv -> BN ->
-  ReLU, outgoing weights in the block's second conv) and the two dense layers. A replaced unit gets fresh
-  incoming weights from its layer's init, bias 0, zero outgoing weights, BatchNorm scale 1, shift 0, running
-  mean 0 and variance 1, and zero optimizer state for all of these. Residual-stream channels (stem, second
-  convs, skips) are not replaced.
+- CBP (--cbp-variant dohare, the default) follows Dohare et al.'s ResNet CBP for this benchmark (their
+  res_gnt.py), not their MLP algorithm: units are the channels of every convolution but the 1x1 skips (the
+  stem, and both convs of every block: conv a's inner channels and conv b's, i.e. the residual stream, whose
+  features are the block's output after the residual sum and ReLU) and, our extension of their rule "every
+  weight layer but the output one" to the authors' dense head, the units of dense1 and dense2 (their ResNet
+  has only the output layer after the pool; the authors' CBP covers both dense layers too). Utility: mean|w_out|
+  x a running sum of 0.01 x mean|h| that is never decayed nor reset (theirs); once any unit is mature, rate x
+  #units accumulates and the lowest-utility mature units go. A replaced unit gets a Kaiming-normal filter
+  N(0, 2 / fan_in), bias 0, zero outgoing weights in the next weight layer (the next block's conv a, or dense1
+  after the last block; the identity and skip paths that also read a residual channel keep it, as theirs),
+  and its BatchNorm scale 1, shift 0, running mean 0, variance 1; momentum is not reset (theirs). The paper's
+  CBP number (0.37) came from the authors' code, which differs: --cbp-variant paper runs it (`cbp_layers`,
+  `cbp_step`): the highest-utility units among the blocks' inner channels and the dense layers (their reach),
+  utility |mean h| x mean|w_out| without bias correction (a block without a 1x1 skip feeds its second
+  BatchNorm's pre-residual output as h, as their code), incoming and outgoing weights redrawn
+  U(+-sqrt(6 / kernel.shape[0])) (sqrt(2) for a 3x3 conv: their code reads an HWIO kernel's height as its
+  fan-in; one value shared by the 3 x 3 taps, as their masks broadcast), bias 0, BatchNorm, its statistics and
+  the momentum untouched.
 - ReDo (Sokar et al. score mean|h_i| / layer mean, on post-ReLU outputs, a conv channel over all positions): on
-  the step's minibatch with the updated parameters (BatchNorm on its batch statistics), recycling CBP's units
-  the same way (fresh incoming weights, zero outgoing weights, BatchNorm and running statistics reset, momentum
-  zeroed). A residual-stream channel feeds later layers through identity paths as well as kernels, so it has no
-  one outgoing kernel to zero; it is not recycled. The head is never recycled.
+  the step's minibatch with the updated parameters (BatchNorm on its batch statistics), recycling each block's
+  inner channels and the dense units (the authors' CBP's units): fresh incoming weights from the layer's init,
+  zero outgoing weights, BatchNorm and running statistics reset, momentum zeroed. A residual-stream channel feeds
+  later layers through identity paths as well as kernels, so it has no one outgoing kernel to zero; it is not
+  recycled. The head is never recycled.
 - --precision default lets GPUs use TF32 tensor cores for float32 convolutions and matmuls (as PyTorch does for
   convolutions); highest forces full float32 products.
 
@@ -92,7 +105,7 @@ import math  # noqa: E402 (after the environment is set)
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +128,8 @@ AGENTS = {
     "l2": dict(weight_decay=1e-4),
     "er": dict(er_lr=1e-4, er_batch=5),
     "l2-er": dict(weight_decay=1e-3, er_lr=1e-3, er_batch=5),  # the paper's method (Algorithm 1)
-    "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="contribution"),
+    "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="contribution",
+                cbp_variant="dohare"),
     "snp": dict(perturb_scale=1e-5),
     "snp-l2": dict(perturb_scale=1e-5, weight_decay=1e-4),  # the paper gives no weight decay for it: L2's
     "reset": dict(reset=True),
@@ -156,13 +170,15 @@ class Args:
     er_batch: int | None = None
     """ER ascent step before every group of this many minibatches of an epoch, on their images (the authors' order; agents with er_lr; Table 5: 5)"""
     replacement_rate: float | None = None
-    """CBP (agent cbp): units replaced per eligible unit per step (Table 6: 1e-6)"""
+    """CBP (agent cbp): units replaced per step, per unit of the layer once one is mature (dohare, Dohare et al.'s ResNet CBP) or per mature unit (paper) (Table 6: 1e-6)"""
     decay_rate: float | None = None
     """CBP: decay of the running utility (Table 5: 0.99)"""
     maturity_threshold: int | None = None
     """CBP: steps before a unit may be replaced (Table 5: 100)"""
     cbp_utility: Literal[common.CBP_UTILITIES] | None = None
-    """CBP utility (Dohare et al.): contribution (their config for this benchmark) or adaptable_contribution"""
+    """CBP utility: contribution (Dohare et al.'s ResNet CBP has no other; not with --cbp-variant paper)"""
+    cbp_variant: Literal[common.CBP_VARIANTS] | None = None
+    """CBP algorithm: dohare (Dohare et al.'s ResNet CBP: stem, both convs of every block and the dense layers, lowest utility, outgoing weights 0, BatchNorm reset) or paper (the authors' code behind the paper's CBP number: block inner channels and dense layers, highest utility, outgoing weights re-randomized)"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb: snp, snp-l2; Table 5: 1e-5)"""
     spectral_lambda: float | None = None
@@ -323,13 +339,14 @@ def conv_bn_apply(p, s, x, stride, train):
 
 def forward(params, stats, x, train):
     """x: float [N, 32, 32, 3] in [0, 1]. Returns (logits [N, 100], new stats, activations) where activations
-    holds each block's inner post-ReLU channels ("blocks", CBP's and ReDo's conv units) and the dense features
-    ("dense")."""
+    holds the stem's post-ReLU output ("stem"), each block's inner post-ReLU channels ("blocks"), its second
+    BatchNorm's output before the residual sum ("pre_residual") and its output ("outputs", after the residual
+    sum and ReLU), and the dense features ("dense")."""
     relu = jax.nn.relu
     new_stats = {"blocks": []}
     h, new_stats["stem"] = conv_bn_apply(params["stem"], stats["stem"], x, 1, train)
     h = relu(h)
-    inner = []
+    stem, inner, pre_residual, outputs = h, [], [], []
     for p, s in zip(params["blocks"], stats["blocks"]):
         stride = 2 if "skip" in p else 1
         ns = {}
@@ -337,10 +354,12 @@ def forward(params, stats, x, train):
         a = relu(a)
         inner.append(a)
         b, ns["b"] = conv_bn_apply(p["b"], s["b"], a, 1, train)
+        pre_residual.append(b)
         skip = h
         if "skip" in p:
             skip, ns["skip"] = conv_bn_apply(p["skip"], s["skip"], h, stride, train)
         h = relu(b + skip)
+        outputs.append(h)
         new_stats["blocks"].append(ns)
     dense = []
     h = jnp.mean(h, axis=(1, 2))
@@ -351,7 +370,8 @@ def forward(params, stats, x, train):
         h = relu(h)
         dense.append(h)
     logits = h @ params["head"]["w"] + params["head"]["b"]
-    return logits, new_stats, {"blocks": inner, "dense": dense}
+    return logits, new_stats, {"stem": stem, "blocks": inner, "pre_residual": pre_residual, "outputs": outputs,
+                               "dense": dense}
 
 
 def spectral_key_ids(params):
@@ -390,9 +410,57 @@ def steps_per_epoch(args, per_class, task):
 
 
 def cbp_layer_sizes(params):
-    """Units of CBP's and ReDo's layers: each block's inner channels, then the two dense layers."""
+    """Units of ReDo's layers (and of the authors' CBP, --cbp-variant paper): each block's inner channels, then
+    the two dense layers."""
     return ([b["a"]["conv"]["w"].shape[-1] for b in params["blocks"]]
             + [params[name]["w"].shape[1] for name in ("dense1", "dense2")])
+
+
+class UnitLayer(NamedTuple):
+    """One layer of CBP's units: paths into params of its incoming layer ({"w", "b"}) and of the kernel that
+    reads its units (`out_axis`: their axis there), the path of its BatchNorm in params and stats (None:
+    none), and where its features are in `forward`'s activations (key, index or None)."""
+    incoming: tuple
+    outgoing: tuple
+    out_axis: int
+    bn: tuple | None
+    features: tuple
+
+
+def cbp_layers(params, variant):
+    """CBP's unit layers. dohare (Dohare et al.'s ResNet CBP, their res_gnt.py): every weight layer but the head
+    and the 1x1 skips, in the network's order: the stem (features: its post-ReLU output; outgoing: block 0's
+    conv a), then per block conv a (its inner channels; outgoing conv b) and conv b (features: the block's
+    output after the residual sum and ReLU; outgoing: the next block's conv a, or dense1 after the last block;
+    the identity and skip paths that also read the channel are left as they are, as theirs), then dense1 and
+    dense2 (outgoing dense2, head). paper (the authors' incremental_cifar/cbp.py): each block's inner channels
+    and the two dense layers (`cbp_layer_sizes`); their code feeds a block without a 1x1 skip the block's
+    second BatchNorm output (pre-residual) as the inner channels' activation, so those utilities are |its
+    batch mean| = |that BatchNorm's shift|; followed here. (Their code also scores the 1x1 skips' input channels,
+    but replacing those only resets their own statistics, never a weight: left out.)"""
+    blocks = params["blocks"]
+    if variant == "paper":
+        layers = [UnitLayer(("blocks", i, "a", "conv"), ("blocks", i, "b", "conv", "w"), 2, None,
+                            ("blocks" if "skip" in b else "pre_residual", i)) for i, b in enumerate(blocks)]
+    else:
+        conv_a = [("blocks", i, "a") for i in range(len(blocks))]
+        reads = conv_a + [("dense1",)]  # what reads the stem, then each block's output
+        layers = [UnitLayer(("stem", "conv"), reads[0] + ("conv", "w"), 2, ("stem",), ("stem", None))]
+        for i in range(len(blocks)):
+            layers.append(UnitLayer(conv_a[i] + ("conv",), ("blocks", i, "b", "conv", "w"), 2, conv_a[i],
+                                    ("blocks", i)))
+            nxt = reads[i + 1]
+            last = i + 1 == len(blocks)  # the last block's output is pooled into dense1
+            layers.append(UnitLayer(("blocks", i, "b", "conv"), nxt + (("w",) if last else ("conv", "w")),
+                                    0 if last else 2, ("blocks", i, "b"), ("outputs", i)))
+    return layers + [UnitLayer(("dense1",), ("dense2", "w"), 0, None, ("dense", 0)),
+                     UnitLayer(("dense2",), ("head", "w"), 0, None, ("dense", 1))]
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def make_train(args, agent, ds):
@@ -424,7 +492,8 @@ def make_train(args, agent, ds):
         if agent.get("spectral_persistent"):
             state["spectral_v"] = common.spectral_starts(params, spectral_key_ids(params))
         if "replacement_rate" in agent:
-            state["cbp"] = [common.cbp_init(n) for n in cbp_layer_sizes(params)]
+            state["cbp"] = [common.cbp_init(_at(params, layer.incoming)["b"].shape[0])
+                            for layer in cbp_layers(params, agent["cbp_variant"])]
         return state
 
     def loss_fn(params, stats, x, y, seen, starts):
@@ -623,32 +692,54 @@ def replace_units(params, stats, masks, i, idx, valid, key, init):
 
 
 def cbp_step(agent, opt, params, stats, opt_state, cbp, acts, key):
-    """Continual backprop by channel (Dohare et al.): each block's inner conv channels (conv a -> BN -> ReLU,
-    outgoing weights in conv b) and both dense layers, replaced by `replace_units` (a replaced channel also gets
-    its BatchNorm scale 1, shift 0, running mean 0 and variance 1); the optimizer state of every replaced entry
-    is zeroed. Fresh incoming weights have the layer's init distribution (`unit_inits`)."""
-    num_blocks = len(params["blocks"])
-    inits = unit_inits(params, key)
+    """Continual backprop after an SGD step on the units of `cbp_layers`. dohare (default): Dohare et al.'s
+    ResNet CBP (common.cbp_select_resnet): the lowest-utility mature units get incoming weights from
+    Kaiming-normal N(0, 2 / fan_in) (theirs, fan_in = kh x kw x c_in or the dense input width), bias 0,
+    outgoing weights 0, and for a conv channel its BatchNorm scale 1, shift 0, running mean 0 and variance 1;
+    the momentum is kept, as theirs. paper: the authors' CBP (common.cbp_select_paper, cbp_replace_paper): the
+    highest-utility units get incoming and outgoing weights U(+-sqrt(6 / kernel.shape[0])) (sqrt(2) for a 3x3
+    conv: their code reads an HWIO kernel's height as its fan-in), each conv draw shared by the kernel's 3 x 3
+    taps as their masks broadcast, bias 0; BatchNorm, its statistics and the momentum are kept, as theirs."""
+    paper = agent["cbp_variant"] == "paper"
+    layers = cbp_layers(params, agent["cbp_variant"])
+    *keys, key_normal = jax.random.split(key, len(layers) + 1)
+    if not paper:  # one random-number kernel for every layer's candidates: many compile slower (CPU)
+        shapes = [_at(params, layer.incoming)["w"].shape for layer in layers]
+        sizes = [math.prod(shape) for shape in shapes]
+        standard = jax.random.normal(key_normal, (sum(sizes),))
+        offsets = np.cumsum([0] + sizes)
     params = jax.tree.map(lambda x: x, params)  # fresh containers, safe to update in place
     stats = jax.tree.map(lambda x: x, stats)
-    masks = jax.tree.map(jnp.ones_like, params)
     hp = dict(replacement_rate=agent["replacement_rate"], decay_rate=agent["decay_rate"],
-              maturity_threshold=agent["maturity_threshold"], utility=agent["cbp_utility"])
+              maturity_threshold=agent["maturity_threshold"])
     new_cbp = []
-    for i, size in enumerate(cbp_layer_sizes(params)):
-        max_replace = common.cbp_max_replace(agent["replacement_rate"], size)
-        if i < num_blocks:
-            p = params["blocks"][i]
-            state, idx, valid = common.cbp_select(cbp[i], acts["blocks"][i], p["b"]["conv"]["w"],
-                                                  w_in=p["a"]["conv"]["w"], max_replace=max_replace,
-                                                  out_unit_axis=2, **hp)
+    for i, (layer, k) in enumerate(zip(layers, keys)):
+        name, index = layer.features
+        h = acts[name] if index is None else acts[name][index]
+        incoming = _at(params, layer.incoming)
+        parent, last = _at(params, layer.outgoing[:-1]), layer.outgoing[-1]
+        size = incoming["b"].shape[0]
+        select = common.cbp_select_paper if paper else common.cbp_select_resnet
+        state, idx, valid = select(cbp[i], h, parent[last], out_unit_axis=layer.out_axis,
+                                   max_replace=common.cbp_max_replace(agent["replacement_rate"], size), **hp)
+        if paper:
+            incoming["w"], incoming["b"], parent[last], *_ = common.cbp_replace_paper(
+                k, incoming["w"], incoming["b"], parent[last], idx, valid, out_unit_axis=layer.out_axis,
+                tie_in_taps=True, tie_out_taps=True)
         else:
-            name, nxt = ("dense1", "dense2") if i == num_blocks else ("dense2", "head")
-            state, idx, valid = common.cbp_select(cbp[i], acts["dense"][i - num_blocks], params[nxt]["w"],
-                                                  w_in=params[name]["w"], max_replace=max_replace, **hp)
-        replace_units(params, stats, masks, i, idx, valid, key, inits[i])
+            shape = shapes[i]
+            std = math.sqrt(2.0 / math.prod(shape[:-1]))
+            init = lambda _k, s, dtype, o=offsets[i], n=sizes[i], std=std: (  # noqa: E731
+                standard[o:o + n].reshape(s).astype(dtype) * std)
+            incoming["w"], incoming["b"], parent[last], *_ = common.cbp_replace(
+                k, incoming["w"], incoming["b"], parent[last], idx, valid, out_unit_axis=layer.out_axis, init=init)
+            if layer.bn is not None:  # the channel's BatchNorm starts afresh, as theirs
+                keep = jnp.ones(size).at[idx].set(jnp.where(valid, 0.0, 1.0))
+                bn, s = _at(params, layer.bn)["bn"], _at(stats, layer.bn)
+                bn["scale"], bn["bias"] = bn["scale"] * keep + (1 - keep), bn["bias"] * keep
+                s["mean"], s["var"] = s["mean"] * keep, s["var"] * keep + (1 - keep)
         new_cbp.append(state)
-    return params, stats, common.mask_opt_state(opt, opt_state, masks), new_cbp
+    return params, stats, opt_state, new_cbp
 
 
 def redo_step(agent, opt, params, stats, opt_state, x, key):
@@ -663,7 +754,7 @@ def redo_step(agent, opt, params, stats, opt_state, x, key):
     paths too, so it has no one outgoing kernel to zero. We recycle only units whose outgoing weights are one
     kernel: each block's inner channels (conv a -> BN -> ReLU, read only by the block's conv b: their outgoing
     weights are conv b's input channels) and the units of the two dense layers (rows of dense2's and the head's
-    kernels), the same units as this script's CBP."""
+    kernels), the units of the authors' CBP (--cbp-variant paper)."""
     acts = forward(params, stats, x, True)[2]
     features = acts["blocks"] + acts["dense"]
     inits = unit_inits(params, key)
@@ -697,6 +788,10 @@ def resolve(args):
               (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
               (agent.get("cbp_utility", common.CBP_UTILITIES[0]) in common.CBP_UTILITIES,
                f"--cbp-utility must be one of {', '.join(common.CBP_UTILITIES)}, got {agent.get('cbp_utility')!r}"),
+              (args.cbp_utility in (None, "contribution") and (args.cbp_utility is None or
+                                                                agent.get("cbp_variant") != "paper"),
+               "--cbp-utility: this benchmark's CBP has one utility (Dohare et al.'s ResNet CBP: contribution; "
+               "--cbp-variant paper: the authors' |mean h| x mean|w_out|)"),
               (0 <= agent.get("replacement_rate", 0) < 1 and agent.get("perturb_scale", 0) >= 0,
                "--replacement-rate must be in [0, 1) and --perturb-scale >= 0"),
               (agent.get("power_iters", 1) >= 1 and agent.get("spectral_lambda", 0) >= 0,

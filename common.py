@@ -191,11 +191,14 @@ def shrink_perturb(params, key, perturb_scale):
 
 # Continual backprop (Dohare et al. 2024: their algorithm and utilities), one hidden layer at a time
 CBP_UTILITIES = ("contribution", "adaptable_contribution")
+# dohare: Dohare et al.'s published algorithm (the default); paper: the authors' code, behind the paper's CBP curves
+CBP_VARIANTS = ("dohare", "paper")
 
 
 class CBPState(NamedTuple):
     utility: jax.Array          # [units] running average (decay_rate) of the utility, not bias-corrected
-    mean_activation: jax.Array  # [units] running average of the activation (centres adaptable_contribution)
+    mean_activation: jax.Array  # [units] running average of the activation (centres adaptable_contribution);
+    # cbp_select_resnet: the running sum of (1 - decay) x mean|h| (Dohare et al.'s ResNet feature magnitude)
     age: jax.Array              # [units] int32 steps since the unit was (re)initialized
     pending: jax.Array          # accumulated fractional number of units to replace
 
@@ -213,6 +216,11 @@ def cbp_max_replace(replacement_rate, num_units):
 def _mean_abs_except(w, axis):
     axis = axis % w.ndim
     return jnp.mean(jnp.abs(w), axis=tuple(a for a in range(w.ndim) if a != axis))
+
+
+def _reset(x, idx, valid):
+    """x with the entries idx[valid] set to 0 (a replaced unit's statistics)."""
+    return x.at[idx].set(jnp.where(valid, jnp.zeros((), x.dtype), x[idx]))
 
 
 def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", replacement_rate, decay_rate,
@@ -246,12 +254,22 @@ def cbp_select(state, activations, w_out, *, w_in=None, utility="contribution", 
     pending = pending - count
     _, idx = jax.lax.top_k(-jnp.where(eligible, corrected, jnp.inf), max_replace)
     valid = jnp.arange(max_replace) < count
+    new_state = CBPState(_reset(new_utility, idx, valid), _reset(mean_activation, idx, valid), _reset(age, idx, valid),
+                         pending)
+    return new_state, idx.astype(jnp.int32), valid
 
-    def reset(x):
-        return x.at[idx].set(jnp.where(valid, jnp.zeros((), x.dtype), x[idx]))
 
-    return (CBPState(reset(new_utility), reset(mean_activation), reset(age), pending), idx.astype(jnp.int32),
-            valid)
+def _set_units(w, unit_axis, idx, valid, fresh):
+    """w with the slices idx[valid] along `unit_axis` set to `fresh` (unit axis first, one slice per idx), and
+    the 0/1 keep mask of w's shape (0 at those slices)."""
+    axis = unit_axis % w.ndim
+    moved = jnp.moveaxis(w, axis, 0)
+    rows = valid.reshape((-1,) + (1,) * (moved.ndim - 1))
+    w = jnp.moveaxis(moved.at[idx].set(jnp.where(rows, fresh, moved[idx])), 0, axis)
+    keep_units = jnp.ones(w.shape[axis], w.dtype).at[idx].set(jnp.where(valid, 0.0, 1.0))
+    shape = [1] * w.ndim
+    shape[axis] = keep_units.shape[0]
+    return w, jnp.broadcast_to(keep_units.reshape(shape), w.shape)
 
 
 def cbp_replace(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0, init=None):
@@ -264,17 +282,97 @@ def cbp_replace(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0, init=None):
         fresh = jax.random.uniform(key, w_in.shape[:-1] + idx.shape, w_in.dtype, -bound, bound)
     else:
         fresh = init(key, w_in.shape, w_in.dtype)[..., idx]
-    w_in = w_in.at[..., idx].set(jnp.where(valid, fresh, w_in[..., idx]))
-    b_in = b_in.at[idx].set(jnp.where(valid, 0.0, b_in[idx]))
-    out_axis = out_unit_axis % w_out.ndim
-    moved = jnp.moveaxis(w_out, out_axis, 0)
-    valid_rows = valid.reshape((-1,) + (1,) * (moved.ndim - 1))
-    w_out = jnp.moveaxis(moved.at[idx].set(jnp.where(valid_rows, 0.0, moved[idx])), 0, out_axis)
-    keep_units = jnp.ones(b_in.shape, w_in.dtype).at[idx].set(jnp.where(valid, 0.0, 1.0))
-    out_shape = [1] * w_out.ndim
-    out_shape[out_axis] = keep_units.shape[0]
-    return (w_in, b_in, w_out, jnp.broadcast_to(keep_units, w_in.shape), keep_units,
-            jnp.broadcast_to(keep_units.reshape(out_shape), w_out.shape))
+    w_in, keep_in = _set_units(w_in, -1, idx, valid, jnp.moveaxis(fresh, -1, 0))
+    b_in, keep_b = _set_units(b_in, 0, idx, valid, jnp.zeros(idx.shape, b_in.dtype))
+    w_out, keep_out = _set_units(w_out, out_unit_axis, idx, valid, jnp.zeros((), w_out.dtype))
+    return w_in, b_in, w_out, keep_in, keep_b, keep_out
+
+
+def cbp_select_resnet(state, activations, w_out, *, replacement_rate, decay_rate, maturity_threshold, max_replace,
+                      out_unit_axis=0):
+    """Dohare et al.'s ResNet generate-and-test (their res_gnt.py, Incremental CIFAR), one layer. Per step every
+    unit ages by 1 and its feature magnitude, a running SUM of (1 - decay) x mean|h_j| (`mean_activation`;
+    never decayed and not reset when the unit is replaced), grows. Once any unit is older than
+    `maturity_threshold`, rate x #units (all units, not only the eligible) accumulates in `pending`; its integer
+    part is replaced now (at most #eligible), lowest utility = mean|w_out of j| x magnitude_j first, among the
+    eligible. `utility` holds the last replacing step's utility (0 for units replaced then). Same arguments and
+    returns as `cbp_select`."""
+    num_units = state.utility.shape[0]
+    h = activations.reshape(-1, num_units)
+    age = state.age + 1
+    magnitude = state.mean_activation + (1 - decay_rate) * jnp.mean(jnp.abs(h), axis=0)
+    eligible = age > maturity_threshold
+    num_eligible = jnp.sum(eligible)
+    pending = state.pending + jnp.where(num_eligible > 0, replacement_rate * num_units, 0.0)
+    whole = jnp.floor(pending)
+    count = jnp.minimum(whole, jnp.minimum(num_eligible, max_replace)).astype(jnp.int32)
+    utility = _mean_abs_except(w_out, out_unit_axis) * magnitude  # recomputed only where they replace
+    utility = jnp.where(count > 0, utility, state.utility)
+    _, idx = jax.lax.top_k(-jnp.where(eligible, utility, jnp.inf), max_replace)
+    valid = jnp.arange(max_replace) < count
+    new_state = CBPState(_reset(utility, idx, valid), magnitude, _reset(age, idx, valid), pending - whole)
+    return new_state, idx.astype(jnp.int32), valid
+
+
+def cbp_select_paper(state, activations, w_out, *, replacement_rate, decay_rate, maturity_threshold, max_replace,
+                     out_unit_axis=0):
+    """The authors' CBP (their cbp.py, behind the paper's CBP curves), one layer: utility = running average
+    (decay, no bias correction) of |mean h_j| x mean|w_out of j| (the abs of the mean over the batch and, for a
+    conv, its positions); units older than `maturity_threshold` are eligible; rate x #eligible accumulates in
+    `pending`, k = its integer part is taken off it, and the eligible units whose utility is STRICTLY above the
+    (k+1)-th largest eligible utility are replaced: the HIGHEST utilities, fewer than k on ties, none for k = 0.
+    Same arguments and returns as `cbp_select` (max_replace = `cbp_max_replace` bounds k)."""
+    num_units = state.utility.shape[0]
+    h = activations.reshape(-1, num_units)
+    age = state.age + 1
+    step_utility = jnp.abs(jnp.mean(h, axis=0)) * _mean_abs_except(w_out, out_unit_axis)
+    utility = decay_rate * state.utility + (1 - decay_rate) * step_utility
+    eligible = age > maturity_threshold
+    pending = state.pending + replacement_rate * jnp.sum(eligible)
+    k = jnp.floor(pending)
+    masked = jnp.where(eligible, utility, -jnp.inf)
+    # The (k+1)-th largest; past the smallest (k >= #units) the smallest itself, as their clamped index.
+    threshold = jnp.sort(masked)[jnp.maximum(num_units - 1 - k.astype(jnp.int32), 0)]
+    chosen = (masked > threshold) & eligible
+    _, idx = jax.lax.top_k(jnp.where(chosen, utility, -jnp.inf), max_replace)
+    valid = chosen[idx]
+    new_state = CBPState(_reset(utility, idx, valid), state.mean_activation, _reset(age, idx, valid), pending - k)
+    return new_state, idx.astype(jnp.int32), valid
+
+
+def paper_bound(w):
+    """The authors' re-init bound for entries of kernel w: sqrt(2) x sqrt(3 / w.shape[0]) = sqrt(6 / shape[0]).
+    For a dense [in, out] kernel that is Kaiming-uniform on the fan-in; for an HWIO conv kernel shape[0] is the
+    kernel height (their code indexes a conv kernel as if dense), so sqrt(2) for 3x3 and sqrt(6 / 5) for 5x5."""
+    return math.sqrt(6.0 / w.shape[0])
+
+
+def _paper_draw(key, w, unit_axis, count, tie_taps):
+    """U(+-paper_bound(w)) values for `count` unit slices of w (unit axis first). tie_taps: one draw per
+    (in, out) pair shared by a conv kernel's kh x kw taps, as the authors' masks broadcast over them."""
+    axis = unit_axis % w.ndim
+    rest = [s for i, s in enumerate(w.shape) if i != axis]
+    shape = [count] + ([1] * (len(rest) - 1) + rest[-1:] if tie_taps else rest)
+    bound = paper_bound(w)
+    draw = jax.random.uniform(key, shape, w.dtype, -bound, bound)
+    return jnp.broadcast_to(draw, (count,) + tuple(rest))
+
+
+def cbp_replace_paper(key, w_in, b_in, w_out, idx, valid, out_unit_axis=0, tie_in_taps=False, tie_out_taps=False):
+    """The authors' re-initialization of units idx[valid]: incoming weights U(+-paper_bound(w_in)), bias 0, and
+    outgoing weights RE-RANDOMIZED U(+-paper_bound(w_out)) (the consuming kernel's bound), not zeroed, so the
+    output changes. tie_in_taps / tie_out_taps: the fresh conv values are shared over the kh x kw taps (the
+    authors' Incremental CIFAR code for both, their Continual ImageNet code for the outgoing ones). w_in = b_in
+    = None: units without incoming weights of their own (the authors' flattened conv outputs), only the
+    outgoing ones change. Same layout and returns as `cbp_replace` (keep_in, keep_b None without w_in)."""
+    k_in, k_out = jax.random.split(key)
+    keep_in = keep_b = None
+    if w_in is not None:
+        w_in, keep_in = _set_units(w_in, -1, idx, valid, _paper_draw(k_in, w_in, -1, idx.shape[0], tie_in_taps))
+        b_in, keep_b = _set_units(b_in, 0, idx, valid, jnp.zeros(idx.shape, b_in.dtype))
+    fresh_out = _paper_draw(k_out, w_out, out_unit_axis, idx.shape[0], tie_out_taps)
+    w_out, keep_out = _set_units(w_out, out_unit_axis, idx, valid, fresh_out)
+    return w_in, b_in, w_out, keep_in, keep_b, keep_out
 
 
 def mask_opt_state(optimizer, opt_state, keep_masks):

@@ -34,7 +34,14 @@ Choices where the paper is silent or the sources disagree:
 - CBP (Dohare et al.) on all five hidden layers, conv layers by channel, with Dohare et al.'s Continual
   ImageNet utility, adaptable_contribution (--cbp-utility contribution for the other). At the conv-to-dense
   boundary a conv3 channel owns 4 rows of fc1 (flatten order h, w, c): replacing it zeroes those rows and
-  their momentum. Fresh incoming weights come from the init above.
+  their momentum. Fresh incoming weights come from the init above. --cbp-variant paper: the authors' code
+  behind the paper's CBP numbers (common.cbp_select_paper, cbp_replace_paper): the highest-utility units
+  (|mean h| x mean|w_out|, no bias correction) of conv1, conv2, the 512 flattened conv3 outputs (as their
+  code: a position x channel each, whose only change is a re-randomized fc1 row; conv3's filters are never
+  redrawn), fc1 and fc2. Incoming weights U(+-sqrt(6 / kernel.shape[0])), i.e. for a conv sqrt(6 / kh) (their
+  code indexes an HWIO kernel as if dense: sqrt(6 / 5) for conv1, sqrt(2) for conv2), independent per tap;
+  outgoing weights re-randomized with the consuming kernel's bound (one draw per (in, out) pair shared by a
+  conv's taps, as theirs); bias 0; momentum not reset, as theirs.
 - Shrink & Perturb is not in Table 4: N(0, 1e-5^2) noise on every parameter after every step (Table 3's and
   Dohare et al.'s scale), Table 4's lr and, for snp-l2, its weight decay.
 - Agents beyond Table 4: layernorm-l2 and spectral-reg as the authors' later Continual ImageNet runs.
@@ -117,7 +124,7 @@ AGENTS = {
     "er": dict(lr=1e-4, er_lr=1e-5, er_every=0),
     "l2-er": dict(lr=1e-3, weight_decay=1e-3, er_lr=1e-4, er_every=0),  # the paper's method (Algorithm 1)
     "cbp": dict(lr=1e-4, replacement_rate=1e-5, decay_rate=0.99, maturity_threshold=100,
-                cbp_utility="adaptable_contribution"),
+                cbp_utility="adaptable_contribution", cbp_variant="dohare"),
     "snp": dict(lr=1e-4, perturb_scale=1e-5),
     "snp-l2": dict(lr=1e-4, weight_decay=1e-3, perturb_scale=1e-5),
     "layernorm-l2": dict(lr=1e-3, weight_decay=1e-5, layer_norm=True),  # the authors' chosen run
@@ -157,7 +164,9 @@ class Args:
     maturity_threshold: int | None = None
     """CBP steps before a unit may be replaced"""
     cbp_utility: Literal[common.CBP_UTILITIES] | None = None
-    """CBP utility (Dohare et al.): contribution, or adaptable_contribution (their Continual ImageNet config)"""
+    """CBP utility (Dohare et al.): contribution, or adaptable_contribution (their Continual ImageNet config); not with --cbp-variant paper"""
+    cbp_variant: Literal[common.CBP_VARIANTS] | None = None
+    """CBP algorithm: dohare (Dohare et al.'s, lowest utility, outgoing weights 0) or paper (the authors' code behind the paper's CBP numbers: highest utility, outgoing weights re-randomized)"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb)"""
     spectral_lambda: float | None = None
@@ -233,6 +242,8 @@ HIDDEN = ("conv1", "conv2", "conv3", "fc1", "fc2")
 NEXT = ("conv2", "conv3", "fc1", "fc2", "out")
 HIDDEN_UNITS = (32, 64, 128, 128, 128)
 FLAT = (2, 2, 128)  # conv3's pooled output [h, w, c]: fc1's input, flattened in this order (channels last)
+# The authors' CBP (--cbp-variant paper): its units are conv3's flattened outputs instead of its channels.
+PAPER_UNITS = (32, 64, 2 * 2 * 128, 128, 128)
 
 
 def init_params(key, layer_norm=False):
@@ -341,7 +352,8 @@ def make_train(args, agent, ds):
         if agent.get("spectral_persistent"):
             state["spectral_v"] = common.spectral_starts(params)
         if "replacement_rate" in agent:
-            state["cbp"] = [common.cbp_init(units) for units in HIDDEN_UNITS]
+            units = PAPER_UNITS if agent["cbp_variant"] == "paper" else HIDDEN_UNITS
+            state["cbp"] = [common.cbp_init(n) for n in units]
         return state
 
     def task_data(seeds, task):
@@ -469,7 +481,9 @@ def reinit_units(params, keep, layer, key, idx, valid):
 def cbp_step(agent, opt, state, acts, key):
     """Continual backprop after an SGD step (Dohare et al.): per hidden layer, by unit (conv: by channel),
     update utilities with this step's activations and replace the chosen units (conv3's outgoing weights:
-    `outgoing`)."""
+    `outgoing`). cbp_variant paper: `cbp_step_paper`."""
+    if agent["cbp_variant"] == "paper":
+        return cbp_step_paper(agent, state, acts, key)
     params = state["params"]
     keep = jax.tree.map(jnp.ones_like, params)
     cbp_states = []
@@ -483,6 +497,32 @@ def cbp_step(agent, opt, state, acts, key):
         params, keep = reinit_units(params, keep, layer, key_l, idx, valid)
         cbp_states.append(cbp_state)
     return {**state, "params": params, "cbp": cbp_states, "opt": common.mask_opt_state(opt, state["opt"], keep)}
+
+
+def cbp_step_paper(agent, state, acts, key):
+    """The authors' CBP (their imagenet/cbp.py) after an SGD step: the highest-utility units of conv1, conv2
+    (channels), conv3's flattened outputs (PAPER_UNITS; only their fc1 rows change), fc1 and fc2 get incoming
+    weights and outgoing weights re-randomized (common.cbp_replace_paper; conv outgoing draws shared over the
+    taps), bias 0. The momentum is kept, as theirs (they reset only Adam's state)."""
+    params = dict(state["params"])
+    cbp_states = []
+    for layer, key_l in enumerate(jax.random.split(key, len(HIDDEN))):
+        name, nxt = HIDDEN[layer], NEXT[layer]
+        h = acts[layer].reshape(acts[layer].shape[0], -1) if name == "conv3" else acts[layer]
+        axis = 2 if nxt.startswith("conv") else 0
+        cbp_state, idx, valid = common.cbp_select_paper(
+            state["cbp"][layer], h, params[nxt]["w"], replacement_rate=agent["replacement_rate"],
+            decay_rate=agent["decay_rate"], maturity_threshold=agent["maturity_threshold"], out_unit_axis=axis,
+            max_replace=common.cbp_max_replace(agent["replacement_rate"], PAPER_UNITS[layer]))
+        own = name != "conv3"  # their code never redraws conv3's filters
+        w_in, b_in, w_out, *_ = common.cbp_replace_paper(
+            key_l, params[name]["w"] if own else None, params[name]["b"] if own else None, params[nxt]["w"], idx,
+            valid, out_unit_axis=axis, tie_out_taps=nxt.startswith("conv"))
+        if own:
+            params[name] = {**params[name], "w": w_in, "b": b_in}
+        params[nxt] = {**params[nxt], "w": w_out}
+        cbp_states.append(cbp_state)
+    return {**state, "params": params, "cbp": cbp_states}
 
 
 def redo_step(agent, opt, state, x, key, impl):
@@ -526,6 +566,8 @@ def resolve(args):
               (0 <= agent.get("replacement_rate", 0) <= 1 and agent.get("perturb_scale", 0) >= 0
                and 0 < agent.get("decay_rate", 0.5) < 1,
                "--replacement-rate must be in [0, 1], --perturb-scale >= 0, --decay-rate in (0, 1)"),
+              (agent.get("cbp_variant") != "paper" or args.cbp_utility is None,
+               "--cbp-utility does not apply to --cbp-variant paper (the authors' utility: |mean h| x mean|w_out|)"),
               (agent.get("power_iters", 1) >= 1 and agent.get("redo_every", 1) >= 1 and agent.get("redo_tau", 0) >= 0,
                "--power-iters and --redo-every must be >= 1 and --redo-tau >= 0")]
     return agent, runner.agent_configs(agent, checks, SWEPT, args.lr)

@@ -19,9 +19,13 @@ Choices where the paper is silent or the sources disagree (we follow the runs be
 - ER (the authors' code, Algorithm 1): a separate plain ascent step on the mean effective rank of the three
   hidden layers' features of the last er_batch images, at the current parameters, after every er_batch SGD
   steps; outside the optimizer. A task whose length is not a multiple of er_batch ends with SGD steps only.
-- CBP: Dohare et al.'s algorithm and their Permuted MNIST utility (adaptable_contribution). The paper's CBP
-  curve came from the authors' code, which replaces the highest-utility units and re-randomizes outgoing
-  weights, so its 0.938 at task 800 is not expected to match exactly.
+- CBP (--cbp-variant dohare, the default): Dohare et al.'s algorithm and their Permuted MNIST utility
+  (adaptable_contribution), on the 3 hidden layers: lowest bias-corrected utility first, fresh incoming weights
+  from the init, outgoing weights 0. The paper's CBP curve came from the authors' code, so its 0.938 at task
+  800 is not expected to match exactly; --cbp-variant paper runs that code's algorithm (common.cbp_select_paper,
+  cbp_replace_paper) on the same 3 layers: the HIGHEST-utility units (|mean h| x mean|w_out|, no bias
+  correction) get incoming weights U(+-sqrt(6 / 784)) (first layer) or U(+-sqrt(6 / width)) and outgoing
+  weights re-randomized U(+-sqrt(6 / width)), the output layer's included (plain SGD: no optimizer state).
 - Agents beyond the paper's table: layernorm-l2 and spectral-reg as the authors' later runs (lr 1e-2; weight decay
   1e-5 on every parameter, LayerNorm scales included / lambda 1e-3, sigma_max^2 pulled to 2 by 10 power iterations
   from fixed vectors, no weight decay). --spectral-persistent True --power-iters 1 is our cheaper variant. ReDo (Sokar
@@ -63,7 +67,8 @@ AGENTS = {
     "l2": dict(weight_decay=1e-3),
     "er": dict(er_lr=1e-3, er_batch=100),
     "l2-er": dict(weight_decay=1e-3, er_lr=1e-3, er_batch=100),  # the paper's method (Algorithm 1)
-    "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="adaptable_contribution"),
+    "cbp": dict(replacement_rate=1e-6, decay_rate=0.99, maturity_threshold=100, cbp_utility="adaptable_contribution",
+                cbp_variant="dohare"),
     "snp": dict(perturb_scale=1e-5),
     "snp-l2": dict(perturb_scale=1e-5, weight_decay=1e-3),
     "spectral-reg": dict(spectral_lambda=1e-3, spectral_k=2.0, spectral_target=2.0, power_iters=10,
@@ -103,7 +108,9 @@ class Args:
     maturity_threshold: int | None = None
     """CBP steps before a unit may be replaced"""
     cbp_utility: Literal[common.CBP_UTILITIES] | None = None
-    """CBP utility (Dohare et al.): contribution, or adaptable_contribution (their Permuted MNIST config)"""
+    """CBP utility (Dohare et al.): contribution, or adaptable_contribution (their Permuted MNIST config); not with --cbp-variant paper"""
+    cbp_variant: Literal[common.CBP_VARIANTS] | None = None
+    """CBP algorithm: dohare (Dohare et al.'s, lowest utility, outgoing weights 0) or paper (the authors' code behind the paper's CBP curve: highest utility, outgoing weights re-randomized)"""
     perturb_scale: float | None = None
     """std of the Gaussian noise added to every parameter after each step (Shrink & Perturb)"""
     spectral_lambda: float | None = None
@@ -314,10 +321,12 @@ def make_train(args, agent, ds):
     return init, shuffle, train, evaluate, spectrum, calls
 
 
-def replace_units(params, keep, layer, key, idx, valid):
+def replace_units(params, keep, layer, key, idx, valid, paper=False):
     """Units idx[valid] of hidden layer `layer` get fresh incoming weights (the init) and bias 0, outgoing weights
-    0, and keep-masks 0 for their optimizer state (CBP and ReDo). Updates the lists `params` and `keep`."""
-    w_in, b_in, w_out, keep_in, keep_b, keep_out = common.cbp_replace(
+    0, and keep-masks 0 for their optimizer state (CBP and ReDo); `paper`: the authors' CBP re-initialization
+    (common.cbp_replace_paper: outgoing weights re-randomized). Updates the lists `params` and `keep`."""
+    replace = common.cbp_replace_paper if paper else common.cbp_replace
+    w_in, b_in, w_out, keep_in, keep_b, keep_out = replace(
         key, params[layer]["w"], params[layer]["b"], params[layer + 1]["w"], idx, valid)
     params[layer] = {**params[layer], "w": w_in, "b": b_in}
     params[layer + 1] = {**params[layer + 1], "w": w_out}
@@ -326,18 +335,24 @@ def replace_units(params, keep, layer, key, idx, valid):
 
 
 def cbp_step(agent, opt, state, features, key):
-    """Continual backprop after an SGD step: per hidden layer, replace the lowest-utility mature units."""
+    """Continual backprop after an SGD step: per hidden layer, replace the lowest-utility mature units (Dohare
+    et al.) or, with cbp_variant paper, the highest-utility ones as the authors' code."""
     params, width = list(state["params"]), state["cbp"][0].utility.shape[0]
     keep = jax.tree.map(jnp.ones_like, params)
-    cbp_states = []
+    cbp_states, paper = [], agent["cbp_variant"] == "paper"
+    hp = dict(replacement_rate=agent["replacement_rate"], decay_rate=agent["decay_rate"],
+              maturity_threshold=agent["maturity_threshold"],
+              max_replace=common.cbp_max_replace(agent["replacement_rate"], width))
     for layer, k in enumerate(jax.random.split(key, 3)):
-        cbp_state, idx, valid = common.cbp_select(
-            state["cbp"][layer], features[layer], params[layer + 1]["w"], w_in=params[layer]["w"],
-            utility=agent["cbp_utility"], replacement_rate=agent["replacement_rate"],
-            decay_rate=agent["decay_rate"], maturity_threshold=agent["maturity_threshold"],
-            max_replace=common.cbp_max_replace(agent["replacement_rate"], width))
+        if paper:
+            cbp_state, idx, valid = common.cbp_select_paper(state["cbp"][layer], features[layer],
+                                                            params[layer + 1]["w"], **hp)
+        else:
+            cbp_state, idx, valid = common.cbp_select(
+                state["cbp"][layer], features[layer], params[layer + 1]["w"], w_in=params[layer]["w"],
+                utility=agent["cbp_utility"], **hp)
         cbp_states.append(cbp_state)
-        replace_units(params, keep, layer, k, idx, valid)
+        replace_units(params, keep, layer, k, idx, valid, paper)
     return {**state, "params": params, "cbp": cbp_states,
             "opt": common.mask_opt_state(opt, state["opt"], keep)}
 
@@ -376,7 +391,9 @@ def resolve(args, ds):
                f"--redo-every must be a positive multiple of {CHUNK} (ReDo scores a chunk's images)"),
               (agent.get("power_iters", 1) >= 1, "--power-iters must be >= 1"),
               (0 <= agent.get("replacement_rate", 0) <= 1 and 0 <= agent.get("decay_rate", 0) < 1,
-               "--replacement-rate must be in [0, 1] and --decay-rate in [0, 1)")]
+               "--replacement-rate must be in [0, 1] and --decay-rate in [0, 1)"),
+              (agent.get("cbp_variant") != "paper" or args.cbp_utility is None,
+               "--cbp-utility does not apply to --cbp-variant paper (the authors' utility: |mean h| x mean|w_out|)")]
     return agent, runner.agent_configs(agent, checks, SWEPT, args.lr)
 
 

@@ -295,6 +295,40 @@ def test_adam_betas_per_agent():
 # ----------------------------------------------------------------------------------------------------------
 # Rollout: friction change at exactly --change-every, time-out bootstrap; GAE
 # ----------------------------------------------------------------------------------------------------------
+def test_cbp_paper_variant_step():
+    """--cbp-variant paper on the actor and the critic: each replaces its highest 0.01 |mean h| x mean|w_out| unit
+    (pending just below 1: one per net), redraws its incoming column in U(+-sqrt(6 / obs dim)) and re-randomizes its
+    outgoing row (not 0) in U(+-sqrt(6 / hidden)); Adam's mu and nu are zeroed at exactly those entries, its
+    scalar count kept; log_std untouched. Passing --cbp-utility with the paper variant fails in one line."""
+    agent = {**ant_ppo.AGENTS["cbp"], "replacement_rate": 1e-4, "maturity_threshold": 0, "cbp_variant": "paper"}
+    params = ant_ppo.init_params(jax.random.key(0), 16)
+    obs = jax.random.normal(jax.random.key(1), (8, ant_ppo.OBS_DIM))
+    hiddens = ant_ppo.hidden_features(params, obs)
+    opt = common.adam(1e-3, 0.99, 0.99)
+    opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)[1]
+    cbp = tuple(common.cbp_init(16)._replace(pending=jnp.array(0.9999)) for _ in range(2))
+    new, new_opt, new_cbp = jax.jit(lambda *a: ant_ppo.cbp_step(agent, opt, *a))(params, opt_state, cbp, hiddens,
+                                                                                 jax.random.key(2))
+    adam = new_opt[1][0]
+    assert int(adam.count) == 1
+    for net, h, state in zip(("actor", "critic"), hiddens, new_cbp):
+        utility = 0.01 * np.abs(np.asarray(h).mean(0)) * np.abs(np.asarray(params[net]["out"]["w"])).mean(1)
+        j = int(np.argmax(utility))
+        assert np.flatnonzero(np.asarray(state.age) == 0).tolist() == [j]
+        w_in, w_out = np.asarray(new[net]["hidden"]["w"]), np.asarray(new[net]["out"]["w"])
+        assert np.all(np.abs(w_in[:, j]) <= np.sqrt(6 / ant_ppo.OBS_DIM)) and new[net]["hidden"]["b"][j] == 0
+        assert np.all(w_in[:, j] != np.asarray(params[net]["hidden"]["w"])[:, j])
+        assert np.all(np.abs(w_out[j]) <= np.sqrt(6 / 16)) and np.all(w_out[j] != 0)
+        np.testing.assert_array_equal(np.delete(w_out, j, 0), np.delete(np.asarray(params[net]["out"]["w"]), j, 0))
+        for moments in (adam.mu[net], adam.nu[net]):
+            np.testing.assert_array_equal(np.asarray(moments["hidden"]["w"])[:, j], 0.0)
+            np.testing.assert_array_equal(np.asarray(moments["out"]["w"])[j], 0.0)
+            assert np.all(np.delete(np.asarray(moments["out"]["w"]), j, 0) != 0)
+    np.testing.assert_array_equal(new["actor"]["log_std"], params["actor"]["log_std"])
+    with pytest.raises(SystemExit, match="--cbp-utility does not apply to --cbp-variant paper"):
+        ant_ppo.resolve(ant_ppo.Args(agent="cbp", cbp_variant="paper", cbp_utility="contribution"))
+
+
 def test_rollout_friction_change_raw_obs_and_terminal_timeouts():
     args = ant_ppo.Args(**{**TINY, "change_every": 8})
     agent, _ = ant_ppo.resolve(args)

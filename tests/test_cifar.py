@@ -124,6 +124,10 @@ def test_loader_errors_are_one_line(tmp_path):
         cifar.main(cifar.Args(tasks=21, data_dir=str(tmp_path)))
     with pytest.raises(SystemExit, match="--cbp-utility must be one of contribution, adaptable_contribution"):
         cifar.main(cifar.Args(agent="cbp", cbp_utility="utility", data_dir=str(tmp_path)))
+    with pytest.raises(SystemExit, match="--cbp-utility: this benchmark's CBP has one utility"):
+        cifar.main(cifar.Args(agent="cbp", cbp_utility="adaptable_contribution", data_dir=str(tmp_path)))
+    with pytest.raises(SystemExit, match="--cbp-utility: this benchmark's CBP has one utility"):
+        cifar.main(cifar.Args(agent="cbp", cbp_variant="paper", cbp_utility="contribution", data_dir=str(tmp_path)))
     assert cifar.AGENTS["cbp"]["cbp_utility"] == "contribution"  # Dohare et al.'s Incremental CIFAR config
 
 
@@ -182,29 +186,121 @@ def test_init_is_the_authors():
         np.testing.assert_allclose(cifar.predrawn_init(standard)(None, shape), reference, rtol=1e-6, atol=1e-9)
 
 
-def test_cbp_reinit_draws_from_the_init_distribution():
-    """Replacement rate 1 with every unit mature: one CBP step replaces every unit of every CBP layer, so each
-    block's first conv and both dense layers are all fresh draws, which must have their layer's init."""
-    agent = {**cifar.AGENTS["cbp"], "replacement_rate": 1.0, "maturity_threshold": 0}
-    params, stats = jax.jit(cifar.init_net, static_argnums=(1, 2))(jax.random.key(0), 16, 64)
+def one_cbp_step(variant):
+    """One CBP step of `variant` on the tiny network (width 4, dense 16) with every unit mature and pending just
+    below 1, so that each unit layer replaces exactly its one chosen unit. BatchNorm parameters, running
+    statistics and momentum are set to random values first, so that a reset or a kept value shows. Returns
+    (params, stats, momentum, activations) before, the same after, the new CBP states and the layers."""
+    agent = {**cifar.AGENTS["cbp"], "replacement_rate": 1e-4, "maturity_threshold": 0, "cbp_variant": variant}
+    params, stats = jax.jit(cifar.init_net, static_argnums=(1, 2))(jax.random.key(0), 4, 16)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    stats = jax.tree.map(lambda x: x + jax.random.uniform(jax.random.key(8), x.shape), stats)
     x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
     acts = forward(params, stats, x, True)[2]
     opt = common.sgd(0.01, 0.0, 0.9)
-    opt_state = opt.init(params)
-    cbp = [common.cbp_init(n) for n in cifar.cbp_layer_sizes(params)]
-    new, _, _, new_cbp = jax.jit(lambda *a: cifar.cbp_step(agent, opt, *a))(
+    opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)[1]
+    layers = cifar.cbp_layers(params, variant)
+    cbp = [common.cbp_init(cifar._at(params, layer.incoming)["b"].shape[0])._replace(pending=jnp.array(0.9999))
+           for layer in layers]
+    new, new_stats, new_opt, new_cbp = jax.jit(lambda *a: cifar.cbp_step(agent, opt, *a))(
         params, stats, opt_state, cbp, acts, jax.random.key(2))
-    fresh = [(f"block {i}", new["blocks"][i]["a"]["conv"]["w"], params["blocks"][i]["a"]["conv"]["w"])
-             for i in range(8)]
-    fresh += [(name, new[name]["w"], params[name]["w"]) for name in ("dense1", "dense2")]
-    pooled = []
-    for name, w, old in fresh:
-        assert not np.any(np.asarray(w) == np.asarray(old)), name  # every incoming weight redrawn
-        h, w_, _, cout = w.shape if w.ndim == 4 else (1, 1, 0, w.shape[1])
-        pooled.append(assert_truncated_normal(w, (2.0 if w.ndim == 4 else 1.0) / (h * w_ * cout)))
-    assert_truncated_shape(np.concatenate(pooled))
-    assert all(int(np.max(c.age)) == 0 for c in new_cbp)
-    np.testing.assert_array_equal(new["head"]["w"], 0.0)  # dense2's units all replaced: outgoing weights 0
+    tonp = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+    return ((tonp(params), tonp(stats), tonp(opt_state[1][0].trace), tonp(acts)),
+            (tonp(new), tonp(new_stats), tonp(new_opt[1][0].trace)), new_cbp, layers)
+
+
+def features_of(acts, layer):
+    name, index = layer.features
+    return acts[name] if index is None else acts[name][index]
+
+
+def test_cbp_reach_is_dohares_resnet_cbp():
+    """The default CBP takes Dohare et al.'s ResNet reach (their res_gnt.py): the stem, both convs of every block
+    and the two dense layers (19 unit layers; not the 1x1 skips, not the head). Each layer replaces its lowest
+    mean|w_out| x 0.01 mean|h| unit (features: the stem's output, the inner channels, the block outputs, the dense
+    features), whose filter is redrawn (bias 0), whose outgoing slice in the next weight layer is 0, and whose
+    BatchNorm scale, shift, running mean and variance become 1, 0, 0, 1; the momentum, the skips and every other
+    unit are untouched."""
+    (params, stats, mom, acts), (new, new_stats, new_mom), new_cbp, layers = one_cbp_step("dohare")
+    assert len(layers) == 19
+    assert [layer.incoming for layer in layers[:4]] == [("stem", "conv"), ("blocks", 0, "a", "conv"),
+                                                        ("blocks", 0, "b", "conv"), ("blocks", 1, "a", "conv")]
+    assert layers[16].outgoing == ("dense1", "w") and layers[-1].outgoing == ("head", "w")
+    chosen = []
+    for i, layer in enumerate(layers):
+        w_out = np.abs(cifar._at(params, layer.outgoing))
+        w_out = w_out.mean(axis=tuple(a for a in range(w_out.ndim) if a != layer.out_axis))
+        h = features_of(acts, layer)
+        utility = w_out * 0.01 * np.abs(h.reshape(-1, h.shape[-1])).mean(0)
+        replaced = np.flatnonzero(np.asarray(new_cbp[i].age) == 0)
+        assert replaced.tolist() == [int(np.argmin(utility))], i
+        chosen.append(replaced[0])
+    for i, (layer, j) in enumerate(zip(layers, chosen)):
+        old_in, new_in = cifar._at(params, layer.incoming), cifar._at(new, layer.incoming)
+        assert np.all(new_in["w"][..., j] != old_in["w"][..., j]) and new_in["b"][j] == 0.0
+        kept_in = np.delete(np.delete(new_in["w"], j, -1), chosen[i - 1], -2) if i else np.delete(new_in["w"], j, -1)
+        kept_old = np.delete(np.delete(old_in["w"], j, -1), chosen[i - 1], -2) if i else np.delete(old_in["w"], j, -1)
+        np.testing.assert_array_equal(kept_in, kept_old)  # but the previous layer's unit's slice (zeroed)
+        out = np.moveaxis(cifar._at(new, layer.outgoing), layer.out_axis, 0)[j]  # [(kh, kw,) next units]
+        redrawn = chosen[i + 1] if i + 1 < len(layers) else None  # the next layer's own new filter
+        np.testing.assert_array_equal(np.delete(out, redrawn, -1) if redrawn is not None else out, 0.0)
+        if layer.bn is not None:
+            bn, s = cifar._at(new, layer.bn)["bn"], cifar._at(new_stats, layer.bn)
+            assert (bn["scale"][j], bn["bias"][j], s["mean"][j], s["var"][j]) == (1.0, 0.0, 0.0, 1.0)
+            old_bn = cifar._at(params, layer.bn)["bn"]
+            np.testing.assert_array_equal(np.delete(bn["scale"], j), np.delete(old_bn["scale"], j))
+    fresh = np.concatenate([cifar._at(new, layer.incoming)["w"][..., j].ravel()
+                            / np.sqrt(2 / np.prod(cifar._at(new, layer.incoming)["w"].shape[:-1]))
+                            for layer, j in zip(layers, chosen)])
+    assert abs(fresh.mean()) < 0.1 and abs(fresh.std() - 1) < 0.1  # Kaiming-normal: N(0, 2 / fan_in)
+    for b_old, b_new in zip(params["blocks"], new["blocks"]):
+        if "skip" in b_old:
+            np.testing.assert_array_equal(b_new["skip"]["conv"]["w"], b_old["skip"]["conv"]["w"])
+    for a, b in zip(jax.tree.leaves(mom), jax.tree.leaves(new_mom)):
+        np.testing.assert_array_equal(a, b)  # momentum kept, as Dohare et al.'s
+
+
+def test_cbp_paper_variant_reach_and_reinit():
+    """--cbp-variant paper (the authors' incremental_cifar/cbp.py): units are the blocks' inner channels and the
+    two dense layers (10 layers); each replaces its HIGHEST 0.01 |mean h| x mean|w_out| unit, with h the inner
+    channels in a block with a 1x1 skip and the block's pre-residual second BatchNorm output in the others (the
+    authors' feature dict); incoming filter and outgoing weights redrawn U(+-sqrt(6 / shape[0])) (3x3 conv:
+    sqrt(2), one value over the 9 taps), bias 0; BatchNorm, running statistics, momentum, the stem, the conv
+    b filters and the skips untouched."""
+    (params, stats, mom, acts), (new, new_stats, new_mom), new_cbp, layers = one_cbp_step("paper")
+    assert len(layers) == 10 and [layer.features[0] for layer in layers[:8]] == [
+        "skip" in b and "blocks" or "pre_residual" for b in params["blocks"]]
+    for i, layer in enumerate(layers):
+        w_out = np.abs(cifar._at(params, layer.outgoing))
+        w_out = w_out.mean(axis=tuple(a for a in range(w_out.ndim) if a != layer.out_axis))
+        h = features_of(acts, layer)
+        utility = 0.01 * np.abs(h.reshape(-1, h.shape[-1]).mean(0)) * w_out
+        j = int(np.argmax(utility))
+        assert np.flatnonzero(np.asarray(new_cbp[i].age) == 0).tolist() == [j], i
+        w_in, w_new = cifar._at(new, layer.incoming)["w"], cifar._at(new, layer.outgoing)
+        bound_in, bound_out = np.sqrt(6 / w_in.shape[0]), np.sqrt(6 / w_new.shape[0])
+        assert np.all(np.abs(w_in[..., j]) <= bound_in) and cifar._at(new, layer.incoming)["b"][j] == 0.0
+        out = np.moveaxis(w_new, layer.out_axis, 0)[j]
+        assert np.all(np.abs(out) <= bound_out) and np.all(out != 0)
+        rest_new = np.delete(np.moveaxis(w_new, layer.out_axis, 0), j, 0)
+        rest_old = np.delete(np.moveaxis(cifar._at(params, layer.outgoing), layer.out_axis, 0), j, 0)
+        if i + 1 < len(layers) and layers[i + 1].incoming + ("w",) == layer.outgoing:  # dense1 -> dense2's units
+            nxt = int(np.flatnonzero(np.asarray(new_cbp[i + 1].age) == 0)[0])
+            rest_new, rest_old = np.delete(rest_new, nxt, -1), np.delete(rest_old, nxt, -1)
+        np.testing.assert_array_equal(rest_new, rest_old)
+        if w_in.ndim == 4:  # 3x3 taps share each fresh value
+            assert np.all(w_in[..., j] == w_in[:1, :1, :, j]) and np.all(out == out[:1, :1])
+            np.testing.assert_allclose(bound_in, np.sqrt(2))
+    for tree_old, tree_new in ((stats, new_stats), (mom, new_mom)):
+        for a, b in zip(jax.tree.leaves(tree_old), jax.tree.leaves(tree_new)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(new["stem"]["conv"]["w"], params["stem"]["conv"]["w"])
+    for b_old, b_new in zip(params["blocks"], new["blocks"]):
+        for part in ("a", "b"):
+            np.testing.assert_array_equal(b_new[part]["bn"]["scale"], b_old[part]["bn"]["scale"])
+        np.testing.assert_array_equal(b_new["b"]["conv"]["b"], b_old["b"]["conv"]["b"])
 
 
 def test_batchnorm_eval_uses_running_statistics(tiny_net):
@@ -333,51 +429,40 @@ def test_metrics_equal_the_recorded_ones(agent_runs):
     test_equal_metrics.check_recorded("cifar", got)
 
 
-def test_cbp_replaces_channels_with_their_batchnorm_and_optimizer_state(data_dir):
-    """Train step by step with the end-to-end CBP settings and check every unit right after its replacement."""
+def test_cbp_replaces_channels_with_their_batchnorm(data_dir):
+    """Train step by step with the end-to-end CBP settings (Dohare et al.'s ResNet CBP) and check every unit right
+    after its replacement: rate x #units per layer and step (all mature), fresh filter, bias 0, BatchNorm and its
+    running statistics reset, outgoing weights 0 (where no later layer redrew them in the same step)."""
     (init, train, _, _), member = one_member(data_dir, agent="cbp", **CBP)
     state = init(member["seed"], 0)
-    sizes = cifar.cbp_layer_sizes(state["params"])
+    layers = cifar.cbp_layers(state["params"], "dohare")
+    sizes = [cifar._at(state["params"], layer.incoming)["b"].shape[0] for layer in layers]
     seen_replaced = np.zeros(len(sizes), int)
     for step in range(10):  # task 1's steps one by one; the 4-unit layers first replace one (0.03 x 4 x 9 >= 1) at 9
         before = jax.tree.map(np.asarray, state)
         state = train(state, member["hp"], member["seed"], member["classes"], member["data"], 0, step, 1)
         after = jax.tree.map(np.asarray, state)
-        p, s, mom = after["params"], after["stats"], after["opt"][1][0].trace
+        p, s = after["params"], after["stats"]
         chosen = [np.flatnonzero(c.age == 0) for c in after["cbp"]]
         expected = [int(np.floor(0.03 * n * (step + 1))) - int(np.floor(0.03 * n * step)) for n in sizes]
         assert [len(c) for c in chosen] == expected, step
         seen_replaced += [len(c) for c in chosen]
-        for i, replaced in enumerate(chosen[:8]):
+        for i, (layer, replaced) in enumerate(zip(layers, chosen)):
             if not len(replaced):
                 continue
-            a, b = p["blocks"][i]["a"], p["blocks"][i]["b"]
-            np.testing.assert_array_equal(b["conv"]["w"][:, :, replaced], 0.0)  # outgoing weights
-            fresh = a["conv"]["w"][..., replaced]  # new incoming weights from the init distribution
-            assert not np.allclose(fresh, before["params"]["blocks"][i]["a"]["conv"]["w"][..., replaced])
-            # the init's truncation point, 2 std of He-normal on the layer's fan_out (9 x c_out)
-            bound = 2 * math.sqrt(2 / (9 * sizes[i]) / truncated_normal_moments()[0])
-            assert np.max(np.abs(fresh)) <= bound * (1 + 1e-6)
-            np.testing.assert_array_equal(a["conv"]["b"][replaced], 0.0)
-            np.testing.assert_array_equal(a["bn"]["scale"][replaced], 1.0)
-            np.testing.assert_array_equal(a["bn"]["bias"][replaced], 0.0)
-            np.testing.assert_array_equal(s["blocks"][i]["a"]["mean"][replaced], 0.0)
-            np.testing.assert_array_equal(s["blocks"][i]["a"]["var"][replaced], 1.0)
-            m = mom["blocks"][i]
-            for leaf in (m["a"]["conv"]["b"], m["a"]["bn"]["scale"], m["a"]["bn"]["bias"], m["a"]["conv"]["w"].T,
-                         np.moveaxis(m["b"]["conv"]["w"], 2, 0)):
-                np.testing.assert_array_equal(leaf[replaced], 0.0)
-            kept = np.setdiff1d(np.arange(sizes[i]), replaced)  # the other channels' statistics went on
-            assert np.all(s["blocks"][i]["a"]["mean"][kept] != before["stats"]["blocks"][i]["a"]["mean"][kept])
-        for name, nxt, replaced in (("dense1", "dense2", chosen[8]), ("dense2", "head", chosen[9])):
-            np.testing.assert_array_equal(p[name]["b"][replaced], 0.0)
-            np.testing.assert_array_equal(mom[nxt]["w"][replaced], 0.0)
-            np.testing.assert_array_equal(mom[name]["w"][:, replaced], 0.0)
-            np.testing.assert_array_equal(mom[name]["b"][replaced], 0.0)
-        np.testing.assert_array_equal(p["head"]["w"][chosen[9]], 0.0)
-        # dense1's outgoing weights, except into dense2 units replaced (fresh incoming weights) in the same step
-        rest = np.setdiff1d(np.arange(16), chosen[9])
-        np.testing.assert_array_equal(p["dense2"]["w"][np.ix_(chosen[8], rest)], 0.0)
+            incoming = cifar._at(p, layer.incoming)
+            old_in = cifar._at(before["params"], layer.incoming)["w"]
+            assert not np.allclose(incoming["w"][..., replaced], old_in[..., replaced])
+            np.testing.assert_array_equal(incoming["b"][replaced], 0.0)
+            if layer.bn is not None:
+                bn, st = cifar._at(p, layer.bn)["bn"], cifar._at(s, layer.bn)
+                np.testing.assert_array_equal(bn["scale"][replaced], 1.0)
+                np.testing.assert_array_equal(bn["bias"][replaced], 0.0)
+                np.testing.assert_array_equal(st["mean"][replaced], 0.0)
+                np.testing.assert_array_equal(st["var"][replaced], 1.0)
+            out = np.moveaxis(cifar._at(p, layer.outgoing), layer.out_axis, 0)[replaced]
+            redrawn = chosen[i + 1] if i + 1 < len(layers) else []
+            np.testing.assert_array_equal(np.delete(out, redrawn, -1), 0.0)
     assert np.all(seen_replaced >= 1)
 
 

@@ -427,6 +427,143 @@ def test_mask_opt_state_zeroes_momentum_and_adam_moments():
         assert biases and all(x[0] == 0 and x[1] != 0 for x in biases)
 
 
+def test_cbp_paper_variant_one_step_by_hand():
+    """The authors' CBP (common.cbp_select_paper) against a step computed here in numpy: the utility is the running
+    average (decay 0.9, no bias correction) of |batch mean h| x mean|w_out|; rate x #eligible accumulates, its
+    integer part is taken off; the HIGHEST eligible utilities strictly above the (k+1)-th largest are chosen."""
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(4, 6)).astype(np.float32)  # signed: |mean h| differs from mean|h|
+    w_out = rng.normal(size=(6, 3)).astype(np.float32)
+    old_utility = np.array([0.5, 0.1, 0.3, 0.2, 0.9, 0.0], np.float32)
+    age = np.array([10, 10, 10, 10, 2, 10], np.int32)  # unit 4 (highest utility) is immature
+    state = common.cbp_init(6)._replace(utility=jnp.asarray(old_utility), age=jnp.asarray(age),
+                                        pending=jnp.array(1.3))
+    new, idx, valid = common.cbp_select_paper(state, jnp.asarray(h), jnp.asarray(w_out), replacement_rate=0.2,
+                                              decay_rate=0.9, maturity_threshold=5, max_replace=3)
+    utility = 0.9 * old_utility + 0.1 * np.abs(h.mean(0)) * np.abs(w_out).mean(1)
+    eligible = age + 1 > 5
+    pending = 1.3 + 0.2 * eligible.sum()  # 2.3: k = 2, 0.3 carries over
+    top = np.argsort(np.where(eligible, utility, -np.inf))[::-1][:2]
+    assert sorted(np.asarray(idx)[np.asarray(valid)].tolist()) == sorted(top.tolist())
+    np.testing.assert_allclose(float(new.pending), pending - 2, rtol=1e-5)
+    chosen = np.isin(np.arange(6), top)
+    np.testing.assert_allclose(new.utility, np.where(chosen, 0.0, utility), rtol=1e-5)
+    np.testing.assert_array_equal(new.age, np.where(chosen, 0, age + 1))
+    # The default (Dohare et al.'s) on the same state picks the lowest bias-corrected utilities instead.
+    _, idx_d, valid_d = common.cbp_select(state, jnp.asarray(h), jnp.asarray(w_out), replacement_rate=0.2,
+                                          decay_rate=0.9, maturity_threshold=5, max_replace=3)
+    assert set(np.asarray(idx_d)[np.asarray(valid_d)].tolist()).isdisjoint(top.tolist())
+
+
+def test_cbp_paper_variant_strict_threshold_ties_and_accumulator():
+    """Ties at the (k+1)-th largest are not replaced (fewer than k); k = 0 replaces nothing; the accumulator keeps
+    only the fraction (pending - floor(pending)), whatever was replaced."""
+    kw = dict(replacement_rate=0.0, decay_rate=0.0, maturity_threshold=0, max_replace=3)
+    state = common.cbp_init(4)._replace(age=jnp.full(4, 5, jnp.int32), pending=jnp.array(2.0))
+    w_out = jnp.ones((4, 1))
+    # utilities (decay 0: this step's) 3, 2, 2, 1; k = 2: threshold = the 3rd largest = 2, only unit 0 is above
+    new, idx, valid = common.cbp_select_paper(state, jnp.array([[3.0, 2.0, 2.0, 1.0]]), w_out, **kw)
+    assert np.asarray(idx)[np.asarray(valid)].tolist() == [0]
+    np.testing.assert_allclose(float(new.pending), 0.0)  # the whole floor is taken off, not only the 1 replaced
+    # no tie: the 2 highest
+    _, idx, valid = common.cbp_select_paper(state, jnp.array([[3.0, 2.5, 2.0, 1.0]]), w_out, **kw)
+    assert sorted(np.asarray(idx)[np.asarray(valid)].tolist()) == [0, 1]
+    # k = 0 (pending 0.9): nothing
+    _, _, valid = common.cbp_select_paper(state._replace(pending=jnp.array(0.9)), jnp.array([[3.0, 2.5, 2.0, 1.0]]),
+                                          w_out, **kw)
+    assert not np.any(valid)
+    # 0.4 per step with 1 of 2 units eligible at rate 0.4: floors of 0.4, 0.8, 1.2, 1.6, 2.0 -> steps 3, 5
+    state = common.cbp_init(2)._replace(age=jnp.array([5, -100], jnp.int32))
+    counts = []
+    for _ in range(5):
+        state, idx, valid = common.cbp_select_paper(state, jnp.ones((1, 2)), jnp.ones((2, 1)), replacement_rate=0.4,
+                                                    decay_rate=0.9, maturity_threshold=0, max_replace=2)
+        counts.append(int(valid.sum()))
+        state = state._replace(age=state.age.at[0].set(5))  # keep unit 0 eligible
+    assert counts == [0, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("w_in_shape, w_out_shape, axis, tie", [((5, 6), (6, 4), 0, False),
+                                                                 ((3, 3, 2, 6), (3, 3, 6, 4), 2, False),
+                                                                 ((3, 3, 2, 6), (3, 3, 6, 4), 2, True)])
+def test_cbp_paper_replace_bounds_and_untouched_entries(w_in_shape, w_out_shape, axis, tie):
+    """Replaced units get incoming weights in U(+-sqrt(6 / w_in.shape[0])) (a conv: sqrt(6 / kh), the authors'
+    indexing), bias 0, outgoing weights re-randomized (not 0) in U(+-sqrt(6 / w_out.shape[0])); with tied taps
+    one value per (in, out) pair over the 3 x 3 taps; every other entry is unchanged; the keep masks are 0
+    exactly at the touched entries."""
+    k = jax.random.split(jax.random.key(3), 3)
+    w_in = 10.0 + jax.random.uniform(k[0], w_in_shape)  # outside any bound: a redrawn entry shows
+    b_in = jnp.full(w_in_shape[-1], 10.0)
+    w_out = 10.0 + jax.random.uniform(k[1], w_out_shape)
+    idx, valid = jnp.array([4, 1, 0], jnp.int32), jnp.array([True, True, False])
+    new_in, new_b, new_out, keep_in, keep_b, keep_out = common.cbp_replace_paper(
+        k[2], w_in, b_in, w_out, idx, valid, out_unit_axis=axis, tie_in_taps=tie, tie_out_taps=tie)
+    units = np.isin(np.arange(6), [4, 1])
+    a_in, a_out = np.asarray(new_in), np.moveaxis(np.asarray(new_out), axis, 0)
+    bound_in, bound_out = np.sqrt(6 / w_in_shape[0]), np.sqrt(6 / w_out_shape[0])
+    assert np.all(np.abs(a_in[..., units]) <= bound_in) and np.all(np.abs(a_out[units]) <= bound_out)
+    assert np.all(a_out[units] != 0)
+    np.testing.assert_array_equal(a_in[..., ~units], np.asarray(w_in)[..., ~units])
+    np.testing.assert_array_equal(a_out[~units], np.moveaxis(np.asarray(w_out), axis, 0)[~units])
+    np.testing.assert_array_equal(np.asarray(new_b), np.where(units, 0.0, 10.0))
+    np.testing.assert_array_equal(np.asarray(keep_in), np.broadcast_to(~units, w_in_shape).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(keep_b), (~units).astype(np.float32))
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(keep_out), axis, 0),
+                                  np.broadcast_to((~units).reshape((6,) + (1,) * (len(w_out_shape) - 1)),
+                                                  a_out.shape).astype(np.float32))
+    if len(w_in_shape) == 4:  # tied: the 9 taps of a (in, out) pair share one value; untied: they differ
+        taps_in = a_in[..., units].reshape(9, -1)
+        taps_out = a_out[units].reshape(2, 9, -1)
+        assert np.all(taps_in == taps_in[0]) == tie and np.all(taps_out == taps_out[:, :1]) == tie
+    # w_in None: units without incoming weights of their own; only the outgoing rows change
+    only = common.cbp_replace_paper(k[2], None, None, w_out, idx, valid, out_unit_axis=axis)
+    assert only[0] is None and only[1] is None
+    np.testing.assert_array_equal(np.asarray(only[5]), np.asarray(keep_out))
+
+
+def test_cbp_resnet_select_by_hand():
+    """Dohare et al.'s ResNet rule (common.cbp_select_resnet) against numpy over three steps: the feature magnitude
+    is a running sum of (1 - decay) x mean|h| (never decayed, kept when the unit is replaced); once any unit is
+    mature, rate x #units (all of them) accumulates; the lowest mean|w_out| x magnitude among the eligible goes."""
+    rng = np.random.default_rng(1)
+    w_out = np.abs(rng.normal(size=(4, 2))).astype(np.float32) + 0.1
+    state = common.cbp_init(4)._replace(age=jnp.array([1, 3, 3, 3], jnp.int32))
+    magnitude, pending, age = np.zeros(4), 0.0, np.array([1, 3, 3, 3])
+    for step in range(3):
+        h = rng.normal(size=(5, 4)).astype(np.float32)
+        state, idx, valid = common.cbp_select_resnet(state, jnp.asarray(h), jnp.asarray(w_out), replacement_rate=0.2,
+                                                     decay_rate=0.9, maturity_threshold=3, max_replace=2)
+        magnitude = magnitude + 0.1 * np.abs(h).mean(0)
+        age = age + 1
+        eligible = age > 3
+        pending += 0.2 * 4 * eligible.any()  # all 4 units count, once one is eligible
+        k = min(int(np.floor(pending)), eligible.sum())
+        pending -= np.floor(pending)
+        utility = np.abs(w_out).mean(1) * magnitude
+        want = np.argsort(np.where(eligible, utility, np.inf))[:k]
+        got = np.asarray(idx)[np.asarray(valid)]
+        assert sorted(got.tolist()) == sorted(want.tolist()), step
+        age[want] = 0
+        np.testing.assert_allclose(state.mean_activation, magnitude, rtol=1e-5)
+        np.testing.assert_allclose(float(state.pending), pending, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(state.age, age)
+    assert np.asarray(state.age).min() == 0  # something was replaced (steps 1 and 2: 0.8 + 0.8 = 1.6)
+
+
+def test_adam_moments_masked_for_the_paper_variant():
+    """The paper variant's Adam state: mu and nu zeroed at the touched entries (as the authors'); optax's step
+    count is one scalar for all parameters and is kept."""
+    params = {"w": jnp.ones((3, 2))}
+    opt = common.adam(1e-3)
+    _, state = opt.update({"w": jnp.ones((3, 2))}, opt.init(params), params)
+    masked = common.mask_opt_state(opt, state, {"w": jnp.ones((3, 2)).at[:, 1].set(0.0)})
+    adam = masked[1][0]
+    for moment in (adam.mu["w"], adam.nu["w"]):
+        np.testing.assert_array_equal(np.asarray(moment)[:, 1], 0.0)
+        assert np.all(np.asarray(moment)[:, 0] != 0)
+    assert int(adam.count) == 1
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 def test_dead_units_and_param_norm():
     acts = jnp.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0.0, 0.5, 0.0, 0.0]])

@@ -325,6 +325,53 @@ def test_network_shapes_and_im2col_equals_xla():
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_cbp_paper_variant_units_and_reinit():
+    """--cbp-variant paper (the authors' imagenet/cbp.py): units conv1, conv2 (channels), conv3's 512 flattened
+    outputs, fc1, fc2 (imagenet.PAPER_UNITS); one step with pending just below 1 replaces each layer's highest
+    0.01 |mean h| x mean|w_out| unit: incoming weights U(+-sqrt(6 / shape[0])) (conv1 sqrt(6 / 5), conv2
+    sqrt(2): the kernel height) independent per tap, outgoing weights re-randomized with the consuming kernel's
+    bound (conv: one value over the taps), bias 0; a conv3 output only changes its fc1 row (conv3's filters are
+    never redrawn); momentum kept."""
+    agent, init = initializer("cbp", replacement_rate=1e-4, maturity_threshold=0, cbp_variant="paper")
+    state = init(0)
+    assert [c.utility.shape[0] for c in state["cbp"]] == list(imagenet.PAPER_UNITS) == [32, 64, 512, 128, 128]
+    state["cbp"] = [c._replace(pending=jnp.float32(0.9999)) for c in state["cbp"]]
+    opt = common.sgd(0.1, 0.0, 0.9)
+    state["opt"] = jax.tree.map(jnp.ones_like, state["opt"])  # momentum all ones
+    _, acts = forward(state["params"], jax.random.normal(jax.random.key(1), (4, 32, 32, 3)), "xla")
+    new = jax.jit(lambda m, a, k: imagenet.cbp_step(agent, opt, m, a, k))(state, acts, jax.random.key(2))
+    old_p, new_p = jax.tree.map(np.asarray, state["params"]), jax.tree.map(np.asarray, new["params"])
+    for layer, (name, nxt) in enumerate(zip(imagenet.HIDDEN, imagenet.NEXT)):
+        h = np.asarray(acts[layer]).reshape(4, -1) if name == "conv3" else np.asarray(acts[layer])
+        h = h.reshape(-1, h.shape[-1])
+        axis = 2 if nxt.startswith("conv") else 0
+        w_out = np.moveaxis(old_p[nxt]["w"], axis, 0)
+        utility = 0.01 * np.abs(h.mean(0)) * np.abs(w_out.reshape(w_out.shape[0], -1)).mean(1)
+        j = int(np.argmax(utility))
+        assert np.flatnonzero(np.asarray(new["cbp"][layer].age) == 0).tolist() == [j], name
+        out = np.moveaxis(new_p[nxt]["w"], axis, 0)[j]
+        assert np.all(np.abs(out) <= math.sqrt(6 / new_p[nxt]["w"].shape[0])) and np.all(out != 0)
+        if nxt.startswith("conv"):  # one draw per (in, out) pair over the taps, but in the column that conv2's
+            # own replaced unit redrew (conv3's filters are never redrawn)
+            redrawn = np.flatnonzero(np.asarray(new["cbp"][layer + 1].age) == 0) if nxt == "conv2" else []
+            tied = np.delete(out, redrawn, -1)
+            assert np.all(tied == tied[:1, :1])
+        if name == "conv3":
+            j2 = np.flatnonzero(np.asarray(new["cbp"][1].age) == 0)  # conv2's unit: its conv3 input re-randomized
+            np.testing.assert_array_equal(np.delete(new_p["conv3"]["w"], j2, 2), np.delete(old_p["conv3"]["w"], j2, 2))
+            np.testing.assert_array_equal(new_p["conv3"]["b"], old_p["conv3"]["b"])
+            continue
+        fresh = new_p[name]["w"][..., j]
+        bound = math.sqrt(6 / new_p[name]["w"].shape[0])
+        assert np.all(np.abs(fresh) <= bound) and np.all(fresh != old_p[name]["w"][..., j])
+        assert new_p[name]["b"][j] == 0.0
+        if fresh.ndim == 3:  # independent per tap
+            assert not np.all(fresh == fresh[:1, :1])
+    assert math.isclose(math.sqrt(6 / new_p["conv1"]["w"].shape[0]), math.sqrt(6 / 5))
+    for leaf in jax.tree.leaves(new["opt"]):
+        np.testing.assert_array_equal(leaf, 1.0)
+
+
 def test_cbp_conv_to_dense_boundary_replaces_the_right_rows():
     j = 37  # conv3 channel made the least useful
     agent = initializer("cbp", replacement_rate=1e-3, maturity_threshold=10)[0]
@@ -745,6 +792,8 @@ def test_interrupt_mid_task_then_resume_equals_uninterrupted(run, data_dir, tmp_
     (dict(agent="er", er_every=2), "must divide the 3 minibatches"),
     (dict(tasks=0), "must be >= 1"),
     (dict(agent="cbp", cbp_utility="utility"), "--cbp-utility must be one of contribution, adaptable_contribution"),
+    (dict(agent="cbp", cbp_variant="paper", cbp_utility="contribution"),
+     "--cbp-utility does not apply to --cbp-variant paper"),
     (dict(agent="cbp", decay_rate=1.0), "--decay-rate in"),
     (dict(agent="bp", redo_tau=0.1), "--redo-tau does not apply to agent bp .only redo"),
     (dict(agent="l2", layer_norm=True), "--layer-norm does not apply to agent l2 .only layernorm-l2"),

@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,6 +92,38 @@ def test_agents_do_what_they_say(run):
     # (measured: 12.6/10.9/8.6 -> 13.5/12.6/11.1 at task 0).
     frozen = run(agent="bp", lr=(1e-9,))["effective_rank"]
     assert (run(agent="er", lr=(1e-9,), er_lr=(0.01,))["effective_rank"] > frozen + 0.5).all()
+
+
+def test_cbp_paper_variant(run, data):
+    """--cbp-variant paper runs, differs from the default, and one step of pmnist.cbp_step replaces each hidden
+    layer's highest 0.01 |mean h| x mean|w_out| unit with incoming weights in U(+-sqrt(6 / fan_in)) and a
+    re-randomized outgoing row (not 0) in U(+-sqrt(6 / width)), the output layer's included."""
+    settings = dict(agent="cbp", replacement_rate=0.01, maturity_threshold=20)
+    paper = run(cbp_variant="paper", **settings)
+    # (no learning check: at this rate, 1 in 100 mature units per step, replacing the most useful ones scrambles
+    # a width-16 net: online accuracy 0.22 then 0.14)
+    assert np.isfinite(paper["online_acc"]).all() and not paper["diverged"].any()
+    assert not np.array_equal(paper["param_norm"], run(**settings)["param_norm"])
+    agent = {**pmnist.AGENTS["cbp"], "replacement_rate": 1e-4, "maturity_threshold": 0, "cbp_variant": "paper"}
+    params = pmnist.init_params(jax.random.key(0), 784, 16)
+    x = jnp.asarray(data["train_x"][:1], jnp.float32) / 255.0
+    features = pmnist.hidden_features(params, x)
+    state = {"params": params, "opt": (), "cbp": [pmnist.common.cbp_init(16)._replace(pending=jnp.array(0.9999))
+                                                  for _ in range(3)]}
+    opt = pmnist.common.sgd(0.01)
+    new = pmnist.cbp_step(agent, opt, {**state, "opt": opt.init(params)}, features, jax.random.key(1))
+    for layer in range(3):
+        w_out = np.asarray(params[layer + 1]["w"])
+        utility = 0.01 * np.abs(np.asarray(features[layer]).mean(0)) * np.abs(w_out).mean(1)
+        j = int(np.argmax(utility))
+        assert np.flatnonzero(np.asarray(new["cbp"][layer].age) == 0).tolist() == [j]
+        w_in = np.asarray(new["params"][layer]["w"])
+        assert np.all(np.abs(w_in[:, j]) <= np.sqrt(6 / (784 if layer == 0 else 16)))
+        assert np.all(w_in[:, j] != np.asarray(params[layer]["w"])[:, j]) and new["params"][layer]["b"][j] == 0
+        row = np.asarray(new["params"][layer + 1]["w"])[j]
+        assert np.all(np.abs(row) <= np.sqrt(6 / 16)) and np.all(row != 0)
+    with pytest.raises(SystemExit, match="--cbp-utility does not apply to --cbp-variant paper"):
+        pmnist.main(replace(TINY, agent="cbp", cbp_variant="paper", cbp_utility="contribution"), data)
 
 
 def test_redo_recycles_only_dormant_units_and_keeps_the_function():
