@@ -715,8 +715,8 @@ def progress_from(args, calls, cursor):
 def save(run, measured):
     """Run.save, then each seed's class order (class_order [configs, seeds, 100]) added to metrics.npz."""
     run.save(measured)
-    with np.load(run.dir / "metrics.npz") as f:
-        arrays = {k: f[k] for k in f.files}
+    with np.load(run.dir / "metrics.npz") as f:  # in a job, another process may have added class_order already
+        arrays = {k: f[k] for k in f.files if k != "class_order"}
     order = np.stack([class_order(s) for s in run.members.seed_list])
     runner.save_npz(run.dir / "metrics.npz", **arrays,
                     class_order=np.broadcast_to(order, run.members.grid + (NUM_CLASSES,)))
