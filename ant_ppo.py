@@ -274,6 +274,14 @@ class Args:
     member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto =
     map on one CPU device (faster there), else vmap"""
+    distributed: bool = False
+    """join a job of several processes (hosts) that SLURM or Open MPI started (srun, mpirun): the members spread over every process's devices"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 of a job of several processes started by hand (with --num-processes and --process-id)"""
+    num_processes: int | None = None
+    """processes in the job (with --coordinator)"""
+    process_id: int | None = None
+    """this process's index in the job, 0 .. num-processes - 1 (with --coordinator)"""
 
 
 # Args of the MJX env alone (Brax's Ant has its own solver, contacts, start pose, control cost and resets).
@@ -410,8 +418,9 @@ def ant_model(solver_iterations=EnvConfig._field_defaults["solver_iterations"],
     for pos in ("0.4 0.4 0", "-0.4 0.4 0", "-0.4 -0.4 0", "0.4 -0.4 0"):
         xml = xml.replace("{foot:" + pos + "}", FOOT_XML.format(pos) if contacts == "feet" else "")
     mj_model = mujoco.MjModel.from_xml_string(xml)
+    # This process's device: MJX's default, jax.devices()[0], is process 0's in a job of several processes.
     with jax.ensure_compile_time_eval():  # concrete arrays even when first called inside a jit trace
-        return mj_model, mjx.put_model(mj_model)
+        return mj_model, mjx.put_model(mj_model, jax.local_devices()[0])
 
 
 def env_model(cfg):
@@ -1069,8 +1078,8 @@ def over_members(fn, batching, in_axes, fast_compile):
     member's call finishes before the next starts (member programs running at once on a CPU can stall XLA's
     thread pool, as concurrent LAPACK solves can: see common.effective_ranks)."""
     jit = partial(jax.jit, compiler_options=FAST_COMPILE if fast_compile else None)
-    if batching == "vmap":
-        return jit(jax.vmap(fn, in_axes=in_axes))
+    if batching == "vmap" or jax.process_count() > 1:
+        return runner.over_members(fn, batching, in_axes, jit)
     single = jit(fn)
 
     def run(*args):
@@ -1113,11 +1122,11 @@ def measure_spectra(run, spectrum, state, seeds, measured, update, num_updates):
     starts = [first for first, _ in measured]
     k = starts.index(update) if update in starts else len(measured) if measured and update == num_updates else None
     if k is not None and k > 0:
-        run.spectra["end_nodes"][:, k - 1], run.spectra["end_weights"][:, k - 1] = spectrum(
-            state, seeds, jnp.int32(measured[k - 1][1]), jnp.int32(1))
+        run.spectra["end_nodes"][:, k - 1], run.spectra["end_weights"][:, k - 1] = run.members.host(spectrum(
+            state, seeds, jnp.int32(measured[k - 1][1]), jnp.int32(1)))
     if k is not None and k < len(measured):
-        run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
-            state, seeds, jnp.int32(measured[k][1]), jnp.int32(0))
+        run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = run.members.host(spectrum(
+            state, seeds, jnp.int32(measured[k][1]), jnp.int32(0)))
 
 
 def check_resume(args, num_updates):
@@ -1220,6 +1229,7 @@ def spectra_shapes(args):
 # Driver: init or resume, then for each chunk of updates: spectra at phase changes, train, record, checkpoint
 # ----------------------------------------------------------------------------------------------------------
 def main(args):
+    runner.init_processes(args)
     runner.check_agent(args, AGENTS, SWEPT)
     agent, configs = resolve(args)
     members = runner.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
@@ -1240,7 +1250,7 @@ def main(args):
         measure_spectra(run, spectrum, state, seeds, measured, first, num_updates)
         with timer.timing(first > start):  # the first chunk compiles
             state, metrics = train(state, hp, seeds, jnp.int32(last - first))
-            metrics = jax.device_get(metrics)  # [members, updates_per_chunk, ...]
+            metrics = members.host(metrics)  # [members, updates_per_chunk, ...]
         timer.steps += members.count * (last - first) * args.num_steps * (first > start)
         for i in range(last - first):
             run.record(first + i, {k: v[:, i] for k, v in metrics.items()}, f"update {first + i + 1}")
@@ -1251,7 +1261,7 @@ def main(args):
         if last == num_updates:
             measure_spectra(run, spectrum, state, seeds, measured, last, num_updates)
         save(run, args, measured, schedule)
-        if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or last == num_updates:
+        if stop.due(last_checkpoint, args.checkpoint_minutes) or last == num_updates:
             run.checkpoint(jax.tree.leaves(state))  # leaves only: see restore
             last_checkpoint = time.time()
             if stop.requested and last < num_updates:

@@ -232,6 +232,14 @@ class Args:
     """minibatch steps per member in one jitted call: Ctrl-C and checkpoints wait at most one call (results do not depend on it; fixed for a run, as --resume counts calls)"""
     member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto = map on one CPU device, else vmap"""
+    distributed: bool = False
+    """join a job of several processes (hosts) that SLURM or Open MPI started (srun, mpirun): the members spread over every process's devices"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 of a job of several processes started by hand (with --num-processes and --process-id)"""
+    num_processes: int | None = None
+    """processes in the job (with --coordinator)"""
+    process_id: int | None = None
+    """this process's index in the job, 0 .. num-processes - 1 (with --coordinator)"""
 
 
 # Args that may change between a run and its --resume (speed, memory, paths, more tasks; vmap and map round
@@ -830,8 +838,8 @@ def progress_from(args, calls, cursor):
 def save(run, measured):
     """Run.save, then each seed's class order (class_order [configs, seeds, 100]) added to metrics.npz."""
     run.save(measured)
-    with np.load(run.dir / "metrics.npz") as f:
-        arrays = {k: f[k] for k in f.files}
+    with np.load(run.dir / "metrics.npz") as f:  # in a job, another process may have added class_order already
+        arrays = {k: f[k] for k in f.files if k != "class_order"}
     order = np.stack([class_order(s) for s in run.members.seed_list])
     runner.save_npz(run.dir / "metrics.npz", **arrays,
                     class_order=np.broadcast_to(order, run.members.grid + (NUM_CLASSES,)))
@@ -843,6 +851,7 @@ def save(run, measured):
 def main(args, dataset=None):
     """Run the experiment. `dataset` (tests) replaces CIFAR-100: a dict of x_train [N, 32, 32, 3] uint8,
     y_train [N] int, x_test [M, 32, 32, 3] uint8, y_test [M] int, every class equally often."""
+    runner.init_processes(args)
     runner.check_agent(args, AGENTS, SWEPT)
     agent, configs = resolve(args)
     ds = load_data(args, agent, dataset)
@@ -868,8 +877,8 @@ def main(args, dataset=None):
         if fresh and task > 0 and "reset" in agent:  # RESET: a fresh network, statistics and optimizer
             state = init(seeds, task)
         if fresh and k is not None:  # "init": the network that starts the task, on its new classes
-            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
-                state, seeds, classes, dev, task, 0, hessian_images(seeds, task))
+            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = members.host(spectrum(
+                state, seeds, classes, dev, task, 0, hessian_images(members.seeds, task)))
         for i in range(run.cursor["call"], len(task_calls)):
             first, count = task_calls[i]
             with timer.timing(timed := (task, i) != (start, start_call)):  # the first call compiles
@@ -880,23 +889,23 @@ def main(args, dataset=None):
                 break
             if time.perf_counter() - progress.last_time >= PRINT_SECONDS:
                 progress.update(done, (done - progress.done) * members.count, task=f"{task + 1}/{args.tasks}")
-            if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes:
+            if stop.due(last_checkpoint, args.checkpoint_minutes):
                 run.checkpoint(state)
                 last_checkpoint = time.time()
                 if stop.requested:
                     task_steps = task_calls[-1][0] + task_calls[-1][1]
                     stop.exit(f"task {task + 1}/{args.tasks} (step {first + count:,} of {task_steps:,})",
                               runner.resume_command(args, run.dir))
-        metrics = jax.device_get(evaluate(state, seeds, classes, dev, task))
+        metrics = members.host(evaluate(state, seeds, classes, dev, task))
         if k is not None:
-            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
-                state, seeds, classes, dev, task, 1, hessian_images(seeds, task))
+            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = members.host(spectrum(
+                state, seeds, classes, dev, task, 1, hessian_images(members.seeds, task)))
         run.record(task, metrics, f"task {task + 1}")
         progress.update(done, (done - progress.done) * members.count, task=f"{task + 1}/{args.tasks}",
                         test_acc=runner.finite_mean(metrics["test_acc"]),
                         train_acc=runner.finite_mean(metrics["train_acc"]))
         save(run, measured[:sum(t <= task for t in measured)])
-        if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or task + 1 == args.tasks:
+        if stop.due(last_checkpoint, args.checkpoint_minutes) or task + 1 == args.tasks:
             run.checkpoint(state)
             last_checkpoint = time.time()
             if stop.requested and task + 1 < args.tasks:

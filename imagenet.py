@@ -215,6 +215,14 @@ class Args:
     """minutes of work between checkpoints (one is also written at the end and on Ctrl-C)"""
     member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto = map on one CPU device, else vmap"""
+    distributed: bool = False
+    """join a job of several processes (hosts) that SLURM or Open MPI started (srun, mpirun): the members spread over every process's devices"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 of a job of several processes started by hand (with --num-processes and --process-id)"""
+    num_processes: int | None = None
+    """processes in the job (with --coordinator)"""
+    process_id: int | None = None
+    """this process's index in the job, 0 .. num-processes - 1 (with --coordinator)"""
     conv_impl: Literal["auto", "xla", "im2col"] = "auto"
     """convolutions: XLA's, or patches + matrix multiply (im2col; same math); auto = im2col on CPU (measured 9-20x faster there), else xla"""
 
@@ -588,6 +596,7 @@ def load_data(args):
 # ----------------------------------------------------------------------------------------------------------
 def main(args):
     """Run the experiment; returns the run directory."""
+    runner.init_processes(args)
     agent, configs = resolve(args)
     ds = load_data(args)
     members = runner.Members(configs, [args.seed + i for i in range(args.seeds)], args.member_batching)
@@ -609,31 +618,31 @@ def main(args):
         x_train, x_test = runner.shard_members(task_data(members.seeds, task))
         k = measured.index(task) if task in measured else None
         if k is not None and run.cursor["call"] == 0:  # "init": the last task's final params on this task's data
-            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
-                state["params"], seeds, task, x_train, 0)
+            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = members.host(spectrum(
+                state["params"], seeds, task, x_train, 0))
         for i in range(run.cursor["call"], len(calls)):
             with timer.timing(task > start):  # the first task compiles
                 state, train_acc = train_calls[calls[i][1]](state, hp, seeds, task, x_train, calls[i][0])
-                train_acc = jax.device_get(train_acc)  # the last epoch's: the task's when this is its last call
+                train_acc = members.host(train_acc)  # the last epoch's: the task's when this is its last call
             timer.steps += members.count * calls[i][1] * steps * (task > start)
             run.accumulate(i + 1)
-            if i + 1 < len(calls) and (stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes):
+            if i + 1 < len(calls) and stop.due(last_checkpoint, args.checkpoint_minutes):
                 run.checkpoint(state)
                 last_checkpoint = time.time()
                 if stop.requested:
                     epochs_done = sum(c[1] for c in calls[:i + 1])
                     stop.exit(f"task {task + 1}/{args.tasks} (epoch {epochs_done} of {args.epochs})",
                               runner.resume_command(args, run.dir))
-        metrics = jax.device_get(evaluate(state["params"], x_train, x_test))
+        metrics = members.host(evaluate(state["params"], x_train, x_test))
         if k is not None:
-            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
-                state["params"], seeds, task, x_train, 1)
+            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = members.host(spectrum(
+                state["params"], seeds, task, x_train, 1))
         run.record(task, {**metrics, "train_acc": train_acc}, f"task {task}")
         progress.update(task + 1, args.epochs * steps * members.count,
                         test_acc=runner.finite_mean(run.metrics["test_acc"][:, task]),
                         train_acc=runner.finite_mean(run.metrics["train_acc"][:, task]))
         run.save(measured[:sum(t <= task for t in measured)])
-        if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or task + 1 == args.tasks:
+        if stop.due(last_checkpoint, args.checkpoint_minutes) or task + 1 == args.tasks:
             run.checkpoint(state)
             last_checkpoint = time.time()
             if stop.requested and task + 1 < args.tasks:

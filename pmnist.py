@@ -155,6 +155,14 @@ class Args:
     """minutes of work between checkpoints (one is also written at the end and on Ctrl-C)"""
     member_batching: Literal[runner.MEMBER_BATCHING] = "auto"
     """how seeds x configs run together: vmap (one batched program) or map (one member after another); auto = map on one CPU device (faster there), else vmap"""
+    distributed: bool = False
+    """join a job of several processes (hosts) that SLURM or Open MPI started (srun, mpirun): the members spread over every process's devices"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 of a job of several processes started by hand (with --num-processes and --process-id)"""
+    num_processes: int | None = None
+    """processes in the job (with --coordinator)"""
+    process_id: int | None = None
+    """this process's index in the job, 0 .. num-processes - 1 (with --coordinator)"""
 
 
 CHUNK = 100  # SGD steps per inner scan for agents without ER (the per-step noise keys are folded per chunk)
@@ -407,6 +415,7 @@ def load_data(args):
 def main(args, dataset=None):
     """Run the experiment. `dataset` (tests) replaces MNIST: a dict of train_x [N, D] uint8, train_y [N] int,
     test_x [M, D] uint8, test_y [M] int."""
+    runner.init_processes(args)
     runner.check_agent(args, AGENTS, SWEPT)
     ds = load_data(args) if dataset is None else dataset
     agent, configs = resolve(args, ds)
@@ -428,13 +437,13 @@ def main(args, dataset=None):
     for task in range(start, args.tasks):
         k = measured.index(task) if task in measured else None
         if k is not None and run.cursor["call"] == 0:  # "init": the last task's final params on this task's data
-            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = spectrum(
-                state["params"], seeds, task, 0, ds)
+            run.spectra["init_nodes"][:, k], run.spectra["init_weights"][:, k] = members.host(spectrum(
+                state["params"], seeds, task, 0, ds))
         shuffled = shuffle(seeds, task)
         for i in range(run.cursor["call"], len(calls)):
             with timer.timing(task > start):  # the first task compiles
                 state, correct, loss = train_calls[calls[i][1]](state, hp, seeds, task, shuffled, ds, calls[i][0])
-                correct, loss = jax.device_get((correct, loss))
+                correct, loss = members.host((correct, loss))
             timer.steps += members.count * call_steps(args, agent, calls[i]) * (task > start)
             run.accumulate(i + 1, correct=correct, loss=loss)
             if stop.requested and i + 1 < len(calls):
@@ -442,10 +451,10 @@ def main(args, dataset=None):
                 steps_done = sum(call_steps(args, agent, c) for c in calls[:i + 1])
                 stop.exit(f"task {task + 1}/{args.tasks} (step {steps_done:,} of {args.steps_per_task:,})",
                           runner.resume_command(args, run.dir))
-        metrics = jax.device_get(evaluate(state["params"], seeds, task, ds))
+        metrics = members.host(evaluate(state["params"], seeds, task, ds))
         if k is not None:
-            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = spectrum(
-                state["params"], seeds, task, 1, ds)
+            run.spectra["end_nodes"][:, k], run.spectra["end_weights"][:, k] = members.host(spectrum(
+                state["params"], seeds, task, 1, ds))
         total = run.cursor["partial"]
         metrics.update(online_acc=total["correct"] / np.float32(args.steps_per_task),
                        online_loss=total["loss"] / np.float32(args.steps_per_task),
@@ -454,7 +463,7 @@ def main(args, dataset=None):
         progress.update(task + 1, args.steps_per_task, online_acc=runner.finite_mean(metrics["online_acc"]),
                         test_acc=runner.finite_mean(metrics["test_acc"]))
         run.save(measured[:sum(t <= task for t in measured)])
-        if stop.requested or time.time() - last_checkpoint >= 60 * args.checkpoint_minutes or task + 1 == args.tasks:
+        if stop.due(last_checkpoint, args.checkpoint_minutes) or task + 1 == args.tasks:
             run.checkpoint(state)
             last_checkpoint = time.time()
             if stop.requested and task + 1 < args.tasks:

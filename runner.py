@@ -1,7 +1,8 @@
 """The run plumbing the experiment scripts share (no need to modify to fork); the science is in common.py.
 
-Members and sweeps (configs x seeds trained together, vmapped or mapped) and their sharding over devices; the
-CLI helpers (tyro's parse, the agents and their defaults in --help, AGENTS checked against Args and SWEPT);
+Members and sweeps (configs x seeds trained together, vmapped or mapped) and their sharding over devices; a job
+of several processes or hosts (JAX's multi-controller runtime: the members over every process's devices, outputs
+written by process 0); the CLI helpers (tyro's parse, the agents and their defaults in --help, AGENTS checked against Args and SWEPT);
 one-line errors; run folders and config.json; atomic writes; checkpoints and resume; stop requests on
 SIGINT / SIGTERM; progress lines.
 """
@@ -16,7 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import types
 import typing
 from dataclasses import asdict, field, fields, make_dataclass
@@ -32,8 +35,164 @@ REPO_DIR = Path(__file__).resolve().parent
 
 
 def fail(message):
-    """Stop with a one-line error, exit status 1, no traceback."""
+    """Stop with a one-line error, exit status 1, no traceback. In a job of several processes the process ends
+    at once (the others find it gone at their next exchange) instead of waiting for them at JAX's shutdown."""
+    if _JOB:
+        _exit_now(f"error: {message}")
     raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A job of several processes (hosts): JAX's multi-controller runtime. Every process runs the same script with
+# the same flags, holds the full member table and computes its own devices' members; the members are padded to
+# a multiple of the job's devices (the padding repeats member 0 and is dropped from every output). Host values
+# are gathered to every process; process 0 alone prints progress and writes files, a barrier after each write.
+# ----------------------------------------------------------------------------------------------------------
+DISTRIBUTED_FLAGS = ("distributed", "coordinator", "num_processes", "process_id")  # free on --resume (N -> M)
+DISTRIBUTED_TIMEOUT = 60  # seconds: a job that has not formed, or a process silent this long, is an error
+_JOB = {}  # {"coordinator": HOST:PORT, "index": process index} once init_processes formed a job of several
+
+
+def init_processes(args):
+    """Join the job of several processes `args` asks for: --distributed (JAX reads SLURM's or Open MPI's
+    environment) or --coordinator HOST:PORT --num-processes N --process-id I. Nothing without those flags. Call
+    it before anything touches a JAX backend (first thing in main)."""
+    explicit = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+                "--process-id": args.process_id}
+    if (not args.distributed and all(v is None for v in explicit.values())) or jax.distributed.is_initialized():
+        return
+    if args.distributed and any(v is not None for v in explicit.values()):
+        fail("--distributed reads the job from SLURM or Open MPI; give it, or --coordinator, --num-processes "
+             "and --process-id, not both")
+    if not args.distributed and any(v is None for v in explicit.values()):
+        fail(f"{' and '.join(k for k, v in explicit.items() if v is None)} missing: a job of several processes "
+             f"needs --coordinator HOST:PORT, --num-processes N and --process-id I (0 .. N-1) in every process")
+    if not args.distributed:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            fail(f"--coordinator {args.coordinator}: expected HOST:PORT (process 0's host, a free port)")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            fail(f"--process-id {args.process_id} with --num-processes {args.num_processes}: need "
+                 f"0 <= process id < number of processes")
+    from jax._src import distributed as jax_distributed  # where JAX keeps the coordinator it found (SLURM, MPI)
+
+    coordinator = lambda: args.coordinator or jax_distributed.global_state.coordinator_address or "(not found)"
+    # SIGTERM (SLURM's warning before the time limit) is StopRequests' (a checkpoint), not JAX's preemption sync.
+    jax.config.update("jax_enable_preemption_service", False)
+    # JAX aborts (SIGABRT, a C++ stack trace) when its own connect timeout ends; this timer ends first, one line.
+    watchdog = threading.Timer(DISTRIBUTED_TIMEOUT, lambda: _exit_now(
+        f"error: the job did not form within {DISTRIBUTED_TIMEOUT} s: not every process reached the coordinator "
+        f"{coordinator()} (is each started, with the same --coordinator and --num-processes?)",
+        jax_distributed.global_state.process_id))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   initialization_timeout=DISTRIBUTED_TIMEOUT + 30,
+                                   heartbeat_timeout_seconds=DISTRIBUTED_TIMEOUT,
+                                   shutdown_timeout_seconds=DISTRIBUTED_TIMEOUT)
+    except (ValueError, RuntimeError, TypeError) as e:
+        hint = (" (--distributed found no SLURM or Open MPI job in the environment; outside one, give --coordinator, "
+                "--num-processes and --process-id)" if args.distributed and "coordinator" in str(e) else "")
+        fail(f"could not join the job: {str(e).splitlines()[0]}{hint}")
+    finally:
+        watchdog.cancel()
+    if jax.process_count() > 1:
+        _JOB.update(coordinator=coordinator(), index=jax.process_index())
+        if _JOB["index"] != 0:  # progress lines and results once, from process 0
+            sys.stdout = open(os.devnull, "w")
+        sys.stderr = _Labelled(sys.stderr, f"[process {_JOB['index']}] ")
+        sys.excepthook = _end_on_error
+
+
+class _Labelled:
+    """A text stream whose every line starts with `label` (a warning or error says which process it is from)."""
+
+    def __init__(self, stream, label):
+        self.stream, self.label, self.at_line_start = stream, label, True
+
+    def write(self, text):
+        for piece in text.splitlines(keepends=True):
+            self.stream.write(self.label * (self.at_line_start and piece != "\n") + piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _exit_now(message=None, index=None):
+    """Print `message` (one line) and end this process at once: JAX's exit would wait at a shutdown barrier
+    for the other processes (DISTRIBUTED_TIMEOUT) and then abort with a C++ stack trace."""
+    if message:
+        label = f"[process {index}] " if index is not None and not _JOB else ""
+        print(label + message, file=sys.stderr, flush=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(1)
+
+
+def _end_on_error(kind, value, tb):
+    traceback.print_exception(kind, value, tb)
+    _exit_now()
+
+
+def _exchange(what, fn, *args):
+    """A collective over the job's processes; a process gone (killed, crashed) is a one-line error here."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 (gloo's and the coordination service's errors have no common type)
+        _exit_now(f"error: lost the job's other processes at {what} (coordinator {_JOB['coordinator']}): "
+                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+
+
+def _barrier(name):
+    if _JOB:
+        from jax.experimental import multihost_utils
+        _exchange(f"the barrier after {name}", multihost_utils.sync_global_devices, name)
+
+
+def _agreed_bytes(value):
+    """Process 0's `value` (bytes, < 4 kB) on every process."""
+    if not _JOB:
+        return value
+    from jax.experimental import multihost_utils
+    buffer = np.frombuffer(value.ljust(4096, b"\0"), np.uint8)
+    agreed = _exchange("agreeing on the run folder", multihost_utils.broadcast_one_to_all, buffer)
+    return bytes(np.asarray(agreed, np.uint8)).rstrip(b"\0")
+
+
+def _mesh():
+    return jax.sharding.Mesh(np.array(jax.devices()), ("members",))
+
+
+def _padded(n):
+    """n members, padded to a multiple of the job's devices."""
+    return -(-n // jax.device_count()) * jax.device_count()
+
+
+def _global(x):
+    """A member-leading value of the full member table -> one array over the job's devices, each process
+    holding its devices' members (the table padded with copies of member 0). Already global: unchanged."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_global(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    x = np.concatenate([x, np.repeat(x[:1], _padded(x.shape[0]) - x.shape[0], axis=0)])
+    sharding = jax.sharding.NamedSharding(_mesh(), jax.sharding.PartitionSpec("members"))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _gathered(x):
+    """A value on the devices (global or not) -> a host copy of all of it (a collective when global)."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jnp.asarray(_gathered(jax.random.key_data(x))), impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(_exchange("gathering results", multihost_utils.process_allgather, x, True))
+    return jax.device_get(x)
 
 
 def check_agent(args, agents, swept):
@@ -165,16 +324,20 @@ MEMBER_BATCHING = ("auto", "vmap", "map")
 def resolve_batching(choice):
     """"auto": "map" on one CPU device (measured ~2x faster per member there), else "vmap"."""
     if choice == "auto":
-        return "map" if jax.default_backend() == "cpu" and jax.local_device_count() == 1 else "vmap"
+        return "map" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "vmap"
     return choice
 
 
-def over_members(fn, batching, in_axes):
+def over_members(fn, batching, in_axes, jit=jax.jit):
     """`fn` of one member run for every member (`in_axes`: 0 = member axis leading, None = shared). "vmap": one
-    batched program; "map": one single-member program called per member (members split and stacked on the host)."""
+    batched program; "map": one single-member program called per member (members split and stacked on the host).
+    In a job of several processes: one program over the job's devices, each running its own members (vmapped,
+    or one after another with "map") with no exchange between devices; outputs stay on the devices."""
+    if _JOB:
+        return _over_processes(fn, batching, in_axes, jit)
     if batching == "vmap":
-        return jax.jit(jax.vmap(fn, in_axes=in_axes))
-    single = jax.jit(fn)
+        return jit(jax.vmap(fn, in_axes=in_axes))
+    single = jit(fn)
 
     def run(*args):
         batched = [jax.device_get(a) if axis == 0 else a for a, axis in zip(args, in_axes)]
@@ -186,8 +349,30 @@ def over_members(fn, batching, in_axes):
     return run
 
 
+def _over_processes(fn, batching, in_axes, jit):
+    P = jax.sharding.PartitionSpec
+    if batching == "vmap":
+        body = jax.vmap(fn, in_axes=in_axes)
+    else:
+        def body(*args):
+            def one(member):
+                member = iter(member)
+                return fn(*[next(member) if axis == 0 else a for a, axis in zip(args, in_axes)])
+            return jax.lax.map(one, tuple(a for a, axis in zip(args, in_axes) if axis == 0))
+    program = jit(jax.shard_map(body, mesh=_mesh(), in_specs=tuple(P("members") if axis == 0 else P() for axis in in_axes),
+                                out_specs=P("members"), check_vma=False))
+
+    def run(*args):
+        return program(*[jax.tree.map(_global, a) if axis == 0 else a for a, axis in zip(args, in_axes)])
+
+    return run
+
+
 def shard_members(tree):
-    """Spread the leading (member) axis over the local devices when there are several and it divides evenly."""
+    """Spread the leading (member) axis over the local devices when there are several and it divides evenly; in
+    a job of several processes, over all the job's devices (padded: see _global)."""
+    if _JOB:
+        return jax.tree.map(_global, tree)
     devices = jax.local_devices()
     leading = {x.shape[0] for x in jax.tree.leaves(tree)}
     if len(devices) < 2 or len(leading) != 1 or leading.pop() % len(devices):
@@ -217,9 +402,16 @@ class Members:
         """[members, ...] -> [configs, seeds, ...]."""
         return np.asarray(a).reshape(self.grid + np.shape(a)[1:])
 
+    def host(self, tree):
+        """Member outputs -> host copies of the real members (gathered from every process, padding dropped)."""
+        return jax.tree.map(lambda x: _gathered(x)[:self.count], tree)
+
     def __str__(self):
-        return (f"{self.count} members ({self.grid[0]} configs x {self.grid[1]} seeds), {jax.device_count()} x "
-                f"{jax.devices()[0].device_kind}, member batching {self.batching}")
+        job = f" over {jax.process_count()} processes" if _JOB else ""
+        padding = _padded(self.count) - self.count if _JOB else 0
+        return (f"{self.count} members ({self.grid[0]} configs x {self.grid[1]} seeds"
+                f"{f', {padding} padding' if padding else ''}), {jax.device_count()} x "
+                f"{jax.devices()[0].device_kind}{job}, member batching {self.batching}")
 
 
 def finite_mean(values):
@@ -239,21 +431,27 @@ def script_name(args):
 
 
 def make_run_dir(script, agent, out_dir=None):
-    """`out_dir`, else a new runs/<script>__<agent>__<UTC stamp>[-n] (created)."""
-    if out_dir is None:
+    """`out_dir`, else a new runs/<script>__<agent>__<UTC stamp>[-n] (created; process 0's name in a job)."""
+    if out_dir is None and not _JOB.get("index"):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         out_dir = Path("runs") / f"{script}__{agent}__{stamp}"
         for suffix in itertools.count(2):
             if not out_dir.exists():
                 break
             out_dir = Path("runs") / f"{script}__{agent}__{stamp}-{suffix}"
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return Path(out_dir)
+    out_dir = Path(_agreed_bytes(str(out_dir).encode()).decode())
+    if not _JOB.get("index"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    _barrier("making the run folder")
+    return out_dir
 
 
 def _atomic_write(path, write):
-    """Write to a temporary name beside `path`, then rename: a killed run never leaves half a file."""
+    """Write to a temporary name beside `path`, then rename: a killed run never leaves half a file. In a job of
+    several processes, process 0 writes and every process waits for it (a barrier)."""
     path = Path(path)
+    if _JOB.get("index"):
+        return _barrier(f"writing {path.name}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -265,6 +463,7 @@ def _atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _barrier(f"writing {path.name}")
 
 
 def save_npz(path, **arrays):
@@ -342,8 +541,9 @@ def _with_units(metrics, units):
 class Run:
     """A run folder and all resume needs in one checkpoint: args, training state, metrics and spectra ([members,
     units, ...], NaN / 0 until filled), diverged members and the cursor (unit in progress, its calls done, their
-    partial sums). A resume must repeat every flag but `resume_free` and keep the units done; both are checked
-    before config.json is rewritten. Units may grow, or shrink down to those done (only unfilled ones go)."""
+    partial sums). A resume must repeat every flag but `resume_free` (and the job's: another number of processes
+    may resume it) and keep the units done; both are checked before config.json is rewritten. Units may grow, or
+    shrink down to those done (only unfilled ones go). Host values hold the real members only (Members.host)."""
 
     def __init__(self, benchmark, args, resume_free, members, units, shapes, spectra_shapes=None, spectra_units=0):
         self.args, self.members, ckpt = args, members, None
@@ -353,7 +553,8 @@ class Run:
             self.dir, ckpt = Path(args.out_dir), load_checkpoint(args.out_dir)
             if ckpt is None:
                 fail(f"--resume: no checkpoint.pkl in {self.dir}")
-            changed = sorted(k for k, v in asdict(args).items() if k not in resume_free and ckpt["args"].get(k) != v)
+            changed = sorted(k for k, v in asdict(args).items()
+                             if k not in (*resume_free, *DISTRIBUTED_FLAGS) and ckpt["args"].get(k) != v)
             if changed:
                 fail(f"--resume with different settings than the run in {self.dir}: {', '.join(changed)}")
             if ckpt["cursor"]["unit"] > units:
@@ -388,7 +589,7 @@ class Run:
                 v = np.where(finite.reshape((-1,) + (1,) * (v.ndim - 1)), v, np.nan)
             self.metrics[name][:, unit] = v
         new = ~self.members.grid_shaped(finite) & ~self.diverged
-        for c, s in zip(*np.nonzero(new)):
+        for c, s in zip(*np.nonzero(new & (not _JOB.get("index")))):  # once in a job: every process knows
             print(f"warning: config {self.members.configs[c]} seed {self.members.seed_list[s]} diverged (non-finite "
                   f"values) at {where}; its metrics are NaN from here, the other members continue",
                   file=sys.stderr, flush=True)
@@ -402,6 +603,8 @@ class Run:
                        "partial": {k: partial[k] + v if k in partial else v for k, v in sums.items()}}
 
     def checkpoint(self, state):
+        if _JOB:  # the real members' state, gathered: a job of any size (one process too) resumes it
+            state = self.members.host(state)
         save_checkpoint(self.dir, {"args": asdict(self.args), "state": state, "cursor": self.cursor,
                                    "metrics": self.metrics, "spectra": self.spectra, "diverged": self.diverged})
 
@@ -420,7 +623,7 @@ def resume_command(args, run_dir):
     """The command that continues `args`'s run: the script, every flag off its default, --resume --out-dir."""
     defaults, flags = type(args)(), []
     for name, value in asdict(args).items():
-        if name in ("resume", "out_dir") or value == getattr(defaults, name) or value is None:
+        if name in ("resume", "out_dir", "process_id") or value == getattr(defaults, name) or value is None:
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -429,7 +632,8 @@ def resume_command(args, run_dir):
             flags.append(f"{flag} {' '.join(str(v) for v in value)}")
         else:
             flags.append(f"{flag} {value}")
-    return " ".join(["python", _script(args).name, *flags, "--resume", "--out-dir", str(run_dir)])
+    each = " (in each process, with its --process-id)" if getattr(args, "coordinator", None) else ""
+    return " ".join(["python", _script(args).name, *flags, "--resume", "--out-dir", str(run_dir)]) + each
 
 
 class StepTimer:
@@ -448,16 +652,39 @@ class StepTimer:
 
 class StopRequests:
     """SIGINT / SIGTERM ask for a stop at the next safe point (`requested`), where the run checkpoints; a second
-    Ctrl-C kills at once (the default action is restored), the last checkpoint intact (files are atomic)."""
+    Ctrl-C kills at once (the default action is restored), the last checkpoint intact (files are atomic). In a job
+    of several processes a signal to any one stops them all: each read of `requested` or `due` is an exchange
+    every process makes at the same point, so they agree and stay in step."""
 
     def __init__(self):
-        self.signal, self.requested = None, False
+        self.signal, self._requested = None, False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
-        self.signal, self.requested = signum, True
+        self.signal, self._requested = signum, True
         signal.signal(signum, signal.SIG_DFL)
         print("\nstopping at the next safe point (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self._agreed(False)[0] if _JOB else self._requested
+
+    def due(self, last_checkpoint, minutes):
+        """A stop was asked for, or `minutes` have passed since `last_checkpoint` (a time.time()): time to
+        checkpoint (in a job: by any process's clock, agreed)."""
+        if not _JOB:
+            return self.requested or time.time() - last_checkpoint >= 60 * minutes
+        stop, late = self._agreed(time.time() - last_checkpoint >= 60 * minutes)
+        return stop or late
+
+    def _agreed(self, late):
+        """(a stop asked of any process, `late` on any process); a signal caught elsewhere becomes this one's."""
+        from jax.experimental import multihost_utils
+        local = np.array([self.signal or 0, late], np.int32)
+        signals, lates = _exchange("a safe point", multihost_utils.process_allgather, local).reshape(-1, 2).T
+        if signals.any() and not self._requested:
+            self.signal, self._requested = int(signals.max()), True
+        return bool(signals.any()), bool(lates.any())
 
     def close(self):
         for sig, handler in self._previous.items():

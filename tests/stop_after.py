@@ -1,4 +1,5 @@
 """A stand-in for runner.StopRequests, shared by the scripts' interrupt-and-resume tests."""
+import time
 
 
 class StopAfter:
@@ -11,6 +12,9 @@ class StopAfter:
     def requested(self):
         self.checks += 1
         return self.checks >= self.n
+
+    def due(self, last_checkpoint, minutes):
+        return self.requested or time.time() - last_checkpoint >= 60 * minutes
 
     def close(self):
         pass
