@@ -22,6 +22,7 @@ import common
 import data as datasets
 import runner
 from init_stats import assert_truncated_normal, assert_truncated_shape, truncated_normal_moments
+from feature_metrics import assert_metrics_of, numpy_effective_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -471,11 +472,6 @@ def bp_member(data_dir):
     return one_member(data_dir, agent="bp")
 
 
-def numpy_effective_rank(features):
-    s = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
-    p = s[s > 0] / s.sum()
-    return float(np.exp(-np.sum(p * np.log(p))))
-
 
 @pytest.mark.parametrize("feature_samples", [0, 7])
 def test_metrics_on_every_test_image_of_the_seen_classes(data_dir, feature_samples):
@@ -499,9 +495,7 @@ def test_metrics_on_every_test_image_of_the_seen_classes(data_dir, feature_sampl
         feats = forward(state["params"], state["stats"], x, False)[2]["dense"]
         ranks[sample] = [numpy_effective_rank(f) for f in feats]
         if sample == feature_samples:
-            np.testing.assert_array_equal(got["dead_units"], [np.sum(np.all(np.asarray(f) == 0, axis=0))
-                                                              for f in feats])
-            np.testing.assert_allclose(got["effective_rank"], ranks[sample], rtol=1e-4)
+            assert_metrics_of(got, feats)
     assert got["dead_units"][0] >= 3
     assert np.all(np.abs(np.array(ranks[0]) - ranks[7]) > 0.2)  # the samples differ: the check has teeth
 

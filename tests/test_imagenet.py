@@ -24,6 +24,7 @@ import pytest
 
 from stop_after import StopAfter
 from init_stats import assert_truncated_normal, assert_truncated_shape, truncated_normal_moments
+from feature_metrics import assert_metrics_of, numpy_effective_rank
 import common
 import data
 import imagenet
@@ -434,11 +435,6 @@ def one_step(agent, **kw):
     return jax.jit(init)(0), jax.jit(lambda state, hp: train(state, hp, 0, 0, x_train, 0, 1)[0])
 
 
-def numpy_effective_rank(features):
-    s = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
-    p = s[s > 0] / s.sum()
-    return float(np.exp(-np.sum(p * np.log(p))))
-
 
 @pytest.mark.parametrize("feature_images", ["test", "all"])
 def test_metrics_on_the_tasks_held_out_images(feature_images):
@@ -459,9 +455,7 @@ def test_metrics_on_the_tasks_held_out_images(feature_images):
         feats = forward(params, imagenet.preprocess(images, "center", ds["pixel_mean"]), "xla")[1][3:]
         ranks[sample] = [numpy_effective_rank(f) for f in feats]
         if sample == feature_images:
-            np.testing.assert_array_equal(got["dead_units"], [np.sum(np.all(np.asarray(f) == 0, axis=0))
-                                                              for f in feats])
-            np.testing.assert_allclose(got["effective_rank"], ranks[sample], rtol=1e-4)
+            assert_metrics_of(got, feats)
     assert got["dead_units"][1] >= 3
     assert np.all(np.abs(np.array(ranks["test"]) - ranks["all"]) > 0.5)  # the samples differ: the check has teeth
 
