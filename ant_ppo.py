@@ -1078,7 +1078,7 @@ def over_members(fn, batching, in_axes, fast_compile):
     member's call finishes before the next starts (member programs running at once on a CPU can stall XLA's
     thread pool, as concurrent LAPACK solves can: see common.effective_ranks)."""
     jit = partial(jax.jit, compiler_options=FAST_COMPILE if fast_compile else None)
-    if batching == "vmap" or jax.process_count() > 1:
+    if batching == "vmap" or runner.spread():
         return runner.over_members(fn, batching, in_axes, jit)
     single = jit(fn)
 

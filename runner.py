@@ -47,6 +47,7 @@ def fail(message):
 # the same flags, holds the full member table and computes its own devices' members; the members are padded to
 # a multiple of the job's devices (the padding repeats member 0 and is dropped from every output). Host values
 # are gathered to every process; process 0 alone prints progress and writes files, a barrier after each write.
+# One process with several devices (a host's GPUs) spreads and pads its members the same way (see spread()).
 # ----------------------------------------------------------------------------------------------------------
 DISTRIBUTED_FLAGS = ("distributed", "coordinator", "num_processes", "process_id")  # free on --resume (N -> M)
 DISTRIBUTED_TIMEOUT = 60  # seconds: a job that has not formed, or a process silent this long, is an error
@@ -163,6 +164,13 @@ def _agreed_bytes(value):
     return bytes(np.asarray(agreed, np.uint8)).rstrip(b"\0")
 
 
+def spread():
+    """Whether the members spread over several devices: one process with several (a host's GPUs) or a job of
+    several processes. Either way the member table is padded to a multiple of the devices (see _global) and each
+    device runs its own members with no exchange between devices."""
+    return bool(_JOB) or jax.device_count() > 1
+
+
 def _mesh():
     return jax.sharding.Mesh(np.array(jax.devices()), ("members",))
 
@@ -173,15 +181,15 @@ def _padded(n):
 
 
 def _global(x):
-    """A member-leading value of the full member table -> one array over the job's devices, each process
-    holding its devices' members (the table padded with copies of member 0). Already global: unchanged."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    """A member-leading value of the full member table -> one array over all devices (of every process), each
+    process holding its devices' members (the table padded with copies of member 0). Already spread: unchanged."""
+    sharding = jax.sharding.NamedSharding(_mesh(), jax.sharding.PartitionSpec("members"))
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or x.sharding == sharding):
         return x
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         return jax.random.wrap_key_data(_global(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     x = np.asarray(x)
     x = np.concatenate([x, np.repeat(x[:1], _padded(x.shape[0]) - x.shape[0], axis=0)])
-    sharding = jax.sharding.NamedSharding(_mesh(), jax.sharding.PartitionSpec("members"))
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
@@ -331,10 +339,10 @@ def resolve_batching(choice):
 def over_members(fn, batching, in_axes, jit=jax.jit):
     """`fn` of one member run for every member (`in_axes`: 0 = member axis leading, None = shared). "vmap": one
     batched program; "map": one single-member program called per member (members split and stacked on the host).
-    In a job of several processes: one program over the job's devices, each running its own members (vmapped,
-    or one after another with "map") with no exchange between devices; outputs stay on the devices."""
-    if _JOB:
-        return _over_processes(fn, batching, in_axes, jit)
+    On several devices (one process's or a job's): one program over all of them, each device running its own
+    members (vmapped, or one after another with "map") with no exchange between devices; outputs stay there."""
+    if spread():
+        return _over_devices(fn, batching, in_axes, jit)
     if batching == "vmap":
         return jit(jax.vmap(fn, in_axes=in_axes))
     single = jit(fn)
@@ -349,7 +357,7 @@ def over_members(fn, batching, in_axes, jit=jax.jit):
     return run
 
 
-def _over_processes(fn, batching, in_axes, jit):
+def _over_devices(fn, batching, in_axes, jit):
     P = jax.sharding.PartitionSpec
     if batching == "vmap":
         body = jax.vmap(fn, in_axes=in_axes)
@@ -369,16 +377,8 @@ def _over_processes(fn, batching, in_axes, jit):
 
 
 def shard_members(tree):
-    """Spread the leading (member) axis over the local devices when there are several and it divides evenly; in
-    a job of several processes, over all the job's devices (padded: see _global)."""
-    if _JOB:
-        return jax.tree.map(_global, tree)
-    devices = jax.local_devices()
-    leading = {x.shape[0] for x in jax.tree.leaves(tree)}
-    if len(devices) < 2 or len(leading) != 1 or leading.pop() % len(devices):
-        return tree
-    mesh = jax.sharding.Mesh(np.array(devices), ("members",))
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("members")))
+    """Spread the leading (member) axis over the devices when there are several (padded: see _global)."""
+    return jax.tree.map(_global, tree) if spread() else tree
 
 
 class Members:
@@ -408,7 +408,7 @@ class Members:
 
     def __str__(self):
         job = f" over {jax.process_count()} processes" if _JOB else ""
-        padding = _padded(self.count) - self.count if _JOB else 0
+        padding = _padded(self.count) - self.count if spread() else 0
         return (f"{self.count} members ({self.grid[0]} configs x {self.grid[1]} seeds"
                 f"{f', {padding} padding' if padding else ''}), {jax.device_count()} x "
                 f"{jax.devices()[0].device_kind}{job}, member batching {self.batching}")
@@ -603,7 +603,7 @@ class Run:
                        "partial": {k: partial[k] + v if k in partial else v for k, v in sums.items()}}
 
     def checkpoint(self, state):
-        if _JOB:  # the real members' state, gathered: a job of any size (one process too) resumes it
+        if spread():  # the real members' state, gathered: any number of devices and processes resumes it
             state = self.members.host(state)
         save_checkpoint(self.dir, {"args": asdict(self.args), "state": state, "cursor": self.cursor,
                                    "metrics": self.metrics, "spectra": self.spectra, "diverged": self.diverged})

@@ -516,6 +516,26 @@ def test_seed_alone_matches_seed_together(tmp_path, short_full):
     assert "Adam betas 0.9 / 0.999" in (out / "stdout.txt").read_text()
 
 
+def test_two_devices_equal_one(tmp_path, short_full):
+    """3 members on 2 (forced host) devices in one process (padded to 4, one after another on each device):
+    seed 1, the first of them, equals seed 1 run alone on one device to float rounding (see above); the
+    padding member is in no output."""
+    code = (f"import ant_ppo\nant_ppo.main(ant_ppo.Args(**{ {**TINY, **SHORT}!r}, seed=1, seeds=3, "
+            f"out_dir={str(tmp_path / 'two')!r}))\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    root = Path(ant_ppo.__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "3 members (1 configs x 3 seeds, 1 padding), 2 x cpu, member batching map" in out.stdout
+    with np.load(tmp_path / "two" / "metrics.npz") as f:
+        two = {k: f[k] for k in f.files}
+    _, alone = short_full
+    for k in METRICS:
+        assert two[k].shape[:3] == (1, 3, 2), k
+        np.testing.assert_allclose(alone[k][0, 0, :2], two[k][0, 0], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert not np.allclose(two["param_norm"][0, 0], two["param_norm"][0, 2])  # seeds 1 and 3 differ
+
+
 def test_resume_matches_uninterrupted(tmp_path, cbp_two_seeds):
     """One update, then resumed to two: the metrics and spectra of the uninterrupted run."""
     out, full = cbp_two_seeds

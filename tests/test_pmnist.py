@@ -278,23 +278,24 @@ def test_missing_data_is_one_line_exit_1(tmp_path):
 
 
 def test_two_devices_equal_one(run, tmp_path):
-    """The 4-member run sharded over 2 (forced host) devices with vmap equals the 1-device lax.map run.
+    """3 members on 2 (forced host) devices, padded with a copy of member 0 to 4 and vmapped on each device,
+    equal the 1-device lax.map run: the padding is in no output.
 
     eval_size 16: with two forced host devices on a 2-core machine, a LAPACK SVD of a 100 x 16 feature matrix
     inside the sharded program never returned (16 x 16 does); real multi-device runs are GPUs (cuSOLVER)."""
     script = SYNTHETIC_SCRIPT + f"""
 import pmnist
 from dataclasses import replace
-pmnist.main(replace(pmnist.Args(**{TINY.__dict__!r}), agent="l2", lr=(0.01, 0.03), seeds=2, eval_size=16,
-                    out_dir={str(tmp_path)!r}), synthetic())
+pmnist.main(replace(pmnist.Args(**{TINY.__dict__!r}), agent="l2", seeds=3, eval_size=16, out_dir={str(tmp_path)!r}),
+            synthetic())
 """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 x cpu" in proc.stdout and "member batching vmap" in proc.stdout
+    assert "3 members (1 configs x 3 seeds, 1 padding), 2 x cpu, member batching vmap" in proc.stdout
     with np.load(tmp_path / "metrics.npz") as f:
-        assert_same({k: f[k] for k in f.files}, run(agent="l2", lr=(0.01, 0.03), seeds=2, eval_size=16), atol=1e-5)
+        assert_same({k: f[k] for k in f.files}, run(agent="l2", seeds=3, eval_size=16), atol=1e-5)
 
 
 @pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="real MNIST files not present at ../shared/data/mnist")

@@ -293,15 +293,22 @@ def test_progress_line(capsys):
 
 
 def test_shard_members_over_two_host_devices():
-    code = ("import jax, jax.numpy as jnp, runner\n"
+    """Several devices in one process: members spread over all of them, padded with copies of member 0 when
+    their count does not divide; one device: unchanged."""
+    code = ("import jax, jax.numpy as jnp, numpy as np, runner\n"
             "x = runner.shard_members({'a': jnp.zeros((4, 3))})['a']\n"
-            "print(len(x.sharding.device_set), jax.device_count())\n"
-            "y = runner.shard_members({'a': jnp.zeros((3, 3))})['a']\n"
-            "print(len(y.sharding.device_set))\n")
+            "print(len(x.sharding.device_set), jax.device_count(), x.shape[0])\n"
+            "y = runner.shard_members({'a': jnp.arange(3.0)})['a']\n"
+            "print(len(y.sharding.device_set), *np.asarray(y).astype(int))\n"
+            "print(runner.shard_members(y) is y, runner.Members([{}], [0, 1, 2]))\n")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["2", "2", "1"]
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["2", "2", "4"] and lines[1].split() == ["2", "0", "1", "2", "0"]
+    assert lines[2].startswith("True 3 members (1 configs x 3 seeds, 1 padding), 2 x cpu, member batching vmap")
+    one = runner.shard_members({"a": np.zeros((3, 2))})["a"]  # this process: one device
+    assert jax.device_count() == 1 and one.shape == (3, 2)
 
 
 @dataclass
