@@ -633,6 +633,7 @@ def window_table(script, runs, windows):
 
 
 PHASE_KEYS = {"episodic_return", "friction", "env_steps", "dead_units", "effective_rank"}
+CONTROL_KEYS = ("step_reward", "ctrl_cost", "action_rms")  # phase_table's reward, control cost and action RMS
 
 
 def phase_table(run, window_steps):
@@ -640,12 +641,16 @@ def phase_table(run, window_steps):
     env steps of the phase, each seed's mean return, then mean +- 95% half-width over seeds; the first
     `window_steps` after a change relative to the last ones before it (each seed's ratio, where every return
     before is positive, and both returns); dead units and effective rank of the actor's and critic's hidden layer
-    over the phase's last window (mean over seeds). A last phase shorter than the first is marked "so far" (the
-    run is still in it)."""
+    over the phase's last window (mean over seeds); where the run records them, the env's reward and control
+    cost per env step and the RMS of the policy's action mean over that window (mean over seeds): how much of
+    the return the control cost takes. A last phase shorter than the first is marked "so far" (the run is
+    still in it)."""
     width = max(1, round(window_steps / float(run.metrics["env_steps"][0])))  # updates per window
+    costs = set(CONTROL_KEYS) <= run.metrics.keys()
     lines = [f"| {run.path.name} [config] | seeds | phase | friction | updates | return, last {window_steps:,} steps "
              f"| first {window_steps:,} steps after the change / last before | dead units (actor, critic) | "
-             "effective rank (actor, critic) |", "|---|---|---|---|---|---|---|---|---|"]
+             "effective rank (actor, critic) |" + (" reward / control cost per step (action RMS) |" if costs else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if costs else "")]
     phases = friction_phases([run])
     for c, label in enumerate(run.labels):
         ret = run.metrics["episodic_return"][c].astype(np.float64)  # [seeds, updates]; NaN: no episode ended
@@ -662,11 +667,13 @@ def phase_table(run, window_steps):
                     change = f"{ratio} ({ci_cell(after)} vs {ci_cell(before)})"
                 units = [np.nanmean(run.metrics[key][c][:, end, layer]) for key in ("dead_units", "effective_rank")
                          for layer in (0, 1)]
+                spent = [np.nanmean(run.metrics[key][c][:, end]) for key in CONTROL_KEYS] if costs else []
                 end_return = ci_cell(np.nanmean(ret[:, end], axis=1))
             so_far = " so far" if k and k == len(phases) - 1 and last - first < phases[0][1] - phases[0][0] else ""
             lines.append(f"| {run.path.name} [{label}] | {len(run.seeds)} | {k + 1} | {friction:.4g} | "
                          f"{first}-{last}{so_far} | {end_return} | {change} | {units[0]:.3g}, {units[1]:.3g} | "
-                         f"{units[2]:.4g}, {units[3]:.4g} |")
+                         f"{units[2]:.4g}, {units[3]:.4g} |" +
+                         (f" {spent[0]:.3g} / {spent[1]:.3g} ({spent[2]:.2f}) |" if costs else ""))
     return "\n".join(lines)
 
 

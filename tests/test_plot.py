@@ -312,6 +312,13 @@ def test_ant_phase_table_by_hand(tmp_path):
     run.metrics["episodic_return"][0, 0, 2:4] = -1.0
     # (seed 0's updates 3-4 at -1: before = -1, 5.5 -> 2.25 +- 12.706 x 6.5 / 2)
     assert "| n/a (return <= 0) (2 +- 0 vs 2.25 +- 41) |" in plot.phase_table(run, 4096).splitlines()[3]
+    # the env's reward, control cost and action RMS per env step, where recorded: phase 1's last 2 updates
+    run.metrics.update(step_reward=np.broadcast_to(np.arange(10.0), (1, 2, 10)),
+                       ctrl_cost=np.broadcast_to(np.array([[0.5] * 10, [1.5] * 10]), (1, 2, 10)),
+                       action_rms=np.full((1, 2, 10), 0.25))
+    lines = plot.phase_table(run, 4096).splitlines()
+    assert lines[0].endswith("| effective rank (actor, critic) | reward / control cost per step (action RMS) |")
+    assert lines[1].count("---") == 10 and lines[2].endswith("| 10, 20 | 2.5 / 1 (0.25) |")
 
 
 def test_ant_runs_split_over_seeds_keep_their_phase_table(tmp_path):
