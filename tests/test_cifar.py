@@ -472,7 +472,6 @@ def bp_member(data_dir):
     return one_member(data_dir, agent="bp")
 
 
-
 @pytest.mark.parametrize("feature_samples", [0, 7])
 def test_metrics_on_every_test_image_of_the_seen_classes(data_dir, feature_samples):
     """Dead units and effective rank of the dense layers equal a by-hand count and SVD (eval mode) on exactly the

@@ -435,7 +435,6 @@ def one_step(agent, **kw):
     return jax.jit(init)(0), jax.jit(lambda state, hp: train(state, hp, 0, 0, x_train, 0, 1)[0])
 
 
-
 @pytest.mark.parametrize("feature_images", ["test", "all"])
 def test_metrics_on_the_tasks_held_out_images(feature_images):
     """Dead units and effective rank of fc1 and fc2 equal a by-hand count and SVD on exactly the task's held-out
